@@ -1,0 +1,1 @@
+//! CPU backend: the readable reference implementation of every op (TODO).

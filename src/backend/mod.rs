@@ -1,0 +1,132 @@
+//! The compute backend: the op set one Llama step needs, implemented once per device.
+//!
+//! Model code (`crate::model`) is written once against [`Backend`]; the CPU implementation
+//! (`cpu/`) is the plain, readable specification of every op, and the CUDA implementation
+//! (`cuda/`, feature `cuda`) must agree with it. Each op lives in three places side by side:
+//! `kernels/<op>.cu`, `src/backend/cuda/<op>.rs`, `src/backend/cpu/<op>.rs`.
+//!
+//! Conventions shared by all ops:
+//! - Activations are row-major f32 buffers; a "row" is one token. Shapes are given explicitly in
+//!   each call (like llm.c), so buffers may be larger than the region an op touches.
+//! - Linear weights follow PyTorch: `W` is `[out, in]` and a projection computes `y = x · Wᵀ`.
+//! - Token ids and positions are host slices; a device backend uploads them itself.
+
+pub mod cpu;
+pub mod cuda;
+
+use crate::error::Result;
+
+/// A linear projection's weight as it arrives from the checkpoint, on the host.
+#[derive(Debug, Clone)]
+pub enum HostLinear {
+    /// Dense weight `[rows = out_features, cols = in_features]`, row-major, already widened to f32.
+    Dense {
+        rows: usize,
+        cols: usize,
+        data: Vec<f32>,
+    },
+}
+
+impl HostLinear {
+    /// `(out_features, in_features)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            HostLinear::Dense { rows, cols, .. } => (*rows, *cols),
+        }
+    }
+}
+
+/// Shape of one causal-attention call (prefill, chunked prefill or decode).
+///
+/// Layouts: `q` and `out` are `[batch, q_len, heads, head_dim]`; the key/value caches are
+/// `[batch, cache_cap, kv_heads, head_dim]` and hold valid entries at positions `0..pos0 + q_len`.
+/// Query `t` sits at absolute position `pos0 + t` and attends to keys `0..=pos0 + t` (causal).
+/// Query head `h` reads key/value head `h / (heads / kv_heads)` (grouped-query attention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub q_len: usize,
+    pub pos0: usize,
+    pub cache_cap: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The op set of a Llama forward step. Every op writes its full output region.
+pub trait Backend: Send + Sync {
+    /// An f32 buffer in the backend's memory.
+    type Buf: Send + Sync;
+    /// A linear weight `[out, in]` in whatever form the backend keeps it.
+    type Linear: Send + Sync;
+
+    /// Human-readable device name, e.g. `cpu (2 threads)`.
+    fn name(&self) -> String;
+
+    /// A zero-filled buffer of `len` floats.
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// Copies host data into a new buffer.
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// Copies a buffer back to the host.
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// Prepares a linear weight for [`Backend::matmul`].
+    fn linear(&self, w: HostLinear) -> Result<Self::Linear>;
+    /// `(out_features, in_features)` of a prepared weight.
+    fn linear_shape(&self, w: &Self::Linear) -> (usize, usize);
+
+    /// `dst[dst_off..dst_off+len] = src[src_off..src_off+len]`.
+    fn copy(&self, dst: &mut Self::Buf, dst_off: usize, src: &Self::Buf, src_off: usize, len: usize) -> Result<()>;
+
+    /// Row gather: `out[i, :] = table[ids[i], :]`; `table` is `[vocab, dim]`, `out` is `[ids.len(), dim]`.
+    fn embedding(&self, out: &mut Self::Buf, table: &Self::Buf, ids: &[u32], dim: usize) -> Result<()>;
+
+    /// RMSNorm per row: `out = x / sqrt(mean(x²) + eps) * weight`; `x`, `out` are `[rows, dim]`.
+    fn rmsnorm(&self, out: &mut Self::Buf, x: &Self::Buf, weight: &Self::Buf, rows: usize, dim: usize, eps: f32) -> Result<()>;
+
+    /// `out[rows, out_f] = x[rows, in_f] · Wᵀ` with `W` `[out_f, in_f]`.
+    fn matmul(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Linear, rows: usize) -> Result<()>;
+
+    /// In-place rotary embedding, transformers' rotate-half convention. `x` is `[rows, heads, head_dim]`
+    /// with `rows = positions.len()`; for pair `i < head_dim/2` at position `p`, with
+    /// `θ = p · inv_freq[i]` (f32 product): `(x_i, x_{i+d/2}) ← (x_i cosθ − x_{i+d/2} sinθ, x_{i+d/2} cosθ + x_i sinθ)`.
+    fn rope(&self, x: &mut Self::Buf, positions: &[u32], inv_freq: &Self::Buf, heads: usize, head_dim: usize) -> Result<()>;
+
+    /// Causal grouped-query attention, `softmax(q·kᵀ / sqrt(head_dim)) · v`; see [`AttnShape`].
+    fn attention(&self, out: &mut Self::Buf, q: &Self::Buf, k_cache: &Self::Buf, v_cache: &Self::Buf, shape: AttnShape) -> Result<()>;
+
+    /// SwiGLU: `out = silu(gate) * up` elementwise over `len` values, `silu(g) = g / (1 + e^{-g})`.
+    fn swiglu(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf, len: usize) -> Result<()>;
+
+    /// Residual add: `x += y` over `len` values.
+    fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize) -> Result<()>;
+
+    /// Per-row cross-entropy of `logits` `[rows, vocab]` against `targets` (`-100` = ignored, loss 0):
+    /// `losses[r] = logsumexp(logits[r]) − logits[r, targets[r]]`.
+    fn cross_entropy(&self, losses: &mut Self::Buf, logits: &Self::Buf, targets: &[i32], vocab: usize) -> Result<()>;
+}
+
+/// Which device the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRequest {
+    Cpu,
+    /// The GPU when one is usable, else the CPU.
+    Auto,
+    /// A specific CUDA device ordinal.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceRequest {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceRequest::Cpu),
+            "auto" => Ok(DeviceRequest::Auto),
+            "cuda" => Ok(DeviceRequest::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceRequest::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?}; use auto, cpu, cuda or cuda:N")),
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! `qlora`: QLoRA finetuning for Llama-family models in one self-contained binary.
+//!
+//! Layout (one concern per module):
+//! - [`config`]: `config.json` → [`config::ModelConfig`]
+//! - [`hub`]: model / dataset ids → local paths (HF cache, download)
+//! - [`weights`]: memory-mapped (sharded) safetensors, the tensor plan
+//! - [`tokenizer`]: `tokenizer.json` + chat templates
+//! - [`data`]: JSONL / JSON / Parquet datasets
+//! - [`backend`]: the op set of a Llama step (CPU spec, CUDA)
+//! - [`model`]: the Llama forward written once against [`backend::Backend`]
+//! - [`generate`], [`eval`], [`inspect`]: the user-facing jobs
+//! - [`cli`]: clap arguments → validated jobs
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod generate;
+pub mod hub;
+pub mod inspect;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};
