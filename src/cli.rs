@@ -1,1 +1,277 @@
-//! TODO
+//! Command-line interface: clap arguments → validated options → library calls.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use qlora::backend::{self, AnyBackend, Backend, DeviceRequest};
+use qlora::generate::{generate, Sampling};
+use qlora::loader::{load_model, read_config, Loaded};
+use qlora::tokenizer::Message;
+use std::io::Write;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "qlora",
+    version,
+    about = "QLoRA finetuning for Llama-family models, in one binary",
+    long_about = "QLoRA finetuning for Llama-family models, in one binary.\n\n\
+        Models are local Hugging Face folders (config.json, tokenizer.json, *.safetensors) or Hub ids \
+        such as NousResearch/Llama-2-7b-chat-hf, looked up in the local HF cache (HF_HOME / HF_HUB_CACHE) \
+        and downloaded when missing (HF_HUB_OFFLINE=1 forbids downloads).\n\n\
+        Logging goes to stderr; set RUST_LOG=debug for more detail."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Mean token cross-entropy and perplexity of a model on a dataset.
+    Eval(EvalArgs),
+    /// Generate text from a prompt, streamed to stdout.
+    Generate(GenerateArgs),
+    /// Show a model's architecture, parameter count, storage and NF4 memory estimate (reads no weights).
+    Inspect(InspectArgs),
+}
+
+/// How the base weights are held in memory.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quant {
+    /// Weights as stored (f32/f16/bf16), computed in f32.
+    None,
+}
+
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// Model: a local folder or a Hugging Face id (org/name[@revision]).
+    #[arg(long, short, value_name = "MODEL")]
+    pub model: String,
+    /// Base-weight format in memory.
+    #[arg(long, value_enum, default_value_t = Quant::None)]
+    pub quant: Quant,
+    /// Device: auto (GPU if usable, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceRequest,
+}
+
+fn parse_device(s: &str) -> std::result::Result<DeviceRequest, String> {
+    s.parse()
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Dataset: a local .jsonl/.json/.parquet file or folder, or a Hugging Face dataset id
+    /// (`guanaco-llama2-1k` is short for mlabonne/guanaco-llama2-1k).
+    #[arg(long, short)]
+    pub dataset: String,
+    /// Field of each row holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Truncate rows to this many tokens (default: the model's max_position_embeddings).
+    #[arg(long, value_name = "N")]
+    pub max_seq_len: Option<usize>,
+    /// Evaluate only the first K rows.
+    #[arg(long, value_name = "K")]
+    pub limit: Option<usize>,
+    /// Print one JSON object (loss, perplexity, tokens, rows, ...) on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt text.
+    #[arg(long, short)]
+    pub prompt: String,
+    /// Wrap the prompt as a user turn with the model's chat template (tokenizer_config.json).
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Maximum number of tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability (1 = off).
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Model: a local folder or a Hugging Face id.
+    #[arg(long, short)]
+    pub model: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("configuring the thread pool")?;
+    }
+    match cli.command {
+        Command::Eval(a) => match backend::select(a.model.device)? {
+            AnyBackend::Cpu(b) => eval(b, &a),
+        },
+        Command::Generate(a) => match backend::select(a.model.device)? {
+            AnyBackend::Cpu(b) => gen(b, &a),
+        },
+        Command::Inspect(a) => inspect(&a),
+    }
+}
+
+fn load<B: Backend>(m: &ModelArgs, b: B) -> Result<Loaded<B>> {
+    let Quant::None = m.quant;
+    load_model(&m.model, b).with_context(|| format!("cannot load model {}", m.model))
+}
+
+fn eval<B: Backend>(b: B, a: &EvalArgs) -> Result<()> {
+    if a.limit == Some(0) {
+        bail!("--limit must be at least 1");
+    }
+    // Read the dataset before the (slow) model load, so bad data fails fast.
+    let path = qlora::hub::resolve_dataset(&a.dataset)?;
+    let rows = qlora::data::load_rows(&path, a.limit)?;
+    let texts = qlora::data::texts(&rows, &a.text_field)?;
+    let loaded = load(&a.model, b)?;
+    let max_seq_len = a
+        .max_seq_len
+        .unwrap_or(loaded.model.cfg.max_position_embeddings);
+    let bar = indicatif::ProgressBar::new(texts.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "eval {bar:30} {pos}/{len} rows {msg} [{elapsed}<{eta}]",
+        )
+        .expect("static template"),
+    );
+    let t0 = std::time::Instant::now();
+    let report = qlora::eval::evaluate(
+        &loaded.model,
+        &loaded.tokenizer,
+        &texts,
+        max_seq_len,
+        |done, tokens| {
+            bar.set_position(done as u64);
+            bar.set_message(format!(
+                "{:.0} tok/s",
+                tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9)
+            ));
+        },
+    )?;
+    bar.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "loss {:.6}  perplexity {:.4}  ({} tokens, {} rows, {} truncated to {max_seq_len}, {} skipped) in {:.1} s, {:.0} tok/s",
+            report.loss,
+            report.perplexity,
+            report.tokens,
+            report.rows,
+            report.truncated_rows,
+            report.skipped_rows,
+            report.seconds,
+            report.tokens as f64 / report.seconds.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+fn gen<B: Backend>(b: B, a: &GenerateArgs) -> Result<()> {
+    let sampling = Sampling {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    sampling.validate()?;
+    let loaded = load(&a.model, b)?;
+    let tok = &loaded.tokenizer;
+    let prompt = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(Message {
+                role: "system".into(),
+                content: s.clone(),
+            });
+        }
+        msgs.push(Message {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        });
+        tok.apply_chat_template(&msgs, true)?
+    } else {
+        a.prompt.clone()
+    };
+    let ids = tok.encode(&prompt)?;
+    tracing::debug!(?ids, "prompt tokens");
+    let mut stream = tok.stream();
+    let mut out = std::io::stdout().lock();
+    let stats = generate(
+        &loaded.model,
+        &ids,
+        a.max_new_tokens,
+        &sampling,
+        &loaded.eos_ids(),
+        |id| {
+            if let Some(text) = stream.push(id)? {
+                // A closed stdout (e.g. `| head`) ends generation quietly.
+                out.write_all(text.as_bytes())
+                    .and_then(|_| out.flush())
+                    .map_err(|e| qlora::Error::io("<stdout>", e))?;
+            }
+            Ok(())
+        },
+    )?;
+    writeln!(out)?;
+    tracing::info!(
+        prompt_tokens = stats.prompt_tokens,
+        new_tokens = stats.ids.len(),
+        prefill_tok_s = format!(
+            "{:.1}",
+            stats.prompt_tokens as f64 / stats.prefill_secs.max(1e-9)
+        ),
+        decode_tok_s = format!(
+            "{:.1}",
+            stats.ids.len() as f64 / stats.decode_secs.max(1e-9)
+        ),
+        stopped_at_eos = stats.stopped_at_eos,
+        "generation done"
+    );
+    Ok(())
+}
+
+fn inspect(a: &InspectArgs) -> Result<()> {
+    let dir = qlora::hub::resolve_model(&a.model)?;
+    let cfg = read_config(&dir)?;
+    let info = qlora::inspect::inspect(&dir, &cfg)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!("{info}");
+    }
+    Ok(())
+}

@@ -76,7 +76,11 @@ struct Raw {
 fn token_ids(v: &Option<Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -96,7 +100,10 @@ impl ModelConfig {
             || (archs.is_empty() && raw.model_type.as_deref() == Some("llama"));
         if !is_llama {
             let what = if archs.is_empty() {
-                format!("model_type {:?}", raw.model_type.as_deref().unwrap_or("<missing>"))
+                format!(
+                    "model_type {:?}",
+                    raw.model_type.as_deref().unwrap_or("<missing>")
+                )
             } else {
                 format!("architectures {archs:?}")
             };
@@ -116,8 +123,10 @@ impl ModelConfig {
         let num_hidden_layers = req(raw.num_hidden_layers, "num_hidden_layers")?;
         let num_attention_heads = req(raw.num_attention_heads, "num_attention_heads")?;
         let vocab_size = req(raw.vocab_size, "vocab_size")?;
-        let num_key_value_heads =
-            req(raw.num_key_value_heads.or(Some(num_attention_heads)), "num_key_value_heads")?;
+        let num_key_value_heads = req(
+            raw.num_key_value_heads.or(Some(num_attention_heads)),
+            "num_key_value_heads",
+        )?;
         if num_attention_heads % num_key_value_heads != 0 {
             return Err(format!(
                 "num_attention_heads ({num_attention_heads}) is not a multiple of num_key_value_heads ({num_key_value_heads})"
@@ -139,7 +148,9 @@ impl ModelConfig {
         }
         if let Some(act) = &raw.hidden_act {
             if act != "silu" {
-                return Err(format!("unsupported hidden_act {act:?}; only \"silu\" (SwiGLU) is supported"));
+                return Err(format!(
+                    "unsupported hidden_act {act:?}; only \"silu\" (SwiGLU) is supported"
+                ));
             }
         }
         if raw.attention_bias == Some(true) || raw.mlp_bias == Some(true) {
@@ -149,7 +160,11 @@ impl ModelConfig {
         let rope_params = raw.rope_parameters.as_ref().filter(|v| v.is_object());
         let rope_theta = raw
             .rope_theta
-            .or_else(|| rope_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .or_else(|| {
+                rope_params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(Value::as_f64)
+            })
             .unwrap_or(10000.0);
         let scaling_value = match (&raw.rope_scaling, rope_params) {
             (Some(v), _) if !v.is_null() => Some(v.clone()),
@@ -217,8 +232,8 @@ impl ModelConfig {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth =
-                                (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -229,7 +244,9 @@ impl ModelConfig {
 }
 
 fn parse_rope_scaling(v: Option<&Value>) -> std::result::Result<RopeScaling, String> {
-    let Some(v) = v else { return Ok(RopeScaling::None) };
+    let Some(v) = v else {
+        return Ok(RopeScaling::None);
+    };
     let kind = v
         .get("rope_type")
         .or_else(|| v.get("type"))
@@ -243,7 +260,9 @@ fn parse_rope_scaling(v: Option<&Value>) -> std::result::Result<RopeScaling, Str
     };
     match kind {
         "default" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
         "llama3" => {
             let r = RopeScaling::Llama3 {
                 factor: num("factor")?,
@@ -251,7 +270,12 @@ fn parse_rope_scaling(v: Option<&Value>) -> std::result::Result<RopeScaling, Str
                 high_freq_factor: num("high_freq_factor")?,
                 original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
             };
-            if let RopeScaling::Llama3 { low_freq_factor, high_freq_factor, .. } = r {
+            if let RopeScaling::Llama3 {
+                low_freq_factor,
+                high_freq_factor,
+                ..
+            } = r
+            {
                 if high_freq_factor <= low_freq_factor {
                     return Err("rope_scaling: high_freq_factor must exceed low_freq_factor".into());
                 }
@@ -270,7 +294,10 @@ mod tests {
 
     #[test]
     fn llama2_7b_config() {
-        let c = ModelConfig::from_json_str(include_str!("../tests/fixtures/llama-2-7b-chat-hf/config.json")).unwrap();
+        let c = ModelConfig::from_json_str(include_str!(
+            "../tests/fixtures/llama-2-7b-chat-hf/config.json"
+        ))
+        .unwrap();
         assert_eq!(c.hidden_size, 4096);
         assert_eq!(c.head_dim, 128);
         assert_eq!(c.num_key_value_heads, 32);

@@ -9,10 +9,12 @@
 //! - [`backend`]: the op set of a Llama step (CPU spec, CUDA)
 //! - [`model`]: the Llama forward written once against [`backend::Backend`]
 //! - [`generate`], [`eval`], [`inspect`]: the user-facing jobs
-//! - [`cli`]: clap arguments → validated jobs
+//! - [`loader`]: model id → tokenizer + model on a backend, with progress
+//!
+//! The binary (`src/main.rs`, `src/cli.rs`) parses arguments and reports errors; everything else
+//! lives here.
 
 pub mod backend;
-pub mod cli;
 pub mod config;
 pub mod data;
 pub mod error;
@@ -20,6 +22,7 @@ pub mod eval;
 pub mod generate;
 pub mod hub;
 pub mod inspect;
+pub mod loader;
 pub mod model;
 pub mod tokenizer;
 pub mod weights;

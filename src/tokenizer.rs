@@ -1,1 +1,202 @@
-//! TODO
+//! Tokenizer: `tokenizer.json` through the `tokenizers` crate, plus the special tokens and chat
+//! template from `tokenizer_config.json` (rendered with minijinja, Python-compatible methods on).
+//!
+//! Special-token rule (the one transformers users expect): text is encoded with the tokenizer's
+//! own post-processor (for Llama-2 that prepends `<s>`), special-token strings written in the text
+//! (`<s>`, `</s>`) map to their ids, and when the text itself already began with BOS the
+//! post-processor's extra BOS is dropped, so a guanaco row `<s>[INST] …` never gets a double BOS.
+
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// One chat message, as `apply_chat_template` expects it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// A loaded tokenizer with its special tokens and optional chat template.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    chat_template: Option<String>,
+}
+
+/// Special tokens in tokenizer_config.json are either plain strings or AddedToken objects.
+fn token_str(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` (required) and `tokenizer_config.json` (optional) from a model folder.
+    /// A separate `chat_template.jinja` is used when the config has no template.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(Error::NotFound(format!(
+                "{}: tokenizer.json not found (qlora needs the Hugging Face fast-tokenizer file)",
+                path.display()
+            )));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::bad_file(&path, format!("cannot load tokenizer: {e}")))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = if cfg_path.is_file() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            serde_json::from_str(&text)
+                .map_err(|e| Error::bad_file(&cfg_path, format!("malformed JSON: {e}")))?
+        } else {
+            Value::Null
+        };
+        let mut chat_template = match cfg.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            // A list of named templates: take "default".
+            Some(Value::Array(a)) => a
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            _ => None,
+        };
+        let jinja = dir.join("chat_template.jinja");
+        if chat_template.is_none() && jinja.is_file() {
+            chat_template =
+                Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+        }
+        let bos_token = token_str(cfg.get("bos_token"));
+        let eos_token = token_str(cfg.get("eos_token"));
+        let bos_id = bos_token.as_deref().and_then(|t| inner.token_to_id(t));
+        let eos_id = eos_token.as_deref().and_then(|t| inner.token_to_id(t));
+        Ok(Tokenizer {
+            inner,
+            path,
+            bos_token,
+            eos_token,
+            bos_id,
+            eos_id,
+            chat_template,
+        })
+    }
+
+    /// The `tokenizer.json` this was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of ids the tokenizer can produce, including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Encodes with the tokenizer's own special-token rules, without a double BOS (see module doc).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode_raw(text, true)?;
+        if let Some(bos) = self.bos_id {
+            if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
+                ids.remove(0);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Plain `tokenizers` encode; `add_special` runs the post-processor.
+    pub fn encode_raw(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, add_special).map_err(|e| {
+            Error::Tokenizer(format!("{}: encode failed: {e}", self.path.display()))
+        })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::Tokenizer(format!("decode failed: {e}")))
+    }
+
+    /// Incremental detokenizer for streaming output: feed ids, get text once it forms whole characters.
+    pub fn stream(&self) -> TokenStream<'_> {
+        TokenStream {
+            tok: self,
+            ids: Vec::new(),
+            printed: 0,
+        }
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Renders `messages` with the model's chat template, as transformers' `apply_chat_template`
+    /// (variables `messages`, `bos_token`, `eos_token`, `add_generation_prompt`; `raise_exception`).
+    pub fn apply_chat_template(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            Error::Tokenizer(format!(
+                "{}: no chat_template in tokenizer_config.json (or chat_template.jinja); use a plain prompt without --chat",
+                self.path.parent().unwrap_or(Path::new(".")).display()
+            ))
+        })?;
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| Error::Tokenizer(format!("chat template does not parse: {e}")))?;
+        let tmpl = env.get_template("chat").expect("template was just added");
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+            add_generation_prompt => add_generation_prompt,
+        })
+        .map_err(|e| Error::Tokenizer(format!("chat template failed: {e}")))
+    }
+}
+
+/// Streaming detokenizer: re-decodes the pending tail so multi-byte characters split across
+/// tokens are printed only once complete.
+pub struct TokenStream<'a> {
+    tok: &'a Tokenizer,
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl TokenStream<'_> {
+    /// Adds one id; returns the newly completed text, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let text = self.tok.decode(&self.ids, true)?;
+        if text.ends_with('\u{FFFD}')
+            || text.len() <= self.printed
+            || !text.is_char_boundary(self.printed)
+        {
+            return Ok(None);
+        }
+        let new = text[self.printed..].to_string();
+        self.printed = text.len();
+        Ok(Some(new))
+    }
+}

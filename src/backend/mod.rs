@@ -75,34 +75,87 @@ pub trait Backend: Send + Sync {
     fn linear_shape(&self, w: &Self::Linear) -> (usize, usize);
 
     /// `dst[dst_off..dst_off+len] = src[src_off..src_off+len]`.
-    fn copy(&self, dst: &mut Self::Buf, dst_off: usize, src: &Self::Buf, src_off: usize, len: usize) -> Result<()>;
+    fn copy(
+        &self,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        src: &Self::Buf,
+        src_off: usize,
+        len: usize,
+    ) -> Result<()>;
 
     /// Row gather: `out[i, :] = table[ids[i], :]`; `table` is `[vocab, dim]`, `out` is `[ids.len(), dim]`.
-    fn embedding(&self, out: &mut Self::Buf, table: &Self::Buf, ids: &[u32], dim: usize) -> Result<()>;
+    fn embedding(
+        &self,
+        out: &mut Self::Buf,
+        table: &Self::Buf,
+        ids: &[u32],
+        dim: usize,
+    ) -> Result<()>;
 
     /// RMSNorm per row: `out = x / sqrt(mean(x²) + eps) * weight`; `x`, `out` are `[rows, dim]`.
-    fn rmsnorm(&self, out: &mut Self::Buf, x: &Self::Buf, weight: &Self::Buf, rows: usize, dim: usize, eps: f32) -> Result<()>;
+    fn rmsnorm(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        weight: &Self::Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()>;
 
     /// `out[rows, out_f] = x[rows, in_f] · Wᵀ` with `W` `[out_f, in_f]`.
-    fn matmul(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Linear, rows: usize) -> Result<()>;
+    fn matmul(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Linear,
+        rows: usize,
+    ) -> Result<()>;
 
     /// In-place rotary embedding, transformers' rotate-half convention. `x` is `[rows, heads, head_dim]`
     /// with `rows = positions.len()`; for pair `i < head_dim/2` at position `p`, with
     /// `θ = p · inv_freq[i]` (f32 product): `(x_i, x_{i+d/2}) ← (x_i cosθ − x_{i+d/2} sinθ, x_{i+d/2} cosθ + x_i sinθ)`.
-    fn rope(&self, x: &mut Self::Buf, positions: &[u32], inv_freq: &Self::Buf, heads: usize, head_dim: usize) -> Result<()>;
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        positions: &[u32],
+        inv_freq: &Self::Buf,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()>;
 
     /// Causal grouped-query attention, `softmax(q·kᵀ / sqrt(head_dim)) · v`; see [`AttnShape`].
-    fn attention(&self, out: &mut Self::Buf, q: &Self::Buf, k_cache: &Self::Buf, v_cache: &Self::Buf, shape: AttnShape) -> Result<()>;
+    fn attention(
+        &self,
+        out: &mut Self::Buf,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        shape: AttnShape,
+    ) -> Result<()>;
 
     /// SwiGLU: `out = silu(gate) * up` elementwise over `len` values, `silu(g) = g / (1 + e^{-g})`.
-    fn swiglu(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf, len: usize) -> Result<()>;
+    fn swiglu(
+        &self,
+        out: &mut Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        len: usize,
+    ) -> Result<()>;
 
     /// Residual add: `x += y` over `len` values.
     fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize) -> Result<()>;
 
     /// Per-row cross-entropy of `logits` `[rows, vocab]` against `targets` (`-100` = ignored, loss 0):
     /// `losses[r] = logsumexp(logits[r]) − logits[r, targets[r]]`.
-    fn cross_entropy(&self, losses: &mut Self::Buf, logits: &Self::Buf, targets: &[i32], vocab: usize) -> Result<()>;
+    fn cross_entropy(
+        &self,
+        losses: &mut Self::Buf,
+        logits: &Self::Buf,
+        targets: &[i32],
+        vocab: usize,
+    ) -> Result<()>;
 }
 
 /// Which device the user asked for.
@@ -128,5 +181,22 @@ impl std::str::FromStr for DeviceRequest {
                 .map(DeviceRequest::Cuda)
                 .ok_or_else(|| format!("unknown device {s:?}; use auto, cpu, cuda or cuda:N")),
         }
+    }
+}
+
+/// A backend chosen at run time.
+pub enum AnyBackend {
+    Cpu(cpu::CpuBackend),
+}
+
+/// Picks the backend for a `--device` request. `auto` uses the GPU when this build can, else the CPU.
+pub fn select(req: DeviceRequest) -> Result<AnyBackend> {
+    match req {
+        DeviceRequest::Cpu => Ok(AnyBackend::Cpu(cpu::CpuBackend::new())),
+        DeviceRequest::Auto => {
+            tracing::info!("device auto: using the CPU ({})", cuda::unavailable());
+            Ok(AnyBackend::Cpu(cpu::CpuBackend::new()))
+        }
+        DeviceRequest::Cuda(_) => Err(cuda::unavailable()),
     }
 }

@@ -1,1 +1,5 @@
-//! TODO
+//! The Llama decoder, written once against [`crate::backend::Backend`].
+
+mod llama;
+
+pub use llama::{KvCache, LayerWeights, Llama, Logits};

@@ -1,1 +1,237 @@
-//! CPU backend: the readable reference implementation of every op (TODO).
+//! CPU backend: the plain, readable specification of every op, multi-threaded with rayon.
+//!
+//! Each op sits in its own file beside the CUDA kernel that must agree with it. Buffers are
+//! `Vec<f32>`; linear weights are dense f32 `[out, in]` and multiplied with the `gemm` crate.
+
+mod attention;
+mod cross_entropy;
+mod elementwise;
+mod matmul;
+mod rmsnorm;
+mod rope;
+
+pub use attention::attention;
+pub use cross_entropy::cross_entropy;
+pub use elementwise::{add_assign, embedding, swiglu};
+pub use matmul::matmul_wt;
+pub use rmsnorm::rmsnorm;
+pub use rope::rope;
+
+use super::{AttnShape, Backend, HostLinear};
+use crate::error::{Error, Result};
+
+/// The CPU backend. Work is spread over rayon's global thread pool.
+#[derive(Debug, Default, Clone)]
+pub struct CpuBackend;
+
+/// A dense f32 linear weight `[rows = out, cols = in]`.
+#[derive(Debug, Clone)]
+pub struct CpuLinear {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(Error::Backend(format!(
+            "cpu {what}: buffer holds {have} values, op needs {need}"
+        )));
+    }
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Linear = CpuLinear;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+
+    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+
+    fn linear(&self, w: HostLinear) -> Result<CpuLinear> {
+        match w {
+            HostLinear::Dense { rows, cols, data } => {
+                check_len("linear", data.len(), rows * cols)?;
+                Ok(CpuLinear { rows, cols, data })
+            }
+        }
+    }
+
+    fn linear_shape(&self, w: &CpuLinear) -> (usize, usize) {
+        (w.rows, w.cols)
+    }
+
+    fn copy(
+        &self,
+        dst: &mut Vec<f32>,
+        dst_off: usize,
+        src: &Vec<f32>,
+        src_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        check_len("copy dst", dst.len(), dst_off + len)?;
+        check_len("copy src", src.len(), src_off + len)?;
+        dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
+        Ok(())
+    }
+
+    fn embedding(
+        &self,
+        out: &mut Vec<f32>,
+        table: &Vec<f32>,
+        ids: &[u32],
+        dim: usize,
+    ) -> Result<()> {
+        check_len("embedding out", out.len(), ids.len() * dim)?;
+        let vocab = table.len() / dim;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::InvalidArg(format!(
+                "token id {bad} is outside the embedding table (vocab {vocab})"
+            )));
+        }
+        embedding(&mut out[..ids.len() * dim], table, ids, dim);
+        Ok(())
+    }
+
+    fn rmsnorm(
+        &self,
+        out: &mut Vec<f32>,
+        x: &Vec<f32>,
+        weight: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        check_len("rmsnorm x", x.len(), rows * dim)?;
+        check_len("rmsnorm out", out.len(), rows * dim)?;
+        check_len("rmsnorm weight", weight.len(), dim)?;
+        rmsnorm(
+            &mut out[..rows * dim],
+            &x[..rows * dim],
+            &weight[..dim],
+            dim,
+            eps,
+        );
+        Ok(())
+    }
+
+    fn matmul(&self, out: &mut Vec<f32>, x: &Vec<f32>, w: &CpuLinear, rows: usize) -> Result<()> {
+        check_len("matmul x", x.len(), rows * w.cols)?;
+        check_len("matmul out", out.len(), rows * w.rows)?;
+        matmul_wt(
+            &mut out[..rows * w.rows],
+            &x[..rows * w.cols],
+            &w.data,
+            rows,
+            w.cols,
+            w.rows,
+        );
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        positions: &[u32],
+        inv_freq: &Vec<f32>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let n = positions.len() * heads * head_dim;
+        check_len("rope x", x.len(), n)?;
+        check_len("rope inv_freq", inv_freq.len(), head_dim / 2)?;
+        rope(
+            &mut x[..n],
+            positions,
+            &inv_freq[..head_dim / 2],
+            heads,
+            head_dim,
+        );
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        out: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        s: AttnShape,
+    ) -> Result<()> {
+        let q_n = s.batch * s.q_len * s.heads * s.head_dim;
+        let kv_n = s.batch * s.cache_cap * s.kv_heads * s.head_dim;
+        if s.pos0 + s.q_len > s.cache_cap || s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
+            return Err(Error::Backend(format!(
+                "cpu attention: inconsistent shape {s:?}"
+            )));
+        }
+        check_len("attention q", q.len(), q_n)?;
+        check_len("attention out", out.len(), q_n)?;
+        check_len("attention k", k_cache.len(), kv_n)?;
+        check_len("attention v", v_cache.len(), kv_n)?;
+        attention(
+            &mut out[..q_n],
+            &q[..q_n],
+            &k_cache[..kv_n],
+            &v_cache[..kv_n],
+            s,
+        );
+        Ok(())
+    }
+
+    fn swiglu(&self, out: &mut Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>, len: usize) -> Result<()> {
+        check_len("swiglu out", out.len(), len)?;
+        check_len("swiglu gate", gate.len(), len)?;
+        check_len("swiglu up", up.len(), len)?;
+        swiglu(&mut out[..len], &gate[..len], &up[..len]);
+        Ok(())
+    }
+
+    fn add_assign(&self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) -> Result<()> {
+        check_len("add x", x.len(), len)?;
+        check_len("add y", y.len(), len)?;
+        add_assign(&mut x[..len], &y[..len]);
+        Ok(())
+    }
+
+    fn cross_entropy(
+        &self,
+        losses: &mut Vec<f32>,
+        logits: &Vec<f32>,
+        targets: &[i32],
+        vocab: usize,
+    ) -> Result<()> {
+        let rows = targets.len();
+        check_len("cross_entropy logits", logits.len(), rows * vocab)?;
+        check_len("cross_entropy losses", losses.len(), rows)?;
+        if let Some(&bad) = targets
+            .iter()
+            .find(|&&t| t != -100 && (t < 0 || t as usize >= vocab))
+        {
+            return Err(Error::InvalidArg(format!(
+                "target id {bad} outside vocab {vocab}"
+            )));
+        }
+        cross_entropy(&mut losses[..rows], &logits[..rows * vocab], targets, vocab);
+        Ok(())
+    }
+}

@@ -1,0 +1,78 @@
+//! Model loading for the user-facing jobs: resolve the id, read the config, load the tokenizer
+//! (cheap, so bad input fails fast), then stream every tensor onto the backend with a progress bar.
+
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::model::Llama;
+use crate::tokenizer::Tokenizer;
+use crate::weights::Checkpoint;
+use std::path::{Path, PathBuf};
+
+/// A model ready to run, with its tokenizer.
+pub struct Loaded<B: Backend> {
+    pub dir: PathBuf,
+    pub model: Llama<B>,
+    pub tokenizer: Tokenizer,
+}
+
+impl<B: Backend> Loaded<B> {
+    /// Every id that ends a generation: the config's `eos_token_id`(s) and the tokenizer's EOS.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        let mut ids = self.model.cfg.eos_token_ids.clone();
+        ids.extend(self.tokenizer.eos_id);
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+/// Reads `config.json` from a resolved model directory.
+pub fn read_config(dir: &Path) -> Result<ModelConfig> {
+    let path = dir.join("config.json");
+    if !path.is_file() {
+        return Err(crate::Error::NotFound(format!(
+            "{}: config.json not found; a model folder needs config.json, tokenizer.json and safetensors weights",
+            path.display()
+        )));
+    }
+    ModelConfig::from_file(&path)
+}
+
+/// Resolves `spec` (local folder or Hugging Face id) and loads model and tokenizer onto `backend`.
+pub fn load_model<B: Backend>(spec: &str, backend: B) -> Result<Loaded<B>> {
+    let dir = crate::hub::resolve_model(spec)?;
+    load_model_dir(&dir, backend)
+}
+
+/// Loads model and tokenizer from a local folder onto `backend`.
+pub fn load_model_dir<B: Backend>(dir: &Path, backend: B) -> Result<Loaded<B>> {
+    let cfg = read_config(dir)?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let t0 = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "loading {bar:30} {pos}/{len} tensors [{elapsed}<{eta}]",
+        )
+        .expect("static template"),
+    );
+    let model = Llama::load(backend, &ckpt, &cfg, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    tracing::info!(
+        model = %dir.display(),
+        layers = cfg.num_hidden_layers,
+        hidden = cfg.hidden_size,
+        backend = %model.backend.name(),
+        secs = format!("{:.2}", t0.elapsed().as_secs_f64()),
+        "model loaded"
+    );
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        model,
+        tokenizer,
+    })
+}

@@ -1,0 +1,284 @@
+//! Llama forward pass (`LlamaForCausalLM`), one decoder layer at a time.
+//!
+//! For tokens `x₀ = embed[ids]`, each layer `l` computes (pre-norm residual blocks):
+//! ```text
+//! h  = x + o_proj( attn( rope(q_proj(n₁)), rope(k_proj(n₁)), v_proj(n₁) ) ),  n₁ = rmsnorm(x) · w_attn
+//! x' = h + down_proj( silu(gate_proj(n₂)) ⊙ up_proj(n₂) ),                  n₂ = rmsnorm(h) · w_mlp
+//! ```
+//! and the head computes `logits = lm_head(rmsnorm(x_L) · w_norm)` (`lm_head = embedᵀ` when tied).
+//! Attention reads a [`KvCache`]: the new keys/values are written at positions `pos0..pos0+T`
+//! first, so prefill (`pos0 = 0`) and decoding (`T = 1`) are the same code path.
+
+use crate::backend::{AttnShape, Backend, HostLinear};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::weights::{llama_tensor_names, Checkpoint};
+
+/// Weights of one decoder layer.
+pub struct LayerWeights<B: Backend> {
+    pub attn_norm: B::Buf,
+    pub q_proj: B::Linear,
+    pub k_proj: B::Linear,
+    pub v_proj: B::Linear,
+    pub o_proj: B::Linear,
+    pub mlp_norm: B::Buf,
+    pub gate_proj: B::Linear,
+    pub up_proj: B::Linear,
+    pub down_proj: B::Linear,
+}
+
+/// A Llama model resident on backend `B`.
+pub struct Llama<B: Backend> {
+    pub cfg: ModelConfig,
+    pub backend: B,
+    /// `[vocab, hidden]`
+    pub embed: B::Buf,
+    pub layers: Vec<LayerWeights<B>>,
+    /// `[hidden]`
+    pub norm: B::Buf,
+    /// `[vocab, hidden]`
+    pub lm_head: B::Linear,
+    /// `[head_dim / 2]` RoPE inverse frequencies (scaling applied).
+    pub inv_freq: B::Buf,
+}
+
+/// Per-layer key/value cache, `[cap, kv_heads, head_dim]` per layer (batch 1).
+pub struct KvCache<B: Backend> {
+    pub k: Vec<B::Buf>,
+    pub v: Vec<B::Buf>,
+    pub cap: usize,
+    /// Number of positions already filled.
+    pub len: usize,
+}
+
+/// Which rows of logits a forward pass should produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// `[T, vocab]`, for evaluation.
+    All,
+    /// `[1, vocab]` for the last token only, for generation.
+    Last,
+}
+
+/// Activation buffers for a chunk of up to `rows` tokens, reused across layers.
+struct Scratch<B: Backend> {
+    x: B::Buf,
+    xn: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    att: B::Buf,
+    proj: B::Buf,
+    gate: B::Buf,
+    up: B::Buf,
+    h: B::Buf,
+}
+
+impl<B: Backend> Scratch<B> {
+    fn new(b: &B, cfg: &ModelConfig, rows: usize) -> Result<Self> {
+        let (c, qd, kvd, f) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        Ok(Scratch {
+            x: b.zeros(rows * c)?,
+            xn: b.zeros(rows * c)?,
+            q: b.zeros(rows * qd)?,
+            k: b.zeros(rows * kvd)?,
+            v: b.zeros(rows * kvd)?,
+            att: b.zeros(rows * qd)?,
+            proj: b.zeros(rows * c)?,
+            gate: b.zeros(rows * f)?,
+            up: b.zeros(rows * f)?,
+            h: b.zeros(rows * f)?,
+        })
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads every tensor of the checkpoint in `dir` onto the backend, checking names and shapes
+    /// against the config. `progress` is called after each tensor with (done, total).
+    pub fn load(
+        backend: B,
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
+        let plan = llama_tensor_names(cfg);
+        let total = plan.len();
+        let mut done = 0;
+        let mut dense = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let v = ckpt.load_f32(name, shape)?;
+            done += 1;
+            progress(done, total);
+            Ok(v)
+        };
+        let (c, f, qd, kvd) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+        );
+        let lin = |b: &B, data: Vec<f32>, rows: usize, cols: usize| {
+            b.linear(HostLinear::Dense { rows, cols, data })
+        };
+        let embed_host = dense("model.embed_tokens.weight", &[cfg.vocab_size, c])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let b = &backend;
+            layers.push(LayerWeights {
+                attn_norm: b.upload(&dense(&format!("{p}.input_layernorm.weight"), &[c])?)?,
+                q_proj: lin(
+                    b,
+                    dense(&format!("{p}.self_attn.q_proj.weight"), &[qd, c])?,
+                    qd,
+                    c,
+                )?,
+                k_proj: lin(
+                    b,
+                    dense(&format!("{p}.self_attn.k_proj.weight"), &[kvd, c])?,
+                    kvd,
+                    c,
+                )?,
+                v_proj: lin(
+                    b,
+                    dense(&format!("{p}.self_attn.v_proj.weight"), &[kvd, c])?,
+                    kvd,
+                    c,
+                )?,
+                o_proj: lin(
+                    b,
+                    dense(&format!("{p}.self_attn.o_proj.weight"), &[c, qd])?,
+                    c,
+                    qd,
+                )?,
+                mlp_norm: b.upload(&dense(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[c],
+                )?)?,
+                gate_proj: lin(
+                    b,
+                    dense(&format!("{p}.mlp.gate_proj.weight"), &[f, c])?,
+                    f,
+                    c,
+                )?,
+                up_proj: lin(b, dense(&format!("{p}.mlp.up_proj.weight"), &[f, c])?, f, c)?,
+                down_proj: lin(
+                    b,
+                    dense(&format!("{p}.mlp.down_proj.weight"), &[c, f])?,
+                    c,
+                    f,
+                )?,
+            });
+        }
+        let norm = backend.upload(&dense("model.norm.weight", &[c])?)?;
+        let head_host = if cfg.tie_word_embeddings {
+            embed_host.clone()
+        } else {
+            dense("lm_head.weight", &[cfg.vocab_size, c])?
+        };
+        let lm_head = lin(&backend, head_host, cfg.vocab_size, c)?;
+        let embed = backend.upload(&embed_host)?;
+        let inv_freq = backend.upload(&cfg.rope_inv_freq())?;
+        Ok(Llama {
+            cfg: cfg.clone(),
+            backend,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    /// An empty cache with room for `cap` positions.
+    pub fn new_cache(&self, cap: usize) -> Result<KvCache<B>> {
+        let n = cap * self.cfg.kv_dim();
+        let mut k = Vec::with_capacity(self.layers.len());
+        let mut v = Vec::with_capacity(self.layers.len());
+        for _ in &self.layers {
+            k.push(self.backend.zeros(n)?);
+            v.push(self.backend.zeros(n)?);
+        }
+        Ok(KvCache { k, v, cap, len: 0 })
+    }
+
+    /// Runs `ids` (one sequence) at positions `cache.len..cache.len + ids.len()`, appends their keys
+    /// and values to the cache, and returns the requested logits (`[rows, vocab]`, on the backend).
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache<B>, which: Logits) -> Result<B::Buf> {
+        let cfg = &self.cfg;
+        let b = &self.backend;
+        let t = ids.len();
+        let pos0 = cache.len;
+        if t == 0 || pos0 + t > cache.cap {
+            return Err(crate::Error::InvalidArg(format!(
+                "forward: {t} tokens at position {pos0} do not fit a cache of {} positions",
+                cache.cap
+            )));
+        }
+        let (c, kvd, f) = (cfg.hidden_size, cfg.kv_dim(), cfg.intermediate_size);
+        let positions: Vec<u32> = (pos0..pos0 + t).map(|p| p as u32).collect();
+        let shape = AttnShape {
+            batch: 1,
+            q_len: t,
+            pos0,
+            cache_cap: cache.cap,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+        };
+        let mut s = Scratch::new(b, cfg, t)?;
+        b.embedding(&mut s.x, &self.embed, ids, c)?;
+        for (l, w) in self.layers.iter().enumerate() {
+            // Attention block.
+            b.rmsnorm(&mut s.xn, &s.x, &w.attn_norm, t, c, cfg.rms_norm_eps)?;
+            b.matmul(&mut s.q, &s.xn, &w.q_proj, t)?;
+            b.matmul(&mut s.k, &s.xn, &w.k_proj, t)?;
+            b.matmul(&mut s.v, &s.xn, &w.v_proj, t)?;
+            b.rope(
+                &mut s.q,
+                &positions,
+                &self.inv_freq,
+                cfg.num_attention_heads,
+                cfg.head_dim,
+            )?;
+            b.rope(
+                &mut s.k,
+                &positions,
+                &self.inv_freq,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+            )?;
+            b.copy(&mut cache.k[l], pos0 * kvd, &s.k, 0, t * kvd)?;
+            b.copy(&mut cache.v[l], pos0 * kvd, &s.v, 0, t * kvd)?;
+            b.attention(&mut s.att, &s.q, &cache.k[l], &cache.v[l], shape)?;
+            b.matmul(&mut s.proj, &s.att, &w.o_proj, t)?;
+            b.add_assign(&mut s.x, &s.proj, t * c)?;
+            // MLP block.
+            b.rmsnorm(&mut s.xn, &s.x, &w.mlp_norm, t, c, cfg.rms_norm_eps)?;
+            b.matmul(&mut s.gate, &s.xn, &w.gate_proj, t)?;
+            b.matmul(&mut s.up, &s.xn, &w.up_proj, t)?;
+            b.swiglu(&mut s.h, &s.gate, &s.up, t * f)?;
+            b.matmul(&mut s.proj, &s.h, &w.down_proj, t)?;
+            b.add_assign(&mut s.x, &s.proj, t * c)?;
+        }
+        cache.len = pos0 + t;
+        // Head: only the rows the caller wants.
+        let (rows, x) = match which {
+            Logits::All => (t, s.x),
+            Logits::Last => {
+                let mut last = b.zeros(c)?;
+                b.copy(&mut last, 0, &s.x, (t - 1) * c, c)?;
+                (1, last)
+            }
+        };
+        let mut xn = b.zeros(rows * c)?;
+        b.rmsnorm(&mut xn, &x, &self.norm, rows, c, cfg.rms_norm_eps)?;
+        let mut logits = b.zeros(rows * cfg.vocab_size)?;
+        b.matmul(&mut logits, &xn, &self.lm_head, rows)?;
+        Ok(logits)
+    }
+}
