@@ -194,7 +194,11 @@ pub fn select(req: DeviceRequest) -> Result<AnyBackend> {
     match req {
         DeviceRequest::Cpu => Ok(AnyBackend::Cpu(cpu::CpuBackend::new())),
         DeviceRequest::Auto => {
-            tracing::info!("device auto: using the CPU ({})", cuda::unavailable());
+            if cuda::driver_present() {
+                tracing::info!("device auto: a CUDA driver is present, but {}", cuda::unavailable());
+            } else {
+                tracing::info!("device auto: no usable GPU, using the CPU");
+            }
             Ok(AnyBackend::Cpu(cpu::CpuBackend::new()))
         }
         DeviceRequest::Cuda(_) => Err(cuda::unavailable()),
