@@ -23,7 +23,7 @@ mod tests {
     fn unit_rms_rows() {
         let x = [3.0f32, 4.0, 0.0, 0.0];
         let mut out = [0.0f32; 4];
-        super::rmsnorm(&mut out, &x, &[1.0, 2.0], 2, 0.0);
+        super::rmsnorm(&mut out, &x, &[1.0, 2.0], 2, 1e-6);
         let r = (12.5f32).sqrt();
         assert!((out[0] - 3.0 / r).abs() < 1e-6 && (out[1] - 8.0 / r).abs() < 1e-6);
         assert_eq!(&out[2..], &[0.0, 0.0]);
