@@ -48,13 +48,19 @@ fn main() {
                 s.spawn(move || compile(&nvcc, src, &out_dir))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("nvcc thread panicked")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("nvcc thread panicked"))
+            .collect()
     });
     let mut table = String::from("/// Fatbins compiled from kernels/*.cu by build.rs: (module name, bytes).\npub const KERNELS: &[(&str, &[u8])] = &[\n");
     let mut report = String::new();
     for (src, fatbin, ptxas) in &results {
         let stem = src.file_stem().unwrap().to_string_lossy();
-        table.push_str(&format!("    ({stem:?}, include_bytes!({:?})),\n", fatbin.display().to_string()));
+        table.push_str(&format!(
+            "    ({stem:?}, include_bytes!({:?})),\n",
+            fatbin.display().to_string()
+        ));
         report.push_str(&format!("== {} ==\n{ptxas}\n", src.display()));
     }
     table.push_str("];\n");
@@ -66,17 +72,34 @@ fn compile(nvcc: &Path, src: &Path, out_dir: &Path) -> (PathBuf, PathBuf, String
     let stem = src.file_stem().unwrap().to_string_lossy().to_string();
     let fatbin = out_dir.join(format!("{stem}.fatbin"));
     let mut cmd = Command::new(nvcc);
-    cmd.args(["--fatbin", "-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xptxas", "-v", "-Ikernels"]);
+    cmd.args([
+        "--fatbin",
+        "-O3",
+        "-std=c++17",
+        "--use_fast_math",
+        "-lineinfo",
+        "-Xptxas",
+        "-v",
+        "-Ikernels",
+    ]);
     for a in ARCHS {
         cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }
     let newest = ARCHS.last().unwrap();
-    cmd.arg(format!("-gencode=arch=compute_{newest},code=compute_{newest}"));
+    cmd.arg(format!(
+        "-gencode=arch=compute_{newest},code=compute_{newest}"
+    ));
     cmd.arg("-o").arg(&fatbin).arg(src);
-    let out = cmd.output().unwrap_or_else(|e| fail(&format!("cannot run {}: {e}", nvcc.display())));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| fail(&format!("cannot run {}: {e}", nvcc.display())));
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     if !out.status.success() {
-        fail(&format!("nvcc failed on {}:\n{log}{}", src.display(), String::from_utf8_lossy(&out.stdout)));
+        fail(&format!(
+            "nvcc failed on {}:\n{log}{}",
+            src.display(),
+            String::from_utf8_lossy(&out.stdout)
+        ));
     }
     (src.to_path_buf(), fatbin, log)
 }
@@ -87,13 +110,18 @@ fn find_nvcc() -> Option<PathBuf> {
         return Some(p);
     }
     for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Some(p) = std::env::var_os(var).map(|h| PathBuf::from(h).join("bin/nvcc")).and_then(exe) {
+        if let Some(p) = std::env::var_os(var)
+            .map(|h| PathBuf::from(h).join("bin/nvcc"))
+            .and_then(exe)
+        {
             return Some(p);
         }
     }
-    if let Some(p) = std::env::var_os("PATH")
-        .and_then(|path| std::env::split_paths(&path).map(|d| d.join("nvcc")).find(|p| p.is_file()))
-    {
+    if let Some(p) = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("nvcc"))
+            .find(|p| p.is_file())
+    }) {
         return Some(p);
     }
     let home = std::env::var_os("HOME")?;

@@ -18,15 +18,22 @@ const SMOLLM2_135M: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size
 
 fn bench_model(c: &mut Criterion, name: &str, model: &Llama<CpuBackend>, prompt_len: usize) {
     let vocab = model.cfg.vocab_size as u32;
-    let ids: Vec<u32> = (0..prompt_len as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let ids: Vec<u32> = (0..prompt_len as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
     // Sanity check before timing: finite logits of the right size.
     let mut cache = model.new_cache(prompt_len + 1).unwrap();
     let logits = model.forward(&ids, &mut cache, Logits::Last).unwrap();
     assert_eq!(logits.len(), model.cfg.vocab_size);
-    assert!(logits.iter().all(|v| v.is_finite()), "non-finite logits in {name}");
+    assert!(
+        logits.iter().all(|v| v.is_finite()),
+        "non-finite logits in {name}"
+    );
 
     let mut g = c.benchmark_group(format!("forward/{name}"));
-    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
     g.throughput(Throughput::Elements(prompt_len as u64));
     g.bench_function(BenchmarkId::new("prefill", prompt_len), |b| {
         b.iter(|| {

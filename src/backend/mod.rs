@@ -195,7 +195,10 @@ pub fn select(req: DeviceRequest) -> Result<AnyBackend> {
         DeviceRequest::Cpu => Ok(AnyBackend::Cpu(cpu::CpuBackend::new())),
         DeviceRequest::Auto => {
             if cuda::driver_present() {
-                tracing::info!("device auto: a CUDA driver is present, but {}", cuda::unavailable());
+                tracing::info!(
+                    "device auto: a CUDA driver is present, but {}",
+                    cuda::unavailable()
+                );
             } else {
                 tracing::info!("device auto: no usable GPU, using the CPU");
             }

@@ -198,10 +198,23 @@ impl<B: Backend> Llama<B> {
     pub fn random(backend: B, cfg: &ModelConfig, seed: u64) -> Result<Self> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut rand_vec = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-0.05f32..0.05)).collect() };
-        let (c, f, qd, kvd, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim(), cfg.vocab_size);
+        let mut rand_vec =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-0.05f32..0.05)).collect() };
+        let (c, f, qd, kvd, v) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.vocab_size,
+        );
         let b = &backend;
-        let mut lin = |rows: usize, cols: usize| b.linear(HostLinear::Dense { rows, cols, data: rand_vec(rows * cols) });
+        let mut lin = |rows: usize, cols: usize| {
+            b.linear(HostLinear::Dense {
+                rows,
+                cols,
+                data: rand_vec(rows * cols),
+            })
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for _ in 0..cfg.num_hidden_layers {
             layers.push(LayerWeights {
@@ -217,10 +230,22 @@ impl<B: Backend> Llama<B> {
             });
         }
         let lm_head = lin(v, c)?;
-        let embed = b.upload(&(0..v * c).map(|i| ((i * 2654435761) % 1000) as f32 * 1e-4 - 0.05).collect::<Vec<_>>())?;
+        let embed = b.upload(
+            &(0..v * c)
+                .map(|i| ((i * 2654435761) % 1000) as f32 * 1e-4 - 0.05)
+                .collect::<Vec<_>>(),
+        )?;
         let norm = b.upload(&vec![1.0; c])?;
         let inv_freq = b.upload(&cfg.rope_inv_freq())?;
-        Ok(Llama { cfg: cfg.clone(), backend, embed, layers, norm, lm_head, inv_freq })
+        Ok(Llama {
+            cfg: cfg.clone(),
+            backend,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
     }
 
     /// An empty cache with room for `cap` positions.
