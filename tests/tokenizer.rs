@@ -96,3 +96,50 @@ fn missing_tokenizer_is_a_clear_error() {
         "{e}"
     );
 }
+
+/// All 1000 guanaco rows: our ids (tokenizer's own rules, no double BOS) equal the ids Python's
+/// `tokenizers` produced from the same tokenizer.json (length + sha256 of the u32-LE ids).
+#[test]
+fn all_guanaco_rows_match_python() {
+    use sha2::{Digest, Sha256};
+    let tok = Tokenizer::from_dir(Path::new(LLAMA2)).unwrap();
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny/guanaco_llama2_ids.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let want = fx["rows"].as_array().unwrap();
+    let data = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/guanaco-llama2-1k/train.jsonl"
+    ))
+    .unwrap();
+    let lines: Vec<&str> = data.lines().collect();
+    assert_eq!((lines.len(), want.len()), (1000, 1000));
+    let mut total = 0;
+    for (i, (line, w)) in lines.iter().zip(want).enumerate() {
+        let row: Value = serde_json::from_str(line).unwrap();
+        let ids = tok.encode(row["text"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            ids.len() as u64,
+            w["len"].as_u64().unwrap(),
+            "row {i}: length"
+        );
+        assert_eq!(
+            ids[..16.min(ids.len())],
+            ids(&w["head"]),
+            "row {i}: first ids"
+        );
+        let bytes: Vec<u8> = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let hex: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, w["sha256"].as_str().unwrap(), "row {i}: ids differ");
+        total += ids.len();
+    }
+    assert_eq!(total, 461_907);
+}
