@@ -122,24 +122,24 @@ fn all_guanaco_rows_match_python() {
     let mut total = 0;
     for (i, (line, w)) in lines.iter().zip(want).enumerate() {
         let row: Value = serde_json::from_str(line).unwrap();
-        let ids = tok.encode(row["text"].as_str().unwrap()).unwrap();
+        let got = tok.encode(row["text"].as_str().unwrap()).unwrap();
         assert_eq!(
-            ids.len() as u64,
+            got.len() as u64,
             w["len"].as_u64().unwrap(),
             "row {i}: length"
         );
         assert_eq!(
-            ids[..16.min(ids.len())],
+            got[..16.min(got.len())],
             ids(&w["head"]),
             "row {i}: first ids"
         );
-        let bytes: Vec<u8> = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let bytes: Vec<u8> = got.iter().flat_map(|x| x.to_le_bytes()).collect();
         let hex: String = Sha256::digest(&bytes)
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
         assert_eq!(hex, w["sha256"].as_str().unwrap(), "row {i}: ids differ");
-        total += ids.len();
+        total += got.len();
     }
     assert_eq!(total, 461_907);
 }
