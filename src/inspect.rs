@@ -3,7 +3,7 @@
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::Result;
-use crate::weights::{tensor_plan, DType};
+use crate::weights::tensor_plan;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -52,12 +52,6 @@ pub struct Inspection {
     pub nf4_bytes_no_double_quant: usize,
 }
 
-fn dtype_size(d: DType) -> usize {
-    match d {
-        DType::F32 => 4,
-        DType::F16 | DType::BF16 => 2,
-    }
-}
 
 pub fn inspect(dir: &Path, cfg: &ModelConfig) -> Result<Inspection> {
     let plan = tensor_plan(dir, cfg)?;
@@ -65,7 +59,7 @@ pub fn inspect(dir: &Path, cfg: &ModelConfig) -> Result<Inspection> {
     let (mut params, mut linear, mut nf4, mut nf4_nodq, mut bytes) = (0, 0, 0, 0, 0);
     for t in &plan {
         let n: usize = t.shape.iter().product();
-        let b = n * dtype_size(t.dtype);
+        let b = t.nbytes().unwrap_or(0);
         let e = stored.entry(t.dtype.to_string()).or_default();
         e.0 += n;
         e.1 += b;
