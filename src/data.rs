@@ -168,7 +168,10 @@ pub fn load_rows(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
             return Err(dataset_err(
                 path,
                 None,
-                format!("no rows in any data file of this folder ({})", names.join(", ")),
+                format!(
+                    "no rows in any data file of this folder ({})",
+                    names.join(", ")
+                ),
             ));
         }
     } else {
@@ -200,7 +203,9 @@ fn load_file(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
         None => Err(dataset_err(
             path,
             None,
-            format!("unsupported dataset format; supported: {SUPPORTED_FORMATS} (or a folder of them)"),
+            format!(
+                "unsupported dataset format; supported: {SUPPORTED_FORMATS} (or a folder of them)"
+            ),
         )),
     }
 }
@@ -223,7 +228,8 @@ fn read_jsonl(path: &Path, reader: impl BufRead, limit: Option<usize>) -> Result
             break;
         }
         let n = i + 1;
-        let line = line.map_err(|e| dataset_err(path, Some(n), format!("cannot read line: {e}")))?;
+        let line =
+            line.map_err(|e| dataset_err(path, Some(n), format!("cannot read line: {e}")))?;
         let text = if n == 1 {
             line.trim_start_matches('\u{feff}')
         } else {
@@ -293,7 +299,10 @@ fn read_json(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
             return Err(dataset_err(
                 path,
                 None,
-                format!("expected a top-level array of objects, found {}", json_kind(&other)),
+                format!(
+                    "expected a top-level array of objects, found {}",
+                    json_kind(&other)
+                ),
             ))
         }
     };
@@ -307,7 +316,11 @@ fn read_json(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
                 return Err(dataset_err(
                     path,
                     None,
-                    format!("element {} is {}, expected an object", i + 1, json_kind(&value)),
+                    format!(
+                        "element {} is {}, expected an object",
+                        i + 1,
+                        json_kind(&value)
+                    ),
                 ));
             }
             Ok(Row {
@@ -427,9 +440,11 @@ pub fn texts(rows: &[Row], field: &str) -> Result<Vec<String>> {
             }
             None => {
                 let fields = match &row.value {
-                    Value::Object(obj) if !obj.is_empty() => {
-                        obj.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
-                    }
+                    Value::Object(obj) if !obj.is_empty() => obj
+                        .keys()
+                        .map(String::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     Value::Object(_) => "none".to_owned(),
                     other => format!("not an object but {}", json_kind(other)),
                 };

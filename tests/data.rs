@@ -37,7 +37,11 @@ fn jsonl_rows_with_lines_and_blank_lines_skipped() {
     let rows = load_rows(&path, None).unwrap();
     assert_eq!(
         values(&rows),
-        vec![json!({"text": "a"}), json!({"text": "b", "n": 2}), json!({"text": "c"})]
+        vec![
+            json!({"text": "a"}),
+            json!({"text": "b", "n": 2}),
+            json!({"text": "c"})
+        ]
     );
     let lines: Vec<_> = rows.iter().map(|r| r.line).collect();
     assert_eq!(lines, vec![Some(1), Some(3), Some(5)]);
@@ -75,7 +79,11 @@ fn json_array_and_wrapped_array() {
 #[test]
 fn json_file_holding_json_lines_is_read_as_jsonl() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), "train.json", "{\"text\": \"a\"}\n{\"text\": \"b\"}\n");
+    let path = write(
+        dir.path(),
+        "train.json",
+        "{\"text\": \"a\"}\n{\"text\": \"b\"}\n",
+    );
     let rows = load_rows(&path, None).unwrap();
     assert_eq!(texts(&rows, "text").unwrap(), vec!["a", "b"]);
     assert_eq!(rows[1].line, Some(2));
@@ -120,7 +128,11 @@ fn folder_prefers_train_files_sorted_and_recursive() {
     write(d, "test.jsonl", "{\"text\": \"test\"}");
     write(d, "data/validation-00000.jsonl", "{\"text\": \"val\"}");
     write(d, "data/train-00001-of-00002.jsonl", "{\"text\": \"t2\"}");
-    write(d, "data/train-00000-of-00002.jsonl", "{\"text\": \"t1a\"}\n{\"text\": \"t1b\"}");
+    write(
+        d,
+        "data/train-00000-of-00002.jsonl",
+        "{\"text\": \"t1a\"}\n{\"text\": \"t1b\"}",
+    );
     write(d, "dataset_info.json", "{\"description\": \"\"}");
     let rows = load_rows(d, None).unwrap();
     assert_eq!(texts(&rows, "text").unwrap(), vec!["t1a", "t1b", "t2"]);
@@ -158,7 +170,10 @@ fn select_data_files_on_a_hub_listing() {
         vec!["data/train-00000-of-00001-9ad84bb9cf65a42f.parquet"]
     );
     let by_folder = ["default/train/0000.parquet", "default/test/0000.parquet"];
-    assert_eq!(select_data_files(&by_folder), vec!["default/train/0000.parquet"]);
+    assert_eq!(
+        select_data_files(&by_folder),
+        vec!["default/train/0000.parquet"]
+    );
     let no_train = ["z.jsonl", "dataset_infos.json", "a.json", "x.csv"];
     assert_eq!(select_data_files(&no_train), vec!["a.json", "z.jsonl"]);
 }
@@ -170,7 +185,10 @@ fn empty_file_and_empty_folder_are_errors() {
     let err = load_rows(&empty, None).unwrap_err();
     assert!(matches!(err, Error::Dataset { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("empty.jsonl") && msg.contains("no rows in"), "{msg}");
+    assert!(
+        msg.contains("empty.jsonl") && msg.contains("no rows in"),
+        "{msg}"
+    );
 
     let empty_arr = write(dir.path(), "empty.json", "[]");
     let msg = load_rows(&empty_arr, None).unwrap_err().to_string();
@@ -184,7 +202,10 @@ fn empty_file_and_empty_folder_are_errors() {
     let folder = tempfile::tempdir().unwrap();
     write(folder.path(), "train.jsonl", "");
     let msg = load_rows(folder.path(), None).unwrap_err().to_string();
-    assert!(msg.contains("no rows in") && msg.contains("train.jsonl"), "{msg}");
+    assert!(
+        msg.contains("no rows in") && msg.contains("train.jsonl"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -201,16 +222,26 @@ fn malformed_jsonl_line_names_file_and_line() {
             assert_eq!(p, &path);
             assert_eq!(*line, Some(3));
             assert!(msg.contains("malformed JSON"), "{msg}");
-            assert!(msg.contains("line 1 column"), "serde's error is kept: {msg}");
+            assert!(
+                msg.contains("line 1 column"),
+                "serde's error is kept: {msg}"
+            );
         }
         other => panic!("expected Error::Dataset, got {other:?}"),
     }
     let shown = err.to_string();
     assert!(shown.contains("broken.jsonl:3:"), "{shown}");
 
-    let not_object = write(dir.path(), "array-line.jsonl", "{\"text\": \"a\"}\n[1, 2]\n");
+    let not_object = write(
+        dir.path(),
+        "array-line.jsonl",
+        "{\"text\": \"a\"}\n[1, 2]\n",
+    );
     let msg = load_rows(&not_object, None).unwrap_err().to_string();
-    assert!(msg.contains("array-line.jsonl:2:") && msg.contains("found an array"), "{msg}");
+    assert!(
+        msg.contains("array-line.jsonl:2:") && msg.contains("found an array"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -223,20 +254,33 @@ fn missing_text_field_names_row_line_and_fields() {
     );
     let rows = load_rows(&path, None).unwrap();
     let err = texts(&rows, "text").unwrap_err();
-    assert!(matches!(err, Error::Dataset { line: Some(3), .. }), "{err:?}");
+    assert!(
+        matches!(err, Error::Dataset { line: Some(3), .. }),
+        "{err:?}"
+    );
     let msg = err.to_string();
     assert!(msg.contains("d.jsonl:3:"), "{msg}");
-    assert!(msg.contains("row 2 has no field `text` (fields: answer, prompt)"), "{msg}");
+    assert!(
+        msg.contains("row 2 has no field `text` (fields: answer, prompt)"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn non_string_text_field() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), "d.json", r#"[{"text": "a"}, {"text": 42}, {"text": null}]"#);
+    let path = write(
+        dir.path(),
+        "d.json",
+        r#"[{"text": "a"}, {"text": 42}, {"text": null}]"#,
+    );
     let rows = load_rows(&path, None).unwrap();
     let msg = texts(&rows, "text").unwrap_err().to_string();
     assert!(msg.contains("d.json"), "{msg}");
-    assert!(msg.contains("row 2: field `text` is a number, expected a string"), "{msg}");
+    assert!(
+        msg.contains("row 2: field `text` is a number, expected a string"),
+        "{msg}"
+    );
     let msg = texts(&rows[2..], "text").unwrap_err().to_string();
     assert!(msg.contains("is null"), "{msg}");
 }
@@ -250,12 +294,24 @@ fn limit_stops_early_across_formats_and_files() {
 
     // The limit is reached before the malformed line, which is therefore never parsed.
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), "d.jsonl", "{\"text\": \"a\"}\n{\"text\": \"b\"}\nnot json\n");
+    let path = write(
+        dir.path(),
+        "d.jsonl",
+        "{\"text\": \"a\"}\n{\"text\": \"b\"}\nnot json\n",
+    );
     assert_eq!(load_rows(&path, Some(2)).unwrap().len(), 2);
     assert!(load_rows(&path, None).is_err());
 
-    write(dir.path(), "more/train-0.jsonl", "{\"text\": \"0\"}\n{\"text\": \"1\"}");
-    write(dir.path(), "more/train-1.jsonl", "{\"text\": \"2\"}\n{\"text\": \"3\"}");
+    write(
+        dir.path(),
+        "more/train-0.jsonl",
+        "{\"text\": \"0\"}\n{\"text\": \"1\"}",
+    );
+    write(
+        dir.path(),
+        "more/train-1.jsonl",
+        "{\"text\": \"2\"}\n{\"text\": \"3\"}",
+    );
     let rows = load_rows(&dir.path().join("more"), Some(3)).unwrap();
     assert_eq!(texts(&rows, "text").unwrap(), vec!["0", "1", "2"]);
     assert!(load_rows(&path, Some(0)).unwrap().is_empty());
@@ -280,5 +336,8 @@ fn corrupt_parquet_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "bad.parquet", "this is not parquet");
     let msg = load_rows(&path, None).unwrap_err().to_string();
-    assert!(msg.contains("bad.parquet") && msg.contains("Parquet"), "{msg}");
+    assert!(
+        msg.contains("bad.parquet") && msg.contains("Parquet"),
+        "{msg}"
+    );
 }
