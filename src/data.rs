@@ -1,14 +1,458 @@
-//! TEMPORARY stub with the agreed API; replaced by the `hub` branch.
-use crate::error::Result;
+//! Dataset loading: local JSONL / JSON / Parquet files, or a folder of them, as JSON rows.
+//!
+//! Every row comes back as a [`serde_json::Value`] together with the file (and, for JSONL, the
+//! line) it was read from, so later stages (templating, tokenization) can report *where* a bad
+//! row is. Formats, chosen by extension:
+//!
+//! - `.jsonl` / `.ndjson`: one JSON object per line; blank lines are skipped.
+//! - `.json`: a top-level array of objects, or an object holding such an array under `data`,
+//!   `train` or `rows`. A `.json` file that is really JSON Lines (common on the Hub) is read as
+//!   JSONL.
+//! - `.parquet`: read with the `parquet` crate's row API; nested columns (lists, structs, maps)
+//!   become JSON arrays / objects; binary columns become strings when they are UTF-8.
+//!
+//! A folder is searched recursively (hidden entries skipped) for data files; when some of them
+//! belong to the train split (file name starting with `train`, or inside a `train` folder) only
+//! those are used. [`select_data_files`] is the same rule applied to a list of names, which
+//! [`crate::hub`] uses to choose what to download from a dataset repo.
+
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+
+/// One dataset row as JSON, with where it came from (for error messages).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Row {
-    pub value: serde_json::Value,
+    /// The row; always a JSON object.
+    pub value: Value,
+    /// The file the row was read from.
     pub file: PathBuf,
+    /// 1-based line number for JSONL rows; `None` for JSON arrays and Parquet.
     pub line: Option<usize>,
 }
-pub fn load_rows(_path: &Path, _limit: Option<usize>) -> Result<Vec<Row>> {
-    Ok(vec![])
+
+/// File extensions [`load_rows`] understands, for error messages.
+pub const SUPPORTED_FORMATS: &str = ".jsonl, .ndjson, .json, .parquet";
+
+/// Files that sit beside data files (written by `datasets.save_to_disk` and friends) and are
+/// never rows.
+const METADATA_FILES: &[&str] = &[
+    "dataset_info.json",
+    "dataset_infos.json",
+    "dataset_dict.json",
+    "state.json",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Format {
+    Jsonl,
+    Json,
+    Parquet,
 }
-pub fn texts(_rows: &[Row], _field: &str) -> Result<Vec<String>> {
-    Ok(vec![])
+
+fn format_of(path: &Path) -> Option<Format> {
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    match ext.as_str() {
+        "jsonl" | "ndjson" => Some(Format::Jsonl),
+        "json" => Some(Format::Json),
+        "parquet" => Some(Format::Parquet),
+        _ => None,
+    }
+}
+
+/// Chooses the data files among relative paths (`/`-separated, as in a Hub repo listing):
+/// keeps `.jsonl` / `.ndjson` / `.json` / `.parquet` files that are not hidden and not dataset
+/// metadata, then, if any of them is in the train split (its file name starts with `train`, or
+/// a folder on its path is named `train`), keeps only those. The result is sorted.
+pub fn select_data_files<S: AsRef<str>>(rel_paths: &[S]) -> Vec<String> {
+    let mut data: Vec<String> = rel_paths
+        .iter()
+        .map(|p| p.as_ref())
+        .filter(|p| {
+            let parts: Vec<&str> = p.split('/').collect();
+            let name = parts.last().copied().unwrap_or_default();
+            !parts.iter().any(|c| c.starts_with('.'))
+                && !METADATA_FILES.contains(&name)
+                && format_of(Path::new(name)).is_some()
+        })
+        .map(str::to_owned)
+        .collect();
+    let is_train = |p: &String| {
+        let parts: Vec<&str> = p.split('/').collect();
+        let (name, dirs) = parts.split_last().expect("split yields at least one part");
+        name.to_ascii_lowercase().starts_with("train")
+            || dirs.iter().any(|d| d.eq_ignore_ascii_case("train"))
+    };
+    if data.iter().any(is_train) {
+        data.retain(is_train);
+    }
+    data.sort();
+    data.dedup();
+    data
+}
+
+/// The data files [`load_rows`] would read from folder `dir`, as full paths, in reading order.
+/// A symlink whose target is missing is still listed (reading it then fails naming it), so a
+/// half-downloaded Hugging Face cache snapshot is not mistaken for a complete one.
+pub fn data_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut rel = Vec::new();
+    walk(dir, "", 0, &mut rel)?;
+    Ok(select_data_files(&rel)
+        .into_iter()
+        .map(|r| r.split('/').fold(dir.to_path_buf(), |p, c| p.join(c)))
+        .collect())
+}
+
+fn walk(dir: &Path, prefix: &str, depth: usize, out: &mut Vec<String>) -> Result<()> {
+    // Hub dataset repos nest a few levels at most (config/split/shard); the cap also guards
+    // against symlink loops.
+    if depth > 8 {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        let rel = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}/{name}")
+        };
+        // `metadata` follows symlinks; a dangling one errors and is listed as a file.
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() => walk(&path, &rel, depth + 1, out)?,
+            _ => out.push(rel),
+        }
+    }
+    Ok(())
+}
+
+/// Loads every row of a local JSONL / JSON / Parquet file, or of all such data files in a folder
+/// (sorted, train split preferred: if a folder has files whose name starts with `train`, use
+/// only those). `limit` stops reading once that many rows are collected.
+pub fn load_rows(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let mut rows = Vec::new();
+    if limit == Some(0) {
+        return Ok(rows);
+    }
+    if meta.is_dir() {
+        let files = data_files(path)?;
+        if files.is_empty() {
+            return Err(dataset_err(
+                path,
+                None,
+                format!("no data files ({SUPPORTED_FORMATS}) in this folder"),
+            ));
+        }
+        for file in &files {
+            let left = limit.map(|l| l - rows.len());
+            rows.extend(load_file(file, left)?);
+            if limit.is_some_and(|l| rows.len() >= l) {
+                break;
+            }
+        }
+        if rows.is_empty() {
+            let names: Vec<String> = files
+                .iter()
+                .map(|f| f.strip_prefix(path).unwrap_or(f).display().to_string())
+                .collect();
+            return Err(dataset_err(
+                path,
+                None,
+                format!(
+                    "no rows in any data file of this folder ({})",
+                    names.join(", ")
+                ),
+            ));
+        }
+    } else {
+        rows = load_file(path, limit)?;
+        if rows.is_empty() {
+            return Err(dataset_err(path, None, "no rows in this file".into()));
+        }
+    }
+    Ok(rows)
+}
+
+fn dataset_err(path: &Path, line: Option<usize>, msg: String) -> Error {
+    Error::Dataset {
+        path: path.to_path_buf(),
+        line,
+        msg,
+    }
+}
+
+/// Reads one data file (possibly yielding no rows).
+fn load_file(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
+    match format_of(path) {
+        Some(Format::Jsonl) => {
+            let file = File::open(path).map_err(|e| Error::io(path, e))?;
+            read_jsonl(path, BufReader::new(file), limit)
+        }
+        Some(Format::Json) => read_json(path, limit),
+        Some(Format::Parquet) => read_parquet(path, limit),
+        None => Err(dataset_err(
+            path,
+            None,
+            format!(
+                "unsupported dataset format; supported: {SUPPORTED_FORMATS} (or a folder of them)"
+            ),
+        )),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn read_jsonl(path: &Path, reader: impl BufRead, limit: Option<usize>) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        if limit.is_some_and(|l| rows.len() >= l) {
+            break;
+        }
+        let n = i + 1;
+        let line =
+            line.map_err(|e| dataset_err(path, Some(n), format!("cannot read line: {e}")))?;
+        let text = if n == 1 {
+            line.trim_start_matches('\u{feff}')
+        } else {
+            &line
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| dataset_err(path, Some(n), format!("malformed JSON: {e}")))?;
+        if !value.is_object() {
+            return Err(dataset_err(
+                path,
+                Some(n),
+                format!("expected a JSON object, found {}", json_kind(&value)),
+            ));
+        }
+        rows.push(Row {
+            value,
+            file: path.to_path_buf(),
+            line: Some(n),
+        });
+    }
+    Ok(rows)
+}
+
+fn read_json(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = text.trim_start_matches('\u{feff}');
+    let value: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        // Hub datasets often name JSON Lines files `.json`: several objects, one per line.
+        Err(_) if first_line_is_object(text) => {
+            return read_jsonl(path, text.as_bytes(), limit);
+        }
+        Err(e) => {
+            return Err(dataset_err(
+                path,
+                Some(e.line()),
+                format!("malformed JSON: {e}"),
+            ))
+        }
+    };
+    let items = match value {
+        Value::Array(items) => items,
+        Value::Object(mut obj) => {
+            let key = ["data", "train", "rows"]
+                .into_iter()
+                .find(|k| obj.get(*k).is_some_and(Value::is_array));
+            match key.and_then(|k| obj.remove(k)) {
+                Some(Value::Array(items)) => items,
+                _ => {
+                    let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+                    return Err(dataset_err(
+                        path,
+                        None,
+                        format!(
+                            "expected a top-level array of objects, or an object with a `data`, \
+                             `train` or `rows` array (top-level keys: {})",
+                            keys.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        other => {
+            return Err(dataset_err(
+                path,
+                None,
+                format!(
+                    "expected a top-level array of objects, found {}",
+                    json_kind(&other)
+                ),
+            ))
+        }
+    };
+    let take = limit.unwrap_or(usize::MAX);
+    items
+        .into_iter()
+        .take(take)
+        .enumerate()
+        .map(|(i, value)| {
+            if !value.is_object() {
+                return Err(dataset_err(
+                    path,
+                    None,
+                    format!(
+                        "element {} is {}, expected an object",
+                        i + 1,
+                        json_kind(&value)
+                    ),
+                ));
+            }
+            Ok(Row {
+                value,
+                file: path.to_path_buf(),
+                line: None,
+            })
+        })
+        .collect()
+}
+
+/// Whether the first non-blank line is a complete JSON object on its own (JSON Lines).
+fn first_line_is_object(text: &str) -> bool {
+    text.lines()
+        .find(|l| !l.trim().is_empty())
+        .and_then(|l| serde_json::from_str::<Value>(l).ok())
+        .is_some_and(|v| v.is_object())
+}
+
+fn read_parquet(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let bad = |e: parquet::errors::ParquetError| {
+        dataset_err(path, None, format!("cannot read Parquet file: {e}"))
+    };
+    let reader = SerializedFileReader::new(file).map_err(bad)?;
+    let total = usize::try_from(reader.metadata().file_metadata().num_rows()).unwrap_or(0);
+    let take = limit.unwrap_or(usize::MAX);
+    let mut rows = Vec::with_capacity(total.min(take));
+    for row in reader.get_row_iter(None).map_err(bad)?.take(take) {
+        let row = row.map_err(bad)?;
+        rows.push(Row {
+            value: row_to_json(&row),
+            file: path.to_path_buf(),
+            line: None,
+        });
+    }
+    Ok(rows)
+}
+
+/// A Parquet record as a JSON object (what `Row::to_json_value` does behind the crate's `json`
+/// feature, except that binary values that are valid UTF-8 become strings).
+fn row_to_json(row: &parquet::record::Row) -> Value {
+    Value::Object(
+        row.get_column_iter()
+            .map(|(name, field)| (name.clone(), field_to_json(field)))
+            .collect(),
+    )
+}
+
+fn field_to_json(field: &parquet::record::Field) -> Value {
+    use parquet::record::Field as F;
+    let float = |x: f64| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number);
+    match field {
+        F::Null => Value::Null,
+        F::Bool(b) => Value::Bool(*b),
+        F::Byte(n) => (*n).into(),
+        F::Short(n) => (*n).into(),
+        F::Int(n) => (*n).into(),
+        F::Long(n) => (*n).into(),
+        F::UByte(n) => (*n).into(),
+        F::UShort(n) => (*n).into(),
+        F::UInt(n) => (*n).into(),
+        F::ULong(n) => (*n).into(),
+        F::Float16(x) => float(f64::from(*x)),
+        F::Float(x) => float(f64::from(*x)),
+        F::Double(x) => float(*x),
+        F::Str(s) => Value::String(s.clone()),
+        F::Bytes(b) => match std::str::from_utf8(b.data()) {
+            Ok(s) => Value::String(s.to_owned()),
+            Err(_) => Value::Array(b.data().iter().map(|&x| x.into()).collect()),
+        },
+        F::Decimal(_)
+        | F::Date(_)
+        | F::TimeMillis(_)
+        | F::TimeMicros(_)
+        | F::TimestampMillis(_)
+        | F::TimestampMicros(_) => Value::String(field.to_string()),
+        F::Group(row) => row_to_json(row),
+        F::ListInternal(list) => Value::Array(list.elements().iter().map(field_to_json).collect()),
+        F::MapInternal(map) => Value::Object(
+            map.entries()
+                .iter()
+                .map(|(k, v)| {
+                    let key = match field_to_json(k) {
+                        Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    (key, field_to_json(v))
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// Extracts the string field `field` from every row; error naming file and line when absent or
+/// not a string. Rows are numbered from 1 within their file ("row N"); JSONL errors also carry
+/// the line number.
+pub fn texts(rows: &[Row], field: &str) -> Result<Vec<String>> {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut n = 0usize;
+    let mut prev: Option<&Path> = None;
+    for row in rows {
+        if prev != Some(row.file.as_path()) {
+            n = 0;
+            prev = Some(row.file.as_path());
+        }
+        n += 1;
+        let err = |msg: String| dataset_err(&row.file, row.line, msg);
+        match row.value.get(field) {
+            Some(Value::String(s)) => out.push(s.clone()),
+            Some(other) => {
+                return Err(err(format!(
+                    "row {n}: field `{field}` is {}, expected a string",
+                    json_kind(other)
+                )))
+            }
+            None => {
+                let fields = match &row.value {
+                    Value::Object(obj) if !obj.is_empty() => obj
+                        .keys()
+                        .map(String::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    Value::Object(_) => "none".to_owned(),
+                    other => format!("not an object but {}", json_kind(other)),
+                };
+                return Err(err(format!(
+                    "row {n} has no field `{field}` (fields: {fields})"
+                )));
+            }
+        }
+    }
+    Ok(out)
 }
