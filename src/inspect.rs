@@ -52,7 +52,6 @@ pub struct Inspection {
     pub nf4_bytes_no_double_quant: usize,
 }
 
-
 pub fn inspect(dir: &Path, cfg: &ModelConfig) -> Result<Inspection> {
     let plan = tensor_plan(dir, cfg)?;
     let mut stored: BTreeMap<String, (usize, usize)> = BTreeMap::new();
