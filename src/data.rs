@@ -65,7 +65,8 @@ fn format_of(path: &Path) -> Option<Format> {
 /// Chooses the data files among relative paths (`/`-separated, as in a Hub repo listing):
 /// keeps `.jsonl` / `.ndjson` / `.json` / `.parquet` files that are not hidden and not dataset
 /// metadata, then, if any of them is in the train split (its file name starts with `train`, or
-/// a folder on its path is named `train`), keeps only those. The result is sorted.
+/// a folder on its path is named `train`), keeps only those; when they come in several formats,
+/// only the first of parquet, jsonl, json is kept (copies of one split). The result is sorted.
 pub fn select_data_files<S: AsRef<str>>(rel_paths: &[S]) -> Vec<String> {
     let mut data: Vec<String> = rel_paths
         .iter()
@@ -87,6 +88,15 @@ pub fn select_data_files<S: AsRef<str>>(rel_paths: &[S]) -> Vec<String> {
     };
     if data.iter().any(is_train) {
         data.retain(is_train);
+    }
+    // The same split exported in several formats (a parquet and a JSONL copy side by side) is one
+    // dataset, not two: keep only the preferred format, parquet > jsonl > json.
+    let fmt = |p: &String| format_of(Path::new(p));
+    if let Some(best) = [Format::Parquet, Format::Jsonl, Format::Json]
+        .into_iter()
+        .find(|f| data.iter().any(|p| fmt(p) == Some(*f)))
+    {
+        data.retain(|p| fmt(p) == Some(best));
     }
     data.sort();
     data.dedup();

@@ -140,21 +140,26 @@ fn folder_prefers_train_files_sorted_and_recursive() {
     // Without train files every data file is read, in sorted order; metadata files are not.
     let other = tempfile::tempdir().unwrap();
     write(other.path(), "b.jsonl", "{\"text\": \"b\"}");
-    write(other.path(), "a.json", "[{\"text\": \"a\"}]");
+    write(other.path(), "a.jsonl", "{\"text\": \"a\"}");
     write(other.path(), "dataset_info.json", "{\"description\": \"\"}");
     write(other.path(), "notes.txt", "not data");
     let rows = load_rows(other.path(), None).unwrap();
     assert_eq!(texts(&rows, "text").unwrap(), vec!["a", "b"]);
     assert_eq!(data_files(other.path()).unwrap().len(), 2);
+
+    // Files of several formats are copies of one split: only the preferred format is read.
+    write(other.path(), "c.json", "[{\"text\": \"c\"}]");
+    let rows = load_rows(other.path(), None).unwrap();
+    assert_eq!(texts(&rows, "text").unwrap(), vec!["a", "b"]);
 }
 
 #[test]
-fn folder_of_the_real_guanaco_uses_the_parquet_and_jsonl_train_files() {
-    // Both fixture files start with `train`; rows come from both, parquet first (sorted).
+fn folder_of_the_real_guanaco_reads_one_copy_of_the_split() {
+    // The folder holds the split twice (parquet and a JSONL copy): only the parquet is read.
     let rows = load_rows(&guanaco(), None).unwrap();
-    assert_eq!(rows.len(), 2000);
+    assert_eq!(rows.len(), 1000);
     assert!(rows[0].file.ends_with(GUANACO_PARQUET));
-    assert!(rows[1999].file.ends_with("train.jsonl"));
+    assert!(rows[999].file.ends_with(GUANACO_PARQUET));
 }
 
 #[test]
@@ -174,8 +179,10 @@ fn select_data_files_on_a_hub_listing() {
         select_data_files(&by_folder),
         vec!["default/train/0000.parquet"]
     );
-    let no_train = ["z.jsonl", "dataset_infos.json", "a.json", "x.csv"];
-    assert_eq!(select_data_files(&no_train), vec!["a.json", "z.jsonl"]);
+    let no_train = ["z.jsonl", "dataset_infos.json", "a.jsonl", "x.csv"];
+    assert_eq!(select_data_files(&no_train), vec!["a.jsonl", "z.jsonl"]);
+    let mixed = ["z.jsonl", "a.json", "data/train.parquet", "train.jsonl"];
+    assert_eq!(select_data_files(&mixed), vec!["data/train.parquet"]);
 }
 
 #[test]
