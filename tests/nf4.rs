@@ -265,3 +265,64 @@ fn fused_matmul_matches_torch_reference() {
         }
     }
 }
+
+/// Rough timing, not a check: `RAYON_NUM_THREADS=1 cargo test --test nf4 -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn timing_4096() {
+    use std::time::Instant;
+    let (n, k) = (4096usize, 4096usize);
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 2654435761) % 1000) as f32 * 1e-3 - 0.5)
+        .collect();
+    let q = quantize_nf4(&w, &[n, k], 64, true).unwrap();
+    for m in [1usize, 64] {
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 * 0.1).collect();
+        let mut out = vec![0f32; m * n];
+        let reps = if m == 1 { 20 } else { 3 };
+        nf4_matmul_wt(&mut out, &x, &q, m);
+        let t = Instant::now();
+        for _ in 0..reps {
+            nf4_matmul_wt(&mut out, &x, &q, m);
+        }
+        let nf4 = t.elapsed().as_secs_f64() / reps as f64;
+        let t = Instant::now();
+        for _ in 0..reps {
+            // SAFETY: shapes as in the buffers: out [m, n], x [m, k], w [n, k].
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            };
+        }
+        let dense = t.elapsed().as_secs_f64() / reps as f64;
+        let mut dx = vec![0f32; m * k];
+        let t = Instant::now();
+        nf4_matmul(&mut dx, &out, &q, m);
+        let bwd = t.elapsed().as_secs_f64();
+        println!(
+            "m={m}: nf4_matmul_wt {:.2} ms, dense gemm {:.2} ms, nf4_matmul (dx) {:.2} ms",
+            nf4 * 1e3,
+            dense * 1e3,
+            bwd * 1e3
+        );
+    }
+}

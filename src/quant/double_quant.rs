@@ -214,16 +214,16 @@ fn multi_row_sum<const L: usize>(x: &[f32], size: usize) -> [[f32; L]; 4] {
     let mut i = 0;
     while i + level_step <= size {
         for _ in 0..level_step {
-            for k in 0..4 {
-                add(&mut acc[0][k], elem(i, k));
+            for (k, a) in acc[0].iter_mut().enumerate() {
+                add(a, elem(i, k));
             }
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..4 {
-                let lower = acc[j - 1][k];
-                add(&mut acc[j][k], &lower);
-                acc[j - 1][k] = [0f32; L];
+            let (lo, hi) = acc.split_at_mut(j);
+            for (a, b) in hi[0].iter_mut().zip(lo[j - 1].iter_mut()) {
+                add(a, b);
+                *b = [0f32; L];
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -231,15 +231,15 @@ fn multi_row_sum<const L: usize>(x: &[f32], size: usize) -> [[f32; L]; 4] {
         }
     }
     while i < size {
-        for k in 0..4 {
-            add(&mut acc[0][k], elem(i, k));
+        for (k, a) in acc[0].iter_mut().enumerate() {
+            add(a, elem(i, k));
         }
         i += 1;
     }
     for j in 1..LEVELS {
-        for k in 0..4 {
-            let upper = acc[j][k];
-            add(&mut acc[0][k], &upper);
+        let (lo, hi) = acc.split_at_mut(j);
+        for (a, b) in lo[0].iter_mut().zip(hi[0].iter()) {
+            add(a, b);
         }
     }
     acc[0]

@@ -45,6 +45,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// Through a method, so closures capture the whole (Send) wrapper, not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Rows of `W` per dequantized tile: about 128 KiB of f32.
 fn row_tile(k: usize) -> usize {
     (32 * 1024 / k.max(1)).clamp(4, 64)
@@ -69,7 +76,6 @@ pub fn nf4_matmul_wt(out: &mut [f32], x: &[f32], w: &Nf4Tensor, m: usize) {
     (0..n.div_ceil(tn))
         .into_par_iter()
         .for_each_init(Vec::new, |buf: &mut Vec<f32>, t| {
-            let dst = dst;
             let r0 = t * tn;
             let rows = tn.min(n - r0);
             buf.resize(rows * k, 0.0);
@@ -82,7 +88,7 @@ pub fn nf4_matmul_wt(out: &mut [f32], x: &[f32], w: &Nf4Tensor, m: usize) {
                     m,
                     rows,
                     k,
-                    dst.0.add(r0),
+                    dst.get().add(r0),
                     1,
                     n as isize,
                     false,
@@ -155,7 +161,6 @@ pub fn nf4_matmul(dx: &mut [f32], dy: &[f32], w: &Nf4Tensor, m: usize) {
     (0..k.div_ceil(KC))
         .into_par_iter()
         .for_each_init(Vec::new, |buf: &mut Vec<f32>, c| {
-            let dst = dst;
             let c0 = c * KC;
             let cols = KC.min(k - c0);
             buf.resize(TN * cols, 0.0);
@@ -177,7 +182,7 @@ pub fn nf4_matmul(dx: &mut [f32], dy: &[f32], w: &Nf4Tensor, m: usize) {
                         m,
                         cols,
                         rows,
-                        dst.0.add(c0),
+                        dst.get().add(c0),
                         1,
                         k as isize,
                         t > 0,
