@@ -24,6 +24,7 @@ pub mod hub;
 pub mod inspect;
 pub mod loader;
 pub mod model;
+pub mod quant;
 pub mod tokenizer;
 pub mod weights;
 
