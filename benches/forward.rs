@@ -8,7 +8,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use qlora::backend::cpu::CpuBackend;
 use qlora::config::ModelConfig;
-use qlora::model::{Llama, Logits};
+use qlora::model::{BaseQuant, Llama, Logits};
 use std::path::Path;
 use std::time::Duration;
 
@@ -57,7 +57,7 @@ fn bench_model(c: &mut Criterion, name: &str, model: &Llama<CpuBackend>, prompt_
 
 fn forward(c: &mut Criterion) {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/gqa");
-    match qlora::loader::load_model_dir(&fixture, CpuBackend::new()) {
+    match qlora::loader::load_model_dir(&fixture, CpuBackend::new(), BaseQuant::None) {
         Ok(l) => bench_model(c, "tiny-gqa", &l.model, 64),
         Err(e) => eprintln!("skipping tiny-gqa fixture bench: {e}"),
     }

@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use qlora::backend::{self, AnyBackend, Backend, DeviceRequest};
 use qlora::generate::{generate, Sampling};
 use qlora::loader::{load_model, read_config, Loaded};
+use qlora::model::BaseQuant;
 use qlora::tokenizer::Message;
 use std::io::Write;
 
@@ -40,6 +41,9 @@ pub enum Command {
 /// How the base weights are held in memory.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Quant {
+    /// NF4 4-bit decoder linears (bitsandbytes layout), dequantized inside the matmul; embeddings,
+    /// norms and lm_head unquantized.
+    Nf4,
     /// Weights as stored (f32/f16/bf16), computed in f32.
     None,
 }
@@ -50,8 +54,14 @@ pub struct ModelArgs {
     #[arg(long, short, value_name = "MODEL")]
     pub model: String,
     /// Base-weight format in memory.
-    #[arg(long, value_enum, default_value_t = Quant::None)]
+    #[arg(long, value_enum, default_value_t = Quant::Nf4)]
     pub quant: Quant,
+    /// NF4 block size: elements per absmax scale (a power of two, 64..4096).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub blocksize: usize,
+    /// Keep one f32 absmax per block instead of double-quantizing them to 8 bits.
+    #[arg(long)]
+    pub no_double_quant: bool,
     /// Device: auto (GPU if usable, else CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: DeviceRequest,
@@ -144,9 +154,29 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+impl ModelArgs {
+    fn base_quant(&self) -> Result<BaseQuant> {
+        Ok(match self.quant {
+            Quant::None => BaseQuant::None,
+            Quant::Nf4 => {
+                if !(64..=4096).contains(&self.blocksize) || !self.blocksize.is_power_of_two() {
+                    bail!(
+                        "--blocksize must be a power of two from 64 to 4096, got {}",
+                        self.blocksize
+                    );
+                }
+                BaseQuant::Nf4 {
+                    blocksize: self.blocksize,
+                    double_quant: !self.no_double_quant,
+                }
+            }
+        })
+    }
+}
+
 fn load<B: Backend>(m: &ModelArgs, b: B) -> Result<Loaded<B>> {
-    let Quant::None = m.quant;
-    load_model(&m.model, b).with_context(|| format!("cannot load model {}", m.model))
+    let quant = m.base_quant()?;
+    load_model(&m.model, b, quant).with_context(|| format!("cannot load model {}", m.model))
 }
 
 fn eval<B: Backend>(b: B, a: &EvalArgs) -> Result<()> {

@@ -177,4 +177,27 @@ mod tests {
         assert_eq!(nf4_bytes(n, 64, false), n / 2 + n / 64 * 4);
         assert_eq!(nf4_bytes(65, 64, false), 33 + 8);
     }
+
+    /// The estimate is exactly what quantizing takes, partial blocks and nested blocks included.
+    #[test]
+    fn nf4_size_formula_equals_quantized_size() {
+        for &(r, c, bs) in &[
+            (7usize, 13usize, 64usize),
+            (300, 64, 64),
+            (33, 100, 128),
+            (64, 4096, 64),
+        ] {
+            let w: Vec<f32> = (0..r * c)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect();
+            for dq in [false, true] {
+                let t = crate::quant::quantize_nf4(&w, &[r, c], bs, dq).unwrap();
+                assert_eq!(
+                    nf4_bytes(r * c, bs, dq),
+                    t.nbytes(),
+                    "{r}x{c} block {bs} dq {dq}"
+                );
+            }
+        }
+    }
 }

@@ -4,7 +4,7 @@
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::model::Llama;
+use crate::model::{BaseQuant, Llama};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
 use std::path::{Path, PathBuf};
@@ -40,13 +40,13 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 }
 
 /// Resolves `spec` (local folder or Hugging Face id) and loads model and tokenizer onto `backend`.
-pub fn load_model<B: Backend>(spec: &str, backend: B) -> Result<Loaded<B>> {
+pub fn load_model<B: Backend>(spec: &str, backend: B, quant: BaseQuant) -> Result<Loaded<B>> {
     let dir = crate::hub::resolve_model(spec)?;
-    load_model_dir(&dir, backend)
+    load_model_dir(&dir, backend, quant)
 }
 
-/// Loads model and tokenizer from a local folder onto `backend`.
-pub fn load_model_dir<B: Backend>(dir: &Path, backend: B) -> Result<Loaded<B>> {
+/// Loads model and tokenizer from a local folder onto `backend`, decoder linears held per `quant`.
+pub fn load_model_dir<B: Backend>(dir: &Path, backend: B, quant: BaseQuant) -> Result<Loaded<B>> {
     let cfg = read_config(dir)?;
     let tokenizer = Tokenizer::from_dir(dir)?;
     let ckpt = Checkpoint::open(dir)?;
@@ -57,7 +57,7 @@ pub fn load_model_dir<B: Backend>(dir: &Path, backend: B) -> Result<Loaded<B>> {
         )
         .expect("static template"),
     );
-    let model = Llama::load(backend, &ckpt, &cfg, |done, total| {
+    let model = Llama::load(backend, &ckpt, &cfg, quant, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
@@ -67,6 +67,8 @@ pub fn load_model_dir<B: Backend>(dir: &Path, backend: B) -> Result<Loaded<B>> {
         layers = cfg.num_hidden_layers,
         hidden = cfg.hidden_size,
         backend = %model.backend.name(),
+        quant = ?quant,
+        linear_mib = format!("{:.1}", model.linear_bytes() as f64 / (1 << 20) as f64),
         secs = format!("{:.2}", t0.elapsed().as_secs_f64()),
         "model loaded"
     );

@@ -265,3 +265,52 @@ fn help_lists_every_subcommand() {
         assert!(out.contains(s), "{out}");
     }
 }
+
+#[test]
+fn non_finite_weights_are_rejected_in_both_modes() {
+    for (quant, bad) in [("nf4", f32::NAN), ("none", f32::INFINITY)] {
+        let (_t, dir) = tiny_copy();
+        rewrite(&dir, |m| {
+            let t = m.get_mut("model.layers.1.self_attn.o_proj.weight").unwrap();
+            t.2[40..44].copy_from_slice(&bad.to_le_bytes());
+        });
+        let m = dir.to_str().unwrap();
+        let (code, _, err) = qlora(&[
+            "eval",
+            "--model",
+            m,
+            "--dataset",
+            EVAL,
+            "--quant",
+            quant,
+            "--device",
+            "cpu",
+        ]);
+        assert_ne!(code, 0);
+        for n in [
+            "model.safetensors",
+            "model.layers.1.self_attn.o_proj.weight",
+            "non-finite weight",
+        ] {
+            assert!(
+                err.contains(n),
+                "--quant {quant}: stderr lacks {n:?}:\n{err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_blocksize_is_rejected() {
+    let (code, _, err) = qlora(&[
+        "eval",
+        "--model",
+        TINY,
+        "--dataset",
+        EVAL,
+        "--blocksize",
+        "48",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--blocksize"), "{err}");
+}

@@ -6,7 +6,7 @@ use qlora::backend::cpu::CpuBackend;
 use qlora::backend::Backend;
 use qlora::generate::{generate, Sampling};
 use qlora::loader::{load_model_dir, Loaded};
-use qlora::model::Logits;
+use qlora::model::{BaseQuant, Logits};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -50,7 +50,7 @@ fn check_model(name: &str) {
         model,
         tokenizer: _,
         ..
-    } = load_model_dir(&dir, CpuBackend::new()).unwrap();
+    } = load_model_dir(&dir, CpuBackend::new(), BaseQuant::None).unwrap();
     let golden: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
@@ -120,7 +120,8 @@ fn llama3_rope_scaling_and_explicit_head_dim_match_transformers() {
 /// Decoding token by token through the KV cache gives the same logits as one full pass.
 #[test]
 fn kv_cache_decode_equals_full_forward() {
-    let Loaded { model, .. } = load_model_dir(&fixture("gqa"), CpuBackend::new()).unwrap();
+    let Loaded { model, .. } =
+        load_model_dir(&fixture("gqa"), CpuBackend::new(), BaseQuant::None).unwrap();
     let prompt: Vec<u32> = (1..20)
         .map(|i| (i * 37 % model.cfg.vocab_size) as u32)
         .collect();
@@ -147,7 +148,7 @@ fn eval_loss_matches_transformers() {
     let texts = qlora::data::texts(&rows, "text").unwrap();
     let mut checked = 0;
     for model_name in ["gqa", "tied"] {
-        let l = load_model_dir(&fixture(model_name), CpuBackend::new()).unwrap();
+        let l = load_model_dir(&fixture(model_name), CpuBackend::new(), BaseQuant::None).unwrap();
         for (len, want) in golden[model_name].as_object().unwrap() {
             let Ok(max_len) = len.parse::<usize>() else {
                 continue;

@@ -5,6 +5,7 @@
 
 use qlora::backend::cpu::CpuBackend;
 use qlora::generate::{generate, Sampling};
+use qlora::model::BaseQuant;
 use std::path::PathBuf;
 
 fn smollm2_dir() -> Option<PathBuf> {
@@ -26,7 +27,7 @@ fn smollm2_greedy_says_paris() {
         );
         return;
     };
-    let l = qlora::loader::load_model_dir(&dir, CpuBackend::new()).unwrap();
+    let l = qlora::loader::load_model_dir(&dir, CpuBackend::new(), BaseQuant::None).unwrap();
     let ids = l.tokenizer.encode("The capital of France is").unwrap();
     assert_eq!(ids, vec![504, 3575, 282, 4649, 314]);
     let out = generate(&l.model, &ids, 3, &Sampling::GREEDY, &[], |_| Ok(())).unwrap();

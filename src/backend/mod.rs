@@ -15,6 +15,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::error::Result;
+use crate::quant::Nf4Tensor;
 
 /// A linear projection's weight as it arrives from the checkpoint, on the host.
 #[derive(Debug, Clone)]
@@ -25,6 +26,9 @@ pub enum HostLinear {
         cols: usize,
         data: Vec<f32>,
     },
+    /// NF4 weight in bitsandbytes' layout, shape `[out_features, in_features]`; backends keep it
+    /// packed and dequantize inside the matmul.
+    Nf4(Nf4Tensor),
 }
 
 impl HostLinear {
@@ -32,6 +36,15 @@ impl HostLinear {
     pub fn shape(&self) -> (usize, usize) {
         match self {
             HostLinear::Dense { rows, cols, .. } => (*rows, *cols),
+            HostLinear::Nf4(t) => (t.shape[0], t.shape[1]),
+        }
+    }
+
+    /// Bytes this weight occupies on the host.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            HostLinear::Dense { data, .. } => 4 * data.len(),
+            HostLinear::Nf4(t) => t.nbytes(),
         }
     }
 }
@@ -73,6 +86,8 @@ pub trait Backend: Send + Sync {
     fn linear(&self, w: HostLinear) -> Result<Self::Linear>;
     /// `(out_features, in_features)` of a prepared weight.
     fn linear_shape(&self, w: &Self::Linear) -> (usize, usize);
+    /// Bytes a prepared weight occupies in the backend's memory.
+    fn linear_bytes(&self, w: &Self::Linear) -> usize;
 
     /// `dst[dst_off..dst_off+len] = src[src_off..src_off+len]`.
     fn copy(
@@ -104,7 +119,8 @@ pub trait Backend: Send + Sync {
         eps: f32,
     ) -> Result<()>;
 
-    /// `out[rows, out_f] = x[rows, in_f] · Wᵀ` with `W` `[out_f, in_f]`.
+    /// `out[rows, out_f] = x[rows, in_f] · Wᵀ` with `W` `[out_f, in_f]` (NF4 weights are
+    /// dequantized inside the product, never materialised).
     fn matmul(
         &self,
         out: &mut Self::Buf,

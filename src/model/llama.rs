@@ -11,7 +11,8 @@
 
 use crate::backend::{AttnShape, Backend, HostLinear};
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::quant::quantize_nf4;
 use crate::weights::{llama_tensor_names, Checkpoint};
 
 /// Weights of one decoder layer.
@@ -40,6 +41,111 @@ pub struct Llama<B: Backend> {
     pub lm_head: B::Linear,
     /// `[head_dim / 2]` RoPE inverse frequencies (scaling applied).
     pub inv_freq: B::Buf,
+}
+
+/// How the decoder's linear projections are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseQuant {
+    /// As stored (widened to f32 on the CPU backend).
+    None,
+    /// bitsandbytes NF4 with `blocksize` elements per absmax, optionally double-quantized.
+    Nf4 {
+        blocksize: usize,
+        double_quant: bool,
+    },
+}
+
+impl BaseQuant {
+    /// QLoRA's default: NF4, blocks of 64, double quantization.
+    pub const NF4: BaseQuant = BaseQuant::Nf4 {
+        blocksize: 64,
+        double_quant: true,
+    };
+}
+
+/// Reads tensors for [`Llama::load`], counting progress.
+struct TensorSource<'a, P: FnMut(usize, usize)> {
+    ckpt: &'a Checkpoint,
+    quant: BaseQuant,
+    done: usize,
+    total: usize,
+    progress: P,
+}
+
+impl<P: FnMut(usize, usize)> TensorSource<'_, P> {
+    fn tick(&mut self) {
+        self.done += 1;
+        (self.progress)(self.done, self.total);
+    }
+
+    /// A float tensor widened to f32, rejected if it holds NaN or ±Inf.
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let v = self.ckpt.load_f32(name, shape)?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(self.bad(
+                name,
+                format!("non-finite weight {} at flat index {i}", v[i]),
+            ));
+        }
+        Ok(v)
+    }
+
+    fn bad(&self, name: &str, msg: String) -> Error {
+        let path = self
+            .ckpt
+            .get(name)
+            .map(|i| i.file.clone())
+            .unwrap_or_else(|| self.ckpt.dir().to_path_buf());
+        Error::BadTensor {
+            path,
+            name: name.to_string(),
+            msg,
+        }
+    }
+
+    /// Embeddings, norms, lm_head: f32.
+    fn vector(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let v = self.load(name, shape)?;
+        self.tick();
+        Ok(v)
+    }
+
+    /// A decoder projection `[rows, cols]`, quantized as asked, prepared on backend `b`.
+    fn linear<B: Backend>(
+        &mut self,
+        b: &B,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<B::Linear> {
+        let data = self.load(name, &[rows, cols])?;
+        let host = match self.quant {
+            BaseQuant::None => HostLinear::Dense { rows, cols, data },
+            BaseQuant::Nf4 {
+                blocksize,
+                double_quant,
+            } => {
+                let t =
+                    quantize_nf4(&data, &[rows, cols], blocksize, double_quant).map_err(|e| {
+                        let path = self
+                            .ckpt
+                            .get(name)
+                            .map(|i| i.file.clone())
+                            .unwrap_or_else(|| self.ckpt.dir().to_path_buf());
+                        Error::BadTensor {
+                            path,
+                            name: name.to_string(),
+                            msg: format!("cannot quantize to NF4: {e}"),
+                        }
+                    })?;
+                drop(data);
+                HostLinear::Nf4(t)
+            }
+        };
+        let lin = b.linear(host)?;
+        self.tick();
+        Ok(lin)
+    }
 }
 
 /// Per-layer key/value cache, `[cap, kv_heads, head_dim]` per layer (batch 1).
@@ -98,91 +204,62 @@ impl<B: Backend> Scratch<B> {
 }
 
 impl<B: Backend> Llama<B> {
-    /// Loads every tensor of the checkpoint in `dir` onto the backend, checking names and shapes
-    /// against the config. `progress` is called after each tensor with (done, total).
+    /// Loads every tensor of the checkpoint onto the backend, checking names and shapes against
+    /// the config. Decoder linear projections are quantized per `quant` one tensor at a time, so
+    /// the host never holds more than one of them in f32. `progress(done, total)` after each tensor.
     pub fn load(
         backend: B,
         ckpt: &Checkpoint,
         cfg: &ModelConfig,
-        mut progress: impl FnMut(usize, usize),
+        quant: BaseQuant,
+        progress: impl FnMut(usize, usize),
     ) -> Result<Self> {
-        let plan = llama_tensor_names(cfg);
-        let total = plan.len();
-        let mut done = 0;
-        let mut dense = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let v = ckpt.load_f32(name, shape)?;
-            done += 1;
-            progress(done, total);
-            Ok(v)
+        let mut src = TensorSource {
+            ckpt,
+            quant,
+            done: 0,
+            total: llama_tensor_names(cfg).len(),
+            progress,
         };
-        let (c, f, qd, kvd) = (
+        let (c, f, qd, kvd, v) = (
             cfg.hidden_size,
             cfg.intermediate_size,
             cfg.q_dim(),
             cfg.kv_dim(),
+            cfg.vocab_size,
         );
-        let lin = |b: &B, data: Vec<f32>, rows: usize, cols: usize| {
-            b.linear(HostLinear::Dense { rows, cols, data })
-        };
-        let embed_host = dense("model.embed_tokens.weight", &[cfg.vocab_size, c])?;
+        let b = &backend;
+        let embed_host = src.vector("model.embed_tokens.weight", &[v, c])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let b = &backend;
             layers.push(LayerWeights {
-                attn_norm: b.upload(&dense(&format!("{p}.input_layernorm.weight"), &[c])?)?,
-                q_proj: lin(
-                    b,
-                    dense(&format!("{p}.self_attn.q_proj.weight"), &[qd, c])?,
-                    qd,
-                    c,
-                )?,
-                k_proj: lin(
-                    b,
-                    dense(&format!("{p}.self_attn.k_proj.weight"), &[kvd, c])?,
-                    kvd,
-                    c,
-                )?,
-                v_proj: lin(
-                    b,
-                    dense(&format!("{p}.self_attn.v_proj.weight"), &[kvd, c])?,
-                    kvd,
-                    c,
-                )?,
-                o_proj: lin(
-                    b,
-                    dense(&format!("{p}.self_attn.o_proj.weight"), &[c, qd])?,
-                    c,
-                    qd,
-                )?,
-                mlp_norm: b.upload(&dense(
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    &[c],
-                )?)?,
-                gate_proj: lin(
-                    b,
-                    dense(&format!("{p}.mlp.gate_proj.weight"), &[f, c])?,
-                    f,
-                    c,
-                )?,
-                up_proj: lin(b, dense(&format!("{p}.mlp.up_proj.weight"), &[f, c])?, f, c)?,
-                down_proj: lin(
-                    b,
-                    dense(&format!("{p}.mlp.down_proj.weight"), &[c, f])?,
-                    c,
-                    f,
-                )?,
+                attn_norm: b.upload(&src.vector(&format!("{p}.input_layernorm.weight"), &[c])?)?,
+                q_proj: src.linear(b, &format!("{p}.self_attn.q_proj.weight"), qd, c)?,
+                k_proj: src.linear(b, &format!("{p}.self_attn.k_proj.weight"), kvd, c)?,
+                v_proj: src.linear(b, &format!("{p}.self_attn.v_proj.weight"), kvd, c)?,
+                o_proj: src.linear(b, &format!("{p}.self_attn.o_proj.weight"), c, qd)?,
+                mlp_norm: b
+                    .upload(&src.vector(&format!("{p}.post_attention_layernorm.weight"), &[c])?)?,
+                gate_proj: src.linear(b, &format!("{p}.mlp.gate_proj.weight"), f, c)?,
+                up_proj: src.linear(b, &format!("{p}.mlp.up_proj.weight"), f, c)?,
+                down_proj: src.linear(b, &format!("{p}.mlp.down_proj.weight"), c, f)?,
             });
         }
-        let norm = backend.upload(&dense("model.norm.weight", &[c])?)?;
+        let norm = b.upload(&src.vector("model.norm.weight", &[c])?)?;
+        // lm_head stays unquantized, as in QLoRA (and bitsandbytes' default skip list).
         let head_host = if cfg.tie_word_embeddings {
             embed_host.clone()
         } else {
-            dense("lm_head.weight", &[cfg.vocab_size, c])?
+            src.vector("lm_head.weight", &[v, c])?
         };
-        let lm_head = lin(&backend, head_host, cfg.vocab_size, c)?;
-        let embed = backend.upload(&embed_host)?;
-        let inv_freq = backend.upload(&cfg.rope_inv_freq())?;
+        let lm_head = b.linear(HostLinear::Dense {
+            rows: v,
+            cols: c,
+            data: head_host,
+        })?;
+        let embed = b.upload(&embed_host)?;
+        let inv_freq = b.upload(&cfg.rope_inv_freq())?;
         Ok(Llama {
             cfg: cfg.clone(),
             backend,
@@ -192,6 +269,26 @@ impl<B: Backend> Llama<B> {
             lm_head,
             inv_freq,
         })
+    }
+
+    /// Bytes the linear projections (decoder layers and lm_head) occupy on the backend.
+    pub fn linear_bytes(&self) -> usize {
+        let b = &self.backend;
+        let per_layer = |w: &LayerWeights<B>| {
+            [
+                &w.q_proj,
+                &w.k_proj,
+                &w.v_proj,
+                &w.o_proj,
+                &w.gate_proj,
+                &w.up_proj,
+                &w.down_proj,
+            ]
+            .iter()
+            .map(|l| b.linear_bytes(l))
+            .sum::<usize>()
+        };
+        self.layers.iter().map(per_layer).sum::<usize>() + b.linear_bytes(&self.lm_head)
     }
 
     /// A model with random weights (uniform in ±0.05, norms 1): benchmarks and shape tests only.

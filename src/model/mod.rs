@@ -2,4 +2,4 @@
 
 mod llama;
 
-pub use llama::{KvCache, LayerWeights, Llama, Logits};
+pub use llama::{BaseQuant, KvCache, LayerWeights, Llama, Logits};

@@ -24,12 +24,21 @@ use crate::error::{Error, Result};
 #[derive(Debug, Default, Clone)]
 pub struct CpuBackend;
 
-/// A dense f32 linear weight `[rows = out, cols = in]`.
+/// A linear weight `[rows = out, cols = in]` as the CPU backend keeps it.
 #[derive(Debug, Clone)]
 pub struct CpuLinear {
     pub rows: usize,
     pub cols: usize,
-    pub data: Vec<f32>,
+    pub weight: CpuWeight,
+}
+
+/// Storage of a [`CpuLinear`].
+#[derive(Debug, Clone)]
+pub enum CpuWeight {
+    /// Row-major f32 `[rows, cols]`.
+    Dense(Vec<f32>),
+    /// bitsandbytes NF4, multiplied by the fused kernels in [`crate::quant::matmul`].
+    Nf4(crate::quant::Nf4Tensor),
 }
 
 impl CpuBackend {
@@ -71,13 +80,38 @@ impl Backend for CpuBackend {
         match w {
             HostLinear::Dense { rows, cols, data } => {
                 check_len("linear", data.len(), rows * cols)?;
-                Ok(CpuLinear { rows, cols, data })
+                Ok(CpuLinear {
+                    rows,
+                    cols,
+                    weight: CpuWeight::Dense(data),
+                })
+            }
+            HostLinear::Nf4(t) => {
+                if t.shape.len() != 2 {
+                    return Err(Error::Backend(format!(
+                        "NF4 linear weight must be 2-D, got shape {:?}",
+                        t.shape
+                    )));
+                }
+                t.validate()?;
+                Ok(CpuLinear {
+                    rows: t.shape[0],
+                    cols: t.shape[1],
+                    weight: CpuWeight::Nf4(t),
+                })
             }
         }
     }
 
     fn linear_shape(&self, w: &CpuLinear) -> (usize, usize) {
         (w.rows, w.cols)
+    }
+
+    fn linear_bytes(&self, w: &CpuLinear) -> usize {
+        match &w.weight {
+            CpuWeight::Dense(d) => 4 * d.len(),
+            CpuWeight::Nf4(t) => t.nbytes(),
+        }
     }
 
     fn copy(
@@ -137,14 +171,11 @@ impl Backend for CpuBackend {
     fn matmul(&self, out: &mut Vec<f32>, x: &Vec<f32>, w: &CpuLinear, rows: usize) -> Result<()> {
         check_len("matmul x", x.len(), rows * w.cols)?;
         check_len("matmul out", out.len(), rows * w.rows)?;
-        matmul_wt(
-            &mut out[..rows * w.rows],
-            &x[..rows * w.cols],
-            &w.data,
-            rows,
-            w.cols,
-            w.rows,
-        );
+        let (out, x) = (&mut out[..rows * w.rows], &x[..rows * w.cols]);
+        match &w.weight {
+            CpuWeight::Dense(data) => matmul_wt(out, x, data, rows, w.cols, w.rows),
+            CpuWeight::Nf4(t) => crate::quant::nf4_matmul_wt(out, x, t, rows),
+        }
         Ok(())
     }
 
