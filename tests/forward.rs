@@ -172,3 +172,62 @@ fn eval_loss_matches_transformers() {
     }
     assert_eq!(checked, 4);
 }
+
+/// The NF4 model (fused dequantize-in-matmul) computes the same logits as a dense model whose
+/// linears are the dequantized NF4 weights: the fused path adds no error of its own.
+#[test]
+fn nf4_forward_equals_dense_forward_on_dequantized_weights() {
+    use qlora::backend::cpu::{CpuLinear, CpuWeight};
+    use qlora::model::{LayerWeights, Llama};
+    let nf4 = load_model_dir(&fixture("gqa"), CpuBackend::new(), BaseQuant::NF4)
+        .unwrap()
+        .model;
+    let dense = |l: &CpuLinear| match &l.weight {
+        CpuWeight::Nf4(t) => CpuLinear {
+            rows: l.rows,
+            cols: l.cols,
+            weight: CpuWeight::Dense(qlora::quant::dequantize_nf4(t)),
+        },
+        CpuWeight::Dense(_) => panic!("decoder linear was not quantized"),
+    };
+    let layers = nf4
+        .layers
+        .iter()
+        .map(|w| LayerWeights {
+            attn_norm: w.attn_norm.clone(),
+            q_proj: dense(&w.q_proj),
+            k_proj: dense(&w.k_proj),
+            v_proj: dense(&w.v_proj),
+            o_proj: dense(&w.o_proj),
+            mlp_norm: w.mlp_norm.clone(),
+            gate_proj: dense(&w.gate_proj),
+            up_proj: dense(&w.up_proj),
+            down_proj: dense(&w.down_proj),
+        })
+        .collect();
+    let reference = Llama {
+        cfg: nf4.cfg.clone(),
+        backend: CpuBackend::new(),
+        embed: nf4.embed.clone(),
+        layers,
+        norm: nf4.norm.clone(),
+        lm_head: nf4.lm_head.clone(),
+        inv_freq: nf4.inv_freq.clone(),
+    };
+    let prompt: Vec<u32> = (0..23)
+        .map(|i| (i * 53 % nf4.cfg.vocab_size) as u32)
+        .collect();
+    let mut c1 = nf4.new_cache(prompt.len()).unwrap();
+    let mut c2 = reference.new_cache(prompt.len()).unwrap();
+    let a = nf4.forward(&prompt, &mut c1, Logits::All).unwrap();
+    let b = reference.forward(&prompt, &mut c2, Logits::All).unwrap();
+    let d = max_abs_diff(&a, &b);
+    assert!(d <= 1e-4, "fused NF4 vs dequantized dense: {d:e}");
+    // And quantization really changed the model (the test is not vacuous).
+    let f32_model = load_model_dir(&fixture("gqa"), CpuBackend::new(), BaseQuant::None)
+        .unwrap()
+        .model;
+    let mut c3 = f32_model.new_cache(prompt.len()).unwrap();
+    let c = f32_model.forward(&prompt, &mut c3, Logits::All).unwrap();
+    assert!(max_abs_diff(&a, &c) > 1e-3);
+}
