@@ -216,7 +216,7 @@ fn eval<B: Backend>(b: B, a: &EvalArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "loss {:.6}  perplexity {:.4}  ({} tokens, {} rows, {} truncated to {max_seq_len}, {} skipped) in {:.1} s, {:.0} tok/s",
+            "loss {:.6}  perplexity {:.4}  ({} tokens, {} rows, {} truncated to {max_seq_len}, {} skipped) in {:.1} s, {:.0} tok/s, peak RSS {:.0} MiB",
             report.loss,
             report.perplexity,
             report.tokens,
@@ -224,7 +224,8 @@ fn eval<B: Backend>(b: B, a: &EvalArgs) -> Result<()> {
             report.truncated_rows,
             report.skipped_rows,
             report.seconds,
-            report.tokens as f64 / report.seconds.max(1e-9)
+            report.tokens as f64 / report.seconds.max(1e-9),
+            report.peak_rss_mib
         );
     }
     Ok(())
@@ -289,6 +290,7 @@ fn gen<B: Backend>(b: B, a: &GenerateArgs) -> Result<()> {
             stats.ids.len() as f64 / stats.decode_secs.max(1e-9)
         ),
         stopped_at_eos = stats.stopped_at_eos,
+        peak_rss_mib = format!("{:.0}", qlora::sys::peak_rss_mib()),
         "generation done"
     );
     Ok(())

@@ -25,6 +25,8 @@ pub struct EvalReport {
     /// Rows with fewer than two tokens (nothing to predict).
     pub skipped_rows: usize,
     pub seconds: f64,
+    /// Peak resident memory of the process, MiB.
+    pub peak_rss_mib: f64,
 }
 
 /// Tokenizes one row for evaluation: encode, then cut to `max_seq_len`. Returns (ids, was_truncated).
@@ -100,5 +102,6 @@ pub fn evaluate<B: Backend>(
         truncated_rows,
         skipped_rows,
         seconds: t0.elapsed().as_secs_f64(),
+        peak_rss_mib: crate::sys::peak_rss_mib(),
     })
 }

@@ -25,6 +25,7 @@ pub mod inspect;
 pub mod loader;
 pub mod model;
 pub mod quant;
+pub mod sys;
 pub mod tokenizer;
 pub mod weights;
 
