@@ -254,7 +254,7 @@ fn save_load_round_trip_is_bit_exact() {
     let (cfg_al2, w_al2) = load_adapter(&dir2, &m).unwrap();
     assert_eq!(cfg_al2.target_modules, cfg_al.target_modules);
     assert!(cfg_al2.use_rslora);
-    assert_eq!((cfg_al2.lora_dropout - 0.05).abs() < 1e-7, true);
+    assert!((cfg_al2.lora_dropout - 0.05).abs() < 1e-7);
     assert_eq!(w_al2, w_al);
 }
 
