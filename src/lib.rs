@@ -10,6 +10,8 @@
 //! - [`model`]: the Llama forward written once against [`backend::Backend`]
 //! - [`generate`], [`eval`], [`inspect`]: the user-facing jobs
 //! - [`loader`]: model id → tokenizer + model on a backend, with progress
+//! - [`lora`]: LoRA adapters (config, weights, init, PEFT file I/O)
+//! - [`train`]: AdamW, gradient clipping, learning-rate schedules
 //!
 //! The binary (`src/main.rs`, `src/cli.rs`) parses arguments and reports errors; everything else
 //! lives here.
@@ -23,10 +25,12 @@ pub mod generate;
 pub mod hub;
 pub mod inspect;
 pub mod loader;
+pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod sys;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

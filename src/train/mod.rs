@@ -1,0 +1,9 @@
+//! Training building blocks: the AdamW optimizer with 32-bit states, global gradient-norm
+//! clipping, and learning-rate schedules. All of them follow PyTorch / transformers numerically
+//! (checked against fixtures written by `scripts/fixtures_peft.py`).
+
+pub mod optim;
+pub mod schedule;
+
+pub use optim::{clip_grad_norm, grad_norm, AdamParamState, AdamW, AdamWState};
+pub use schedule::{warmup_from_ratio, LrSchedule, ScheduleKind};
