@@ -11,6 +11,7 @@
 //! `quantize_blockwise` for the nested absmax) with torch 2.15.0; `scripts/fixtures_nf4.py` writes
 //! the golden fixtures that `tests/nf4.rs` compares against, byte for byte.
 
+pub mod bnb;
 pub mod double_quant;
 pub mod matmul;
 pub mod nf4;

@@ -147,6 +147,32 @@ impl Checkpoint {
         Ok(widen(kind, &self.maps[e.map][e.range.clone()]))
     }
 
+    /// Drops the resident pages of tensor `name` (`madvise(MADV_DONTNEED)` on its byte range),
+    /// so that a pass that reads a large checkpoint tensor by tensor (quantization) does not keep
+    /// every page it touched in RSS. The mapping stays valid: the maps are read-only views of the
+    /// file, so a later read faults the pages back in from disk. Pages shared with a neighbouring
+    /// tensor are dropped too (harmless, for the same reason). Best effort: a no-op for unknown
+    /// names, off Unix, or if the kernel refuses.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(e) = self.entries.get(name) {
+            if !e.range.is_empty() {
+                // SAFETY: the map is a read-only mapping of a file (`Mmap`, never written through),
+                // so MADV_DONTNEED discards nothing that cannot be re-read from the file; no
+                // borrowed slice observes different bytes afterwards.
+                let _ = unsafe {
+                    self.maps[e.map].unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        e.range.start,
+                        e.range.len(),
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+
     fn entry(&self, name: &str) -> Result<&Entry> {
         self.entries.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.source.clone(),
