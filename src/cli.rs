@@ -36,6 +36,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Show a model's architecture, parameter count, storage and NF4 memory estimate (reads no weights).
     Inspect(InspectArgs),
+    /// Write an NF4 (bitsandbytes 4-bit) copy of a model that transformers + bitsandbytes and qlora load.
+    Quantize(QuantizeArgs),
 }
 
 /// How the base weights are held in memory.
@@ -133,6 +135,25 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// Source model: a local folder or a Hugging Face id (f32/f16/bf16 safetensors).
+    #[arg(long, short)]
+    pub model: String,
+    /// Output folder (config.json with quantization_config, model.safetensors, tokenizer files).
+    #[arg(long, short)]
+    pub output: std::path::PathBuf,
+    /// Elements per absmax scale (a power of two, 64..4096).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub blocksize: usize,
+    /// Keep one f32 absmax per block instead of double-quantizing them.
+    #[arg(long)]
+    pub no_double_quant: bool,
+    /// Replace an existing, non-empty output folder.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
         if n == 0 {
@@ -151,6 +172,7 @@ pub fn run(cli: Cli) -> Result<()> {
             AnyBackend::Cpu(b) => gen(b, &a),
         },
         Command::Inspect(a) => inspect(&a),
+        Command::Quantize(a) => quantize(&a),
     }
 }
 
@@ -305,5 +327,50 @@ fn inspect(a: &InspectArgs) -> Result<()> {
     } else {
         println!("{info}");
     }
+    Ok(())
+}
+
+fn quantize(a: &QuantizeArgs) -> Result<()> {
+    if !(64..=4096).contains(&a.blocksize) || !a.blocksize.is_power_of_two() {
+        bail!(
+            "--blocksize must be a power of two from 64 to 4096, got {}",
+            a.blocksize
+        );
+    }
+    let src = qlora::hub::resolve_model(&a.model)?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "quantize {bar:30} {pos}/{len} tensors [{elapsed}<{eta}]",
+        )
+        .expect("static template"),
+    );
+    let report = qlora::quant::bnb::quantize_checkpoint(
+        &src,
+        &a.output,
+        a.blocksize,
+        !a.no_double_quant,
+        a.overwrite,
+        |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )
+    .with_context(|| {
+        format!(
+            "cannot quantize {} into {}",
+            src.display(),
+            a.output.display()
+        )
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "wrote {}: {} linear weights in NF4, {:.1} MiB -> {:.1} MiB in {:.1} s, peak RSS {:.0} MiB",
+        a.output.display(),
+        report.tensors_quantized,
+        report.bytes_in as f64 / (1u64 << 20) as f64,
+        report.bytes_out as f64 / (1u64 << 20) as f64,
+        report.seconds,
+        qlora::sys::peak_rss_mib()
+    );
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::Result;
-use crate::weights::tensor_plan;
+use crate::weights::{tensor_plan, DType};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -58,8 +58,17 @@ pub fn inspect(dir: &Path, cfg: &ModelConfig) -> Result<Inspection> {
     let (mut params, mut linear, mut nf4, mut nf4_nodq, mut bytes) = (0, 0, 0, 0, 0);
     for t in &plan {
         let n: usize = t.shape.iter().product();
-        let b = t.nbytes().unwrap_or(0);
-        let e = stored.entry(t.dtype.to_string()).or_default();
+        let packed_nf4 = t.dtype == DType::U8 && is_decoder_linear(&t.name);
+        let (b, label) = if packed_nf4 {
+            // Pre-quantized (bitsandbytes) weight: packed codes plus block statistics.
+            (
+                nf4_bytes(n, 64, true),
+                "NF4 (bitsandbytes, estimated)".to_string(),
+            )
+        } else {
+            (t.nbytes().unwrap_or(0), t.dtype.to_string())
+        };
+        let e = stored.entry(label).or_default();
         e.0 += n;
         e.1 += b;
         params += n;

@@ -48,6 +48,15 @@ pub fn load_model<B: Backend>(spec: &str, backend: B, quant: BaseQuant) -> Resul
 /// Loads model and tokenizer from a local folder onto `backend`, decoder linears held per `quant`.
 pub fn load_model_dir<B: Backend>(dir: &Path, backend: B, quant: BaseQuant) -> Result<Loaded<B>> {
     let cfg = read_config(dir)?;
+    // A bitsandbytes quantization_config we cannot honour (fp4, 8-bit) is refused up front.
+    let cfg_path = dir.join("config.json");
+    let raw: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&cfg_path).map_err(|e| crate::Error::io(&cfg_path, e))?,
+    )
+    .map_err(|e| crate::Error::bad_file(&cfg_path, format!("malformed JSON: {e}")))?;
+    if let Some(q) = crate::quant::bnb::parse_quantization_config(&raw, &cfg_path)? {
+        tracing::info!(quant_type = %q.quant_type, double_quant = q.double_quant, "pre-quantized bitsandbytes checkpoint");
+    }
     let tokenizer = Tokenizer::from_dir(dir)?;
     let ckpt = Checkpoint::open(dir)?;
     let t0 = std::time::Instant::now();

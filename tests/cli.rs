@@ -314,3 +314,44 @@ fn bad_blocksize_is_rejected() {
     assert_ne!(code, 0);
     assert!(err.contains("--blocksize"), "{err}");
 }
+
+/// `qlora quantize` writes a checkpoint that evaluates exactly like quantizing while loading,
+/// and refuses to overwrite it without `--overwrite`.
+#[test]
+fn quantize_round_trip_and_no_silent_overwrite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("gqa-nf4");
+    let o = out.to_str().unwrap();
+    let (code, stdout, err) = qlora(&["quantize", "--model", TINY, "--output", o]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("linear weights in NF4"), "{stdout}");
+    let eval_loss = |model: &str| -> f64 {
+        let (code, out, err) = qlora(&["eval", "--model", model, "--dataset", EVAL, "--json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(eval_loss(o), eval_loss(TINY));
+    let (code, _, err) = qlora(&["quantize", "--model", TINY, "--output", o]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--overwrite") && err.contains("gqa-nf4"),
+        "{err}"
+    );
+    let (code, _, err) = qlora(&["quantize", "--model", TINY, "--output", o, "--overwrite"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn fp4_checkpoints_are_reported_clearly() {
+    let (_t, dir) = tiny_copy();
+    let p = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["quantization_config"] = serde_json::json!({
+        "quant_method": "bitsandbytes", "load_in_4bit": true, "bnb_4bit_quant_type": "fp4"
+    });
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    eval_fails(&dir, EVAL, &["config.json", "fp4"]);
+}

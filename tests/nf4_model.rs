@@ -79,3 +79,12 @@ fn quantized_while_loading_matches_transformers_4bit_without_double_quant() {
     );
     assert!(d <= 1e-3, "{d:e}");
 }
+#[test]
+fn transformers_saved_4bit_checkpoints_load_directly() {
+    for name in ["gqa-bnb4", "tied-bnb4-nodq"] {
+        let dir = fixtures().join("bnb").join(name);
+        // The flag does not matter for a pre-quantized checkpoint: its NF4 bytes are used as they are.
+        let d = max_diff_vs_golden(&dir, BaseQuant::NF4, &dir);
+        assert!(d <= 1e-3, "{name}: {d:e}");
+    }
+}

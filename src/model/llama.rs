@@ -106,6 +106,7 @@ impl<P: FnMut(usize, usize)> TensorSource<'_, P> {
     /// Embeddings, norms, lm_head: f32.
     fn vector(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let v = self.load(name, shape)?;
+        self.ckpt.release(name);
         self.tick();
         Ok(v)
     }
@@ -118,7 +119,25 @@ impl<P: FnMut(usize, usize)> TensorSource<'_, P> {
         rows: usize,
         cols: usize,
     ) -> Result<B::Linear> {
+        // A checkpoint saved by transformers + bitsandbytes in 4-bit: use its NF4 bytes as they are.
+        if crate::quant::bnb::is_prequantized(self.ckpt, name) {
+            let t = crate::quant::bnb::load_prequantized(self.ckpt, name, &[rows, cols])?;
+            self.ckpt.release(name);
+            let host = match self.quant {
+                BaseQuant::None => HostLinear::Dense {
+                    rows,
+                    cols,
+                    data: crate::quant::dequantize_nf4(&t),
+                },
+                BaseQuant::Nf4 { .. } => HostLinear::Nf4(t),
+            };
+            let lin = b.linear(host)?;
+            self.tick();
+            return Ok(lin);
+        }
         let data = self.load(name, &[rows, cols])?;
+        // The f32 copy is all we need: let the kernel drop the file pages behind it.
+        self.ckpt.release(name);
         let host = match self.quant {
             BaseQuant::None => HostLinear::Dense { rows, cols, data },
             BaseQuant::Nf4 {

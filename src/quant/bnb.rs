@@ -859,7 +859,7 @@ pub fn quantize_checkpoint_with(
             .is_some();
         if non_empty && !opts.overwrite {
             return Err(Error::InvalidArg(format!(
-                "output folder {} exists and is not empty; pass overwrite to replace it",
+                "output folder {} exists and is not empty; pass --overwrite to replace it",
                 out.display()
             )));
         }

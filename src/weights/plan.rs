@@ -131,6 +131,15 @@ fn stored_dtype(shard: &Shard, name: &str, shape: &[usize]) -> Result<DType> {
             super::INDEX_FILE
         ))
     })?;
+    // A bitsandbytes 4-bit weight is stored packed, `[ceil(n/2), 1]` bytes, beside its quant_state;
+    // the plan keeps its logical shape and reports dtype U8 (`quant::bnb` validates the rest).
+    let prequantized = shard
+        .tensors
+        .contains_key(&format!("{name}.quant_state.bitsandbytes__nf4"));
+    let n: usize = shape.iter().product();
+    if prequantized && t.shape == [n.div_ceil(2), 1] && DType::from(t.dtype) == DType::U8 {
+        return Ok(DType::U8);
+    }
     if t.shape != shape {
         return Err(bad(format!("expected {shape:?}, found {:?}", t.shape)));
     }
