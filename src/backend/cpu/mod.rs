@@ -4,6 +4,7 @@
 //! `Vec<f32>`; linear weights are dense f32 `[out, in]` and multiplied with the `gemm` crate.
 
 mod attention;
+pub mod backward;
 mod cross_entropy;
 mod elementwise;
 mod matmul;
