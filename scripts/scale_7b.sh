@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Scale test: quantize a Llama-2-7B-shaped checkpoint (random f16 weights, 13.5 GB) to NF4 on the
+# CPU and report wall time, peak RSS and NF4 bytes.
+#
+#   scripts/scale_7b.sh                       # model under /tmp/qlora-7b, deleted afterwards
+#   OUT=/dev/shm/qlora-7b scripts/scale_7b.sh  # tmpfs when the disk is short (needs ~14 GB of RAM)
+#
+# Environment:
+#   OUT      where the random model goes (default /tmp/qlora-7b); removed at exit unless KEEP=1
+#   CONFIG   config.json to mimic (default tests/fixtures/llama-2-7b-chat-hf/config.json)
+#   SHARDS   shard count (default 2, as the real checkpoint)
+#   QLORA    a qlora binary to use if it has the `quantize` subcommand (default: this tree's)
+#   MODES    quantize_stream modes to run when `qlora quantize` is absent (default "release";
+#            "release checkpoint" also shows the RSS of reading through Checkpoint's maps)
+#
+# Steps: build; generate the model (timed); quantize with /usr/bin/time -v, through
+# `qlora quantize --model M --output DIR` when the binary has it, else
+# `examples/quantize_stream.rs` (linear layers to NF4, blocksize 64, double quant, mmap pages
+# released tensor by tensor).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-/tmp/qlora-7b}
+CONFIG=${CONFIG:-tests/fixtures/llama-2-7b-chat-hf/config.json}
+SHARDS=${SHARDS:-2}
+MODES=${MODES:-release}
+TARGET=${CARGO_TARGET_DIR:-target}
+QLORA=${QLORA:-$TARGET/release/qlora}
+LOG=${LOG:-$(mktemp -d /tmp/scale_7b.XXXXXX)}
+NEED=$((13476839424 + 1000000000)) # f16 bytes of Llama-2-7B plus a margin
+
+cleanup() {
+    if [ "${KEEP:-0}" != 1 ]; then
+        rm -rf "$OUT" "$OUT-nf4"
+    fi
+}
+trap cleanup EXIT
+
+if [ ! -x /usr/bin/time ]; then
+    echo "installing GNU time" >&2
+    apt-get install -y -q time >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q time >/dev/null; }
+fi
+
+echo "== build" >&2
+cargo build --release --bin qlora --example make_random_llama --example quantize_stream
+
+mkdir -p "$OUT"
+avail=$(df --output=avail -B1 "$OUT" | tail -1)
+fstype=$(df --output=fstype "$OUT" | tail -1)
+if [ "$avail" -lt "$NEED" ]; then
+    echo "only $((avail / 1000000000)) GB free on $(df --output=target "$OUT" | tail -1) for a ~14.5 GB model; set OUT elsewhere (e.g. /dev/shm/qlora-7b)" >&2
+    exit 1
+fi
+if [ "$fstype" = tmpfs ]; then
+    memavail=$(($(awk '/MemAvailable/ {print $2}' /proc/meminfo) * 1024))
+    if [ "$memavail" -lt $((NEED + 6000000000)) ]; then
+        echo "tmpfs: only $((memavail / 1000000000)) GB of memory available; need the model plus ~6 GB" >&2
+        exit 1
+    fi
+fi
+
+echo "== machine" | tee "$LOG/summary.txt"
+{
+    lscpu | grep 'Model name'
+    nproc
+    uptime
+    echo "OUT=$OUT ($fstype)"
+} | tee -a "$LOG/summary.txt"
+
+echo "== generate ($CONFIG, $SHARDS shards) -> $OUT" | tee -a "$LOG/summary.txt"
+/usr/bin/time -v "$TARGET/release/examples/make_random_llama" --config "$CONFIG" --out "$OUT" \
+    --shards "$SHARDS" 2>"$LOG/gen.time" | tee -a "$LOG/summary.txt"
+grep -E 'Elapsed|Maximum resident' "$LOG/gen.time" | tee -a "$LOG/summary.txt"
+du -sb "$OUT" | tee -a "$LOG/summary.txt"
+
+if "$QLORA" quantize --help >/dev/null 2>&1; then
+    echo "== qlora quantize --model $OUT --output $OUT-nf4" | tee -a "$LOG/summary.txt"
+    /usr/bin/time -v "$QLORA" quantize --model "$OUT" --output "$OUT-nf4" \
+        2>"$LOG/quantize.time" | tee -a "$LOG/summary.txt"
+    grep -E 'Elapsed|Maximum resident' "$LOG/quantize.time" | tee -a "$LOG/summary.txt"
+    du -sb "$OUT-nf4" | tee -a "$LOG/summary.txt"
+else
+    echo "($QLORA has no quantize subcommand; using examples/quantize_stream)" | tee -a "$LOG/summary.txt"
+    for mode in $MODES; do
+        echo "== quantize_stream --mode $mode" | tee -a "$LOG/summary.txt"
+        /usr/bin/time -v "$TARGET/release/examples/quantize_stream" --model "$OUT" --mode "$mode" \
+            2>"$LOG/quantize-$mode.time" | tee -a "$LOG/summary.txt"
+        grep -E 'Elapsed|Maximum resident' "$LOG/quantize-$mode.time" | tee -a "$LOG/summary.txt"
+    done
+fi
+echo "logs in $LOG" >&2
