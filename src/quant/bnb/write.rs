@@ -1,0 +1,537 @@
+//! Writing bitsandbytes 4-bit checkpoints in transformers' exact layout (`qlora quantize`).
+
+use super::{
+    is_quantized_linear, quantization_config_json, COPIED_FILES, DEFAULT_MAX_SHARD_BYTES,
+    QUANT_STATE_NF4,
+};
+use crate::error::{Error, Result};
+use crate::quant::nf4::{check_blocksize, quantize_nf4, Absmax, Nf4Tensor, NF4_TABLE};
+use crate::weights::{is_rotary_inv_freq, Checkpoint, DType, TensorInfo, INDEX_FILE, SINGLE_FILE};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Python's `repr(float(x))` of an f32 widened to f64: the shortest round-trip digits, fixed
+/// notation for exponents -4..16, otherwise `1e-05` style.
+pub fn python_float_repr(x: f32) -> String {
+    let x = x as f64;
+    if x.is_nan() {
+        return "NaN".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "Infinity" } else { "-Infinity" }.into();
+    }
+    if x == 0.0 {
+        return if x.is_sign_negative() { "-0.0" } else { "0.0" }.into();
+    }
+    // Rust's `{:e}` prints the shortest round-trip digits, e.g. "5.24174690246582e-1".
+    let e = format!("{x:e}");
+    let (mant, exp) = e.split_once('e').expect("LowerExp has an exponent");
+    let exp: i32 = exp.parse().expect("LowerExp exponent is an integer");
+    let neg = mant.starts_with('-');
+    let digits: String = mant.chars().filter(|c| c.is_ascii_digit()).collect();
+    let sign = if neg { "-" } else { "" };
+    if (-4..16).contains(&exp) {
+        let nd = digits.len() as i32;
+        let s = if exp < 0 {
+            format!("0.{}{}", "0".repeat((-exp - 1) as usize), digits)
+        } else if exp + 1 >= nd {
+            format!("{}{}.0", digits, "0".repeat((exp + 1 - nd) as usize))
+        } else {
+            let (a, b) = digits.split_at((exp + 1) as usize);
+            format!("{a}.{b}")
+        };
+        format!("{sign}{s}")
+    } else {
+        let m = if digits.len() == 1 {
+            digits.clone()
+        } else {
+            format!("{}.{}", &digits[..1], &digits[1..])
+        };
+        let es = if exp < 0 { "-" } else { "+" };
+        format!("{sign}{m}e{es}{:02}", exp.abs())
+    }
+}
+
+/// The quant_state JSON bitsandbytes writes (`json.dumps(QuantState.as_dict(packed=True)`'s
+/// non-tensor part)), byte for byte.
+pub fn quant_state_json(t: &Nf4Tensor, original_dtype: &str) -> String {
+    let shape = t
+        .shape
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut s = format!(
+        "{{\"quant_type\": \"nf4\", \"blocksize\": {}, \"dtype\": \"{original_dtype}\", \"shape\": [{shape}]",
+        t.blocksize
+    );
+    if let Absmax::Double {
+        offset,
+        nested_blocksize,
+        ..
+    } = &t.absmax
+    {
+        s.push_str(&format!(
+            ", \"nested_blocksize\": {nested_blocksize}, \"nested_dtype\": \"float32\", \"nested_offset\": {}",
+            python_float_repr(*offset)
+        ));
+    }
+    s.push('}');
+    s
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// One safetensors entry: name, dtype, shape, little-endian bytes.
+pub type Entry = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// The safetensors entries transformers writes for one quantized weight `name` (`<m>.weight`):
+/// the packed codes, absmax, quant_map, the nested tensors with double quant, and the quant_state
+/// JSON. `original_dtype` is the weight's dtype before quantization (`float16`, `bfloat16`,
+/// `float32`), recorded in the quant_state.
+pub fn bnb_entries(name: &str, t: &Nf4Tensor, original_dtype: &str) -> Vec<Entry> {
+    use safetensors::Dtype as D;
+    let mut out = vec![(
+        name.to_string(),
+        D::U8,
+        vec![t.packed.len(), 1],
+        t.packed.clone(),
+    )];
+    match &t.absmax {
+        Absmax::F32(a) => out.push((
+            format!("{name}.absmax"),
+            D::F32,
+            vec![a.len()],
+            f32_bytes(a),
+        )),
+        Absmax::Double {
+            q,
+            nested_absmax,
+            nested_code,
+            ..
+        } => {
+            out.push((format!("{name}.absmax"), D::U8, vec![q.len()], q.clone()));
+            out.push((
+                format!("{name}.nested_absmax"),
+                D::F32,
+                vec![nested_absmax.len()],
+                f32_bytes(nested_absmax),
+            ));
+            out.push((
+                format!("{name}.nested_quant_map"),
+                D::F32,
+                vec![nested_code.len()],
+                f32_bytes(nested_code),
+            ));
+        }
+    }
+    out.push((
+        format!("{name}.quant_map"),
+        D::F32,
+        vec![16],
+        f32_bytes(&NF4_TABLE),
+    ));
+    let qs = quant_state_json(t, original_dtype).into_bytes();
+    out.push((
+        format!("{name}.{QUANT_STATE_NF4}"),
+        D::U8,
+        vec![qs.len()],
+        qs,
+    ));
+    out
+}
+
+/// What [`quantize_checkpoint`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizeReport {
+    /// Linear weights quantized to NF4.
+    pub tensors_quantized: usize,
+    /// Bytes of tensor data read from the source.
+    pub bytes_in: u64,
+    /// Bytes of the safetensors file(s) written (headers included).
+    pub bytes_out: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Options of [`quantize_checkpoint_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuantizeOptions {
+    /// NF4 block size (bitsandbytes / transformers use 64).
+    pub blocksize: usize,
+    /// Double quantization of the absmax (`bnb_4bit_use_double_quant`).
+    pub double_quant: bool,
+    /// Replace a non-empty `out` folder.
+    pub overwrite: bool,
+    /// Largest shard; above it the output is sharded with an index, as transformers does.
+    pub max_shard_bytes: u64,
+}
+
+impl Default for QuantizeOptions {
+    fn default() -> Self {
+        QuantizeOptions {
+            blocksize: 64,
+            double_quant: true,
+            overwrite: false,
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+        }
+    }
+}
+
+/// Writes a bitsandbytes NF4 checkpoint of the model folder `src` into `out`, in exactly the
+/// layout transformers' `save_pretrained` of a 4-bit model writes (see the module docs). Each
+/// decoder linear projection is quantized (see [`is_quantized_linear`]); every other tensor is
+/// copied as stored (transformers keeps embeddings, norms and `lm_head` unquantized, in the dtype
+/// they were loaded in, which is the stored one when the stored dtype is the config's);
+/// `*.rotary_emb.inv_freq` buffers are dropped, as transformers does. `config.json` gets the
+/// `quantization_config` transformers writes, with `bnb_4bit_compute_dtype` the source's
+/// `dtype`/`torch_dtype` when it is a float type (else `float32`). Tokenizer and generation files
+/// ([`COPIED_FILES`]) are copied.
+///
+/// Memory: the quantized tensors are kept until written (≈ the output size) plus one source tensor
+/// in f32; the source is read from its memory map and each tensor's pages are released after
+/// use. The file is written streaming: the header first (offsets follow from the shapes), then
+/// each tensor. Atomic: everything goes to `<out>.tmp-<pid>`, renamed to `out` at the end; a
+/// non-empty `out` is refused unless `overwrite`. `progress(done, total)` counts source tensors.
+pub fn quantize_checkpoint(
+    src: &Path,
+    out: &Path,
+    blocksize: usize,
+    double_quant: bool,
+    overwrite: bool,
+    progress: impl FnMut(usize, usize),
+) -> Result<QuantizeReport> {
+    let opts = QuantizeOptions {
+        blocksize,
+        double_quant,
+        overwrite,
+        ..QuantizeOptions::default()
+    };
+    quantize_checkpoint_with(src, out, &opts, progress)
+}
+
+/// Where the bytes of an output tensor come from.
+enum Data {
+    Owned(Vec<u8>),
+    /// Copied from the source checkpoint's memory map.
+    Source(String),
+}
+
+struct OutTensor {
+    name: String,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    len: usize,
+    data: Data,
+}
+
+/// [`quantize_checkpoint`] with all options, including the shard size.
+pub fn quantize_checkpoint_with(
+    src: &Path,
+    out: &Path,
+    opts: &QuantizeOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<QuantizeReport> {
+    let start = Instant::now();
+    check_blocksize(opts.blocksize)?;
+    if opts.max_shard_bytes == 0 {
+        return Err(Error::InvalidArg("max_shard_bytes must be positive".into()));
+    }
+
+    // Source config.
+    let config_path = src.join("config.json");
+    if !config_path.is_file() {
+        return Err(Error::NotFound(format!(
+            "{}: no config.json in the source model folder {}",
+            config_path.display(),
+            src.display()
+        )));
+    }
+    let text = fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let mut config: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::bad_file(&config_path, format!("malformed JSON: {e}")))?;
+    if !config.is_object() {
+        return Err(Error::bad_file(
+            &config_path,
+            "config.json is not a JSON object",
+        ));
+    }
+    if !matches!(config.get("quantization_config"), None | Some(Value::Null)) {
+        return Err(Error::Unsupported(format!(
+            "{}: the source is already quantized (it has a quantization_config); quantize an unquantized (f32/f16/bf16) checkpoint",
+            config_path.display()
+        )));
+    }
+
+    // Output folder.
+    if out.exists() {
+        if !out.is_dir() {
+            return Err(Error::InvalidArg(format!(
+                "output {} exists and is not a folder",
+                out.display()
+            )));
+        }
+        let non_empty = fs::read_dir(out)
+            .map_err(|e| Error::io(out, e))?
+            .next()
+            .is_some();
+        if non_empty && !opts.overwrite {
+            return Err(Error::InvalidArg(format!(
+                "output folder {} exists and is not empty; pass --overwrite to replace it",
+                out.display()
+            )));
+        }
+    }
+
+    let ckpt = Checkpoint::open(src)?;
+    let compute_dtype = ["dtype", "torch_dtype"]
+        .iter()
+        .filter_map(|k| config.get(*k).and_then(Value::as_str))
+        .find_map(|s| match s.strip_prefix("torch.").unwrap_or(s) {
+            d @ ("float32" | "float16" | "bfloat16") => Some(d.to_string()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "float32".into());
+
+    // Quantize (in name order) and plan the output, grouped per source tensor.
+    let infos: Vec<TensorInfo> = ckpt
+        .tensors()
+        .filter(|t| !is_rotary_inv_freq(&t.name))
+        .cloned()
+        .collect();
+    let total = infos.len();
+    let mut groups: Vec<Vec<OutTensor>> = Vec::with_capacity(total);
+    let mut bytes_in = 0u64;
+    let mut quantized = 0usize;
+    for (i, info) in infos.iter().enumerate() {
+        let nbytes = info
+            .dtype
+            .size_in_bytes()
+            .map(|s| s * info.numel())
+            .unwrap_or(0);
+        bytes_in += nbytes as u64;
+        if is_quantized_linear(&info.name) {
+            let original = match info.dtype {
+                DType::F32 => "float32",
+                DType::F16 => "float16",
+                DType::BF16 => "bfloat16",
+                d => {
+                    return Err(Error::BadTensor {
+                        path: info.file.clone(),
+                        name: info.name.clone(),
+                        msg: format!(
+                            "dtype {d}: only F32, F16 or BF16 linear weights can be quantized"
+                        ),
+                    })
+                }
+            };
+            if info.shape.len() != 2 {
+                return Err(Error::BadTensor {
+                    path: info.file.clone(),
+                    name: info.name.clone(),
+                    msg: format!("shape {:?}: a linear weight must be 2-D", info.shape),
+                });
+            }
+            let w = ckpt.load_f32(&info.name, &info.shape)?;
+            ckpt.release(&info.name);
+            let t =
+                quantize_nf4(&w, &info.shape, opts.blocksize, opts.double_quant).map_err(|e| {
+                    Error::BadTensor {
+                        path: info.file.clone(),
+                        name: info.name.clone(),
+                        msg: e.to_string(),
+                    }
+                })?;
+            drop(w);
+            groups.push(
+                bnb_entries(&info.name, &t, original)
+                    .into_iter()
+                    .map(|(name, dtype, shape, bytes)| OutTensor {
+                        name,
+                        dtype,
+                        shape,
+                        len: bytes.len(),
+                        data: Data::Owned(bytes),
+                    })
+                    .collect(),
+            );
+            quantized += 1;
+        } else {
+            let dtype = to_safetensors_dtype(info.dtype).ok_or_else(|| Error::BadTensor {
+                path: info.file.clone(),
+                name: info.name.clone(),
+                msg: "dtype not supported for copying".into(),
+            })?;
+            groups.push(vec![OutTensor {
+                name: info.name.clone(),
+                dtype,
+                shape: info.shape.clone(),
+                len: nbytes,
+                data: Data::Source(info.name.clone()),
+            }]);
+        }
+        progress(i + 1, total);
+    }
+
+    // Shards: groups in name order, a new shard when the next group would overflow.
+    let mut shards: Vec<Vec<OutTensor>> = vec![Vec::new()];
+    let mut cur = 0usize;
+    for g in groups {
+        let size: usize = g.iter().map(|t| t.len).sum();
+        let last = shards.last_mut().expect("one shard");
+        if !last.is_empty() && (cur + size) as u64 > opts.max_shard_bytes {
+            shards.push(Vec::new());
+            cur = 0;
+        }
+        cur += size;
+        shards.last_mut().expect("one shard").extend(g);
+    }
+
+    let tmp = tmp_dir(out)?;
+    let result = (|| -> Result<u64> {
+        fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let nshards = shards.len();
+        let mut bytes_out = 0u64;
+        let mut weight_map = BTreeMap::new();
+        let mut total_size = 0u64;
+        for (i, shard) in shards.iter_mut().enumerate() {
+            let file = if nshards == 1 {
+                SINGLE_FILE.to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", i + 1, nshards)
+            };
+            for t in shard.iter() {
+                weight_map.insert(t.name.clone(), file.clone());
+                total_size += t.len as u64;
+            }
+            bytes_out += write_safetensors(&tmp.join(&file), shard, &ckpt)?;
+        }
+        if nshards > 1 {
+            let index = json!({
+                "metadata": {"total_size": total_size},
+                "weight_map": weight_map,
+            });
+            write_json(&tmp.join(INDEX_FILE), &index)?;
+        }
+        let obj = config.as_object_mut().expect("checked object");
+        obj.insert(
+            "quantization_config".into(),
+            quantization_config_json(opts.double_quant, &compute_dtype),
+        );
+        write_json(&tmp.join("config.json"), &config)?;
+        for f in COPIED_FILES {
+            let from = src.join(f);
+            if from.is_file() {
+                let to = tmp.join(f);
+                fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+            }
+        }
+        if out.exists() {
+            fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+        }
+        fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+        Ok(bytes_out)
+    })();
+    match result {
+        Ok(bytes_out) => Ok(QuantizeReport {
+            tensors_quantized: quantized,
+            bytes_in,
+            bytes_out,
+            seconds: start.elapsed().as_secs_f64(),
+        }),
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn tmp_dir(out: &Path) -> Result<PathBuf> {
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::InvalidArg(format!("output {} has no folder name", out.display())))?;
+    let mut tmp_name = name.to_os_string();
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    Ok(out.with_file_name(tmp_name))
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(v).expect("JSON value serializes");
+    s.push('\n');
+    fs::write(path, s).map_err(|e| Error::io(path, e))
+}
+
+fn to_safetensors_dtype(d: DType) -> Option<safetensors::Dtype> {
+    use safetensors::Dtype as S;
+    Some(match d {
+        DType::F32 => S::F32,
+        DType::F16 => S::F16,
+        DType::BF16 => S::BF16,
+        DType::F64 => S::F64,
+        DType::I64 => S::I64,
+        DType::I32 => S::I32,
+        DType::I16 => S::I16,
+        DType::I8 => S::I8,
+        DType::U8 => S::U8,
+        DType::Bool => S::BOOL,
+        DType::Other => return None,
+    })
+}
+
+/// Writes one safetensors file the way the `safetensors` library lays it out (what
+/// transformers' `save_pretrained` produces): tensors sorted by dtype (descending, the crate's
+/// order, so widest alignment first) then name, `{"__metadata__":{"format":"pt"}}` first in the
+/// header, the header padded with spaces to a multiple of 8. The header is written first (the
+/// offsets follow from the byte lengths), then each tensor, streaming; source tensors are copied
+/// from the memory map and their pages released. Returns the file size.
+fn write_safetensors(path: &Path, tensors: &mut [OutTensor], ckpt: &Checkpoint) -> Result<u64> {
+    tensors.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
+    let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
+    let mut offset = 0usize;
+    for t in tensors.iter() {
+        let shape = t
+            .shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        header.push_str(&format!(
+            ",{}:{{\"dtype\":\"{}\",\"shape\":[{shape}],\"data_offsets\":[{offset},{}]}}",
+            serde_json::to_string(&t.name).expect("string serializes"),
+            t.dtype,
+            offset + t.len
+        ));
+        offset += t.len;
+    }
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let file = fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let io = |e| Error::io(path, e);
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(header.as_bytes()).map_err(io)?;
+    for t in tensors.iter_mut() {
+        match std::mem::replace(&mut t.data, Data::Owned(Vec::new())) {
+            Data::Owned(bytes) => w.write_all(&bytes).map_err(io)?,
+            Data::Source(name) => {
+                let (_, bytes) = ckpt.bytes(&name)?;
+                w.write_all(bytes).map_err(io)?;
+                ckpt.release(&name);
+            }
+        }
+    }
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(8 + header.len() as u64 + offset as u64)
+}
