@@ -9,21 +9,16 @@
 #   OUT      where the random model goes (default /tmp/qlora-7b); removed at exit unless KEEP=1
 #   CONFIG   config.json to mimic (default tests/fixtures/llama-2-7b-chat-hf/config.json)
 #   SHARDS   shard count (default 2, as the real checkpoint)
-#   QLORA    a qlora binary to use if it has the `quantize` subcommand (default: this tree's)
-#   MODES    quantize_stream modes to run when `qlora quantize` is absent (default "release";
-#            "release checkpoint" also shows the RSS of reading through Checkpoint's maps)
+#   QLORA    the qlora binary (default: this tree's release build)
 #
-# Steps: build; generate the model (timed); quantize with /usr/bin/time -v, through
-# `qlora quantize --model M --output DIR` when the binary has it, else
-# `examples/quantize_stream.rs` (linear layers to NF4, blocksize 64, double quant, mmap pages
-# released tensor by tensor).
+# Steps: build; generate the model (timed); `qlora quantize --model M --output DIR` (blocksize
+# 64, double quant, mmap pages released tensor by tensor) under /usr/bin/time -v.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-/tmp/qlora-7b}
 CONFIG=${CONFIG:-tests/fixtures/llama-2-7b-chat-hf/config.json}
 SHARDS=${SHARDS:-2}
-MODES=${MODES:-release}
 TARGET=${CARGO_TARGET_DIR:-target}
 QLORA=${QLORA:-$TARGET/release/qlora}
 LOG=${LOG:-$(mktemp -d /tmp/scale_7b.XXXXXX)}
@@ -42,7 +37,7 @@ if [ ! -x /usr/bin/time ]; then
 fi
 
 echo "== build" >&2
-cargo build --release --bin qlora --example make_random_llama --example quantize_stream
+cargo build --release --bin qlora --example make_random_llama
 
 mkdir -p "$OUT"
 avail=$(df --output=avail -B1 "$OUT" | tail -1)
@@ -73,19 +68,9 @@ echo "== generate ($CONFIG, $SHARDS shards) -> $OUT" | tee -a "$LOG/summary.txt"
 grep -E 'Elapsed|Maximum resident' "$LOG/gen.time" | tee -a "$LOG/summary.txt"
 du -sb "$OUT" | tee -a "$LOG/summary.txt"
 
-if "$QLORA" quantize --help >/dev/null 2>&1; then
-    echo "== qlora quantize --model $OUT --output $OUT-nf4" | tee -a "$LOG/summary.txt"
-    /usr/bin/time -v "$QLORA" quantize --model "$OUT" --output "$OUT-nf4" \
-        2>"$LOG/quantize.time" | tee -a "$LOG/summary.txt"
-    grep -E 'Elapsed|Maximum resident' "$LOG/quantize.time" | tee -a "$LOG/summary.txt"
-    du -sb "$OUT-nf4" | tee -a "$LOG/summary.txt"
-else
-    echo "($QLORA has no quantize subcommand; using examples/quantize_stream)" | tee -a "$LOG/summary.txt"
-    for mode in $MODES; do
-        echo "== quantize_stream --mode $mode" | tee -a "$LOG/summary.txt"
-        /usr/bin/time -v "$TARGET/release/examples/quantize_stream" --model "$OUT" --mode "$mode" \
-            2>"$LOG/quantize-$mode.time" | tee -a "$LOG/summary.txt"
-        grep -E 'Elapsed|Maximum resident' "$LOG/quantize-$mode.time" | tee -a "$LOG/summary.txt"
-    done
-fi
+echo "== qlora quantize --model $OUT --output $OUT-nf4" | tee -a "$LOG/summary.txt"
+/usr/bin/time -v "$QLORA" quantize --model "$OUT" --output "$OUT-nf4" \
+    2>"$LOG/quantize.time" | tee -a "$LOG/summary.txt"
+grep -E 'Elapsed|Maximum resident' "$LOG/quantize.time" | tee -a "$LOG/summary.txt"
+du -sb "$OUT-nf4" | tee -a "$LOG/summary.txt"
 echo "logs in $LOG" >&2
