@@ -103,7 +103,43 @@ impl<P: FnMut(usize, usize)> TensorSource<'_, P> {
         }
     }
 
-    /// Embeddings, norms, lm_head: f32.
+    /// A decoder projection `[rows, cols]` on the host, quantized as asked.
+    fn host_linear(&self, name: &str, rows: usize, cols: usize) -> Result<HostLinear> {
+        // A checkpoint saved by transformers + bitsandbytes in 4-bit: use its NF4 bytes as they are.
+        if crate::quant::bnb::is_prequantized(self.ckpt, name) {
+            let t = crate::quant::bnb::load_prequantized(self.ckpt, name, &[rows, cols])?;
+            return Ok(match self.quant {
+                BaseQuant::None => HostLinear::Dense {
+                    rows,
+                    cols,
+                    data: crate::quant::dequantize_nf4(&t),
+                },
+                BaseQuant::Nf4 { .. } => HostLinear::Nf4(t),
+            });
+        }
+        let data = self.load(name, &[rows, cols])?;
+        Ok(match self.quant {
+            BaseQuant::None => HostLinear::Dense { rows, cols, data },
+            BaseQuant::Nf4 {
+                blocksize,
+                double_quant,
+            } => HostLinear::Nf4(
+                quantize_nf4(&data, &[rows, cols], blocksize, double_quant)
+                    .map_err(|e| self.bad(name, format!("cannot quantize to NF4: {e}")))?,
+            ),
+        })
+    }
+}
+
+/// Where [`Llama::assemble`] gets each tensor: the checkpoint, or random values for benchmarks.
+trait WeightSource {
+    /// Embeddings, norms, lm_head, widened to f32.
+    fn vector(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    /// A decoder projection `[rows, cols]` on the host.
+    fn linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<HostLinear>;
+}
+
+impl<P: FnMut(usize, usize)> WeightSource for TensorSource<'_, P> {
     fn vector(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let v = self.load(name, shape)?;
         self.ckpt.release(name);
@@ -111,59 +147,47 @@ impl<P: FnMut(usize, usize)> TensorSource<'_, P> {
         Ok(v)
     }
 
-    /// A decoder projection `[rows, cols]`, quantized as asked, prepared on backend `b`.
-    fn linear<B: Backend>(
-        &mut self,
-        b: &B,
-        name: &str,
-        rows: usize,
-        cols: usize,
-    ) -> Result<B::Linear> {
-        // A checkpoint saved by transformers + bitsandbytes in 4-bit: use its NF4 bytes as they are.
-        if crate::quant::bnb::is_prequantized(self.ckpt, name) {
-            let t = crate::quant::bnb::load_prequantized(self.ckpt, name, &[rows, cols])?;
-            self.ckpt.release(name);
-            let host = match self.quant {
-                BaseQuant::None => HostLinear::Dense {
-                    rows,
-                    cols,
-                    data: crate::quant::dequantize_nf4(&t),
-                },
-                BaseQuant::Nf4 { .. } => HostLinear::Nf4(t),
-            };
-            let lin = b.linear(host)?;
-            self.tick();
-            return Ok(lin);
-        }
-        let data = self.load(name, &[rows, cols])?;
-        // The f32 copy is all we need: let the kernel drop the file pages behind it.
+    fn linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<HostLinear> {
+        let host = self.host_linear(name, rows, cols)?;
+        // What we keep is a copy: let the kernel drop the file pages behind it.
         self.ckpt.release(name);
-        let host = match self.quant {
-            BaseQuant::None => HostLinear::Dense { rows, cols, data },
-            BaseQuant::Nf4 {
-                blocksize,
-                double_quant,
-            } => {
-                let t =
-                    quantize_nf4(&data, &[rows, cols], blocksize, double_quant).map_err(|e| {
-                        let path = self
-                            .ckpt
-                            .get(name)
-                            .map(|i| i.file.clone())
-                            .unwrap_or_else(|| self.ckpt.dir().to_path_buf());
-                        Error::BadTensor {
-                            path,
-                            name: name.to_string(),
-                            msg: format!("cannot quantize to NF4: {e}"),
-                        }
-                    })?;
-                drop(data);
-                HostLinear::Nf4(t)
-            }
-        };
-        let lin = b.linear(host)?;
         self.tick();
-        Ok(lin)
+        Ok(host)
+    }
+}
+
+/// Random weights: uniform in ±0.05, norms 1, a fixed pattern for the embedding.
+struct RandomSource(rand::rngs::StdRng);
+
+impl RandomSource {
+    fn uniform(&mut self, n: usize) -> Vec<f32> {
+        use rand::Rng;
+        (0..n)
+            .map(|_| self.0.random_range(-0.05f32..0.05))
+            .collect()
+    }
+}
+
+impl WeightSource for RandomSource {
+    fn vector(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let n = shape.iter().product();
+        Ok(if name.ends_with("norm.weight") {
+            vec![1.0; n]
+        } else if name == "model.embed_tokens.weight" {
+            (0..n)
+                .map(|i| ((i * 2654435761) % 1000) as f32 * 1e-4 - 0.05)
+                .collect()
+        } else {
+            self.uniform(n)
+        })
+    }
+
+    fn linear(&mut self, _name: &str, rows: usize, cols: usize) -> Result<HostLinear> {
+        Ok(HostLinear::Dense {
+            rows,
+            cols,
+            data: self.uniform(rows * cols),
+        })
     }
 }
 
@@ -240,6 +264,18 @@ impl<B: Backend> Llama<B> {
             total: llama_tensor_names(cfg).len(),
             progress,
         };
+        Self::assemble(backend, cfg, &mut src)
+    }
+
+    /// A model with random weights (uniform in ±0.05, norms 1): benchmarks and shape tests only.
+    pub fn random(backend: B, cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        use rand::SeedableRng;
+        let mut src = RandomSource(rand::rngs::StdRng::seed_from_u64(seed));
+        Self::assemble(backend, cfg, &mut src)
+    }
+
+    /// Builds the model tensor by tensor from `src`, in checkpoint order.
+    fn assemble(backend: B, cfg: &ModelConfig, src: &mut dyn WeightSource) -> Result<Self> {
         let (c, f, qd, kvd, v) = (
             cfg.hidden_size,
             cfg.intermediate_size,
@@ -248,21 +284,24 @@ impl<B: Backend> Llama<B> {
             cfg.vocab_size,
         );
         let b = &backend;
+        let lin = |src: &mut dyn WeightSource, name: &str, rows, cols| {
+            b.linear(src.linear(name, rows, cols)?)
+        };
         let embed_host = src.vector("model.embed_tokens.weight", &[v, c])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             layers.push(LayerWeights {
                 attn_norm: b.upload(&src.vector(&format!("{p}.input_layernorm.weight"), &[c])?)?,
-                q_proj: src.linear(b, &format!("{p}.self_attn.q_proj.weight"), qd, c)?,
-                k_proj: src.linear(b, &format!("{p}.self_attn.k_proj.weight"), kvd, c)?,
-                v_proj: src.linear(b, &format!("{p}.self_attn.v_proj.weight"), kvd, c)?,
-                o_proj: src.linear(b, &format!("{p}.self_attn.o_proj.weight"), c, qd)?,
+                q_proj: lin(src, &format!("{p}.self_attn.q_proj.weight"), qd, c)?,
+                k_proj: lin(src, &format!("{p}.self_attn.k_proj.weight"), kvd, c)?,
+                v_proj: lin(src, &format!("{p}.self_attn.v_proj.weight"), kvd, c)?,
+                o_proj: lin(src, &format!("{p}.self_attn.o_proj.weight"), c, qd)?,
                 mlp_norm: b
                     .upload(&src.vector(&format!("{p}.post_attention_layernorm.weight"), &[c])?)?,
-                gate_proj: src.linear(b, &format!("{p}.mlp.gate_proj.weight"), f, c)?,
-                up_proj: src.linear(b, &format!("{p}.mlp.up_proj.weight"), f, c)?,
-                down_proj: src.linear(b, &format!("{p}.mlp.down_proj.weight"), c, f)?,
+                gate_proj: lin(src, &format!("{p}.mlp.gate_proj.weight"), f, c)?,
+                up_proj: lin(src, &format!("{p}.mlp.up_proj.weight"), f, c)?,
+                down_proj: lin(src, &format!("{p}.mlp.down_proj.weight"), c, f)?,
             });
         }
         let norm = b.upload(&src.vector("model.norm.weight", &[c])?)?;
@@ -308,60 +347,6 @@ impl<B: Backend> Llama<B> {
             .sum::<usize>()
         };
         self.layers.iter().map(per_layer).sum::<usize>() + b.linear_bytes(&self.lm_head)
-    }
-
-    /// A model with random weights (uniform in ±0.05, norms 1): benchmarks and shape tests only.
-    pub fn random(backend: B, cfg: &ModelConfig, seed: u64) -> Result<Self> {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut rand_vec =
-            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-0.05f32..0.05)).collect() };
-        let (c, f, qd, kvd, v) = (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.vocab_size,
-        );
-        let b = &backend;
-        let mut lin = |rows: usize, cols: usize| {
-            b.linear(HostLinear::Dense {
-                rows,
-                cols,
-                data: rand_vec(rows * cols),
-            })
-        };
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for _ in 0..cfg.num_hidden_layers {
-            layers.push(LayerWeights {
-                attn_norm: b.upload(&vec![1.0; c])?,
-                q_proj: lin(qd, c)?,
-                k_proj: lin(kvd, c)?,
-                v_proj: lin(kvd, c)?,
-                o_proj: lin(c, qd)?,
-                mlp_norm: b.upload(&vec![1.0; c])?,
-                gate_proj: lin(f, c)?,
-                up_proj: lin(f, c)?,
-                down_proj: lin(c, f)?,
-            });
-        }
-        let lm_head = lin(v, c)?;
-        let embed = b.upload(
-            &(0..v * c)
-                .map(|i| ((i * 2654435761) % 1000) as f32 * 1e-4 - 0.05)
-                .collect::<Vec<_>>(),
-        )?;
-        let norm = b.upload(&vec![1.0; c])?;
-        let inv_freq = b.upload(&cfg.rope_inv_freq())?;
-        Ok(Llama {
-            cfg: cfg.clone(),
-            backend,
-            embed,
-            layers,
-            norm,
-            lm_head,
-            inv_freq,
-        })
     }
 
     /// An empty cache with room for `cap` positions.
