@@ -29,6 +29,11 @@ impl<B: Backend> Loaded<B> {
 
 /// Reads `config.json` from a resolved model directory.
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
+    read_config_json(dir).map(|(cfg, _)| cfg)
+}
+
+/// Reads `config.json` once: the validated config and the raw JSON (for `quantization_config`).
+fn read_config_json(dir: &Path) -> Result<(ModelConfig, serde_json::Value)> {
     let path = dir.join("config.json");
     if !path.is_file() {
         return Err(crate::Error::NotFound(format!(
@@ -36,7 +41,13 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
             path.display()
         )));
     }
-    ModelConfig::from_file(&path)
+    let text = std::fs::read_to_string(&path).map_err(|e| crate::Error::io(&path, e))?;
+    let cfg =
+        ModelConfig::from_json_str(&text).map_err(|msg| crate::Error::bad_file(&path, msg))?;
+    // from_json_str succeeded, so the text is valid JSON.
+    let raw =
+        serde_json::from_str(&text).map_err(|e| crate::Error::bad_file(&path, e.to_string()))?;
+    Ok((cfg, raw))
 }
 
 /// Resolves `spec` (local folder or Hugging Face id) and loads model and tokenizer onto `backend`.
@@ -47,14 +58,9 @@ pub fn load_model<B: Backend>(spec: &str, backend: B, quant: BaseQuant) -> Resul
 
 /// Loads model and tokenizer from a local folder onto `backend`, decoder linears held per `quant`.
 pub fn load_model_dir<B: Backend>(dir: &Path, backend: B, quant: BaseQuant) -> Result<Loaded<B>> {
-    let cfg = read_config(dir)?;
+    let (cfg, raw) = read_config_json(dir)?;
     // A bitsandbytes quantization_config we cannot honour (fp4, 8-bit) is refused up front.
-    let cfg_path = dir.join("config.json");
-    let raw: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&cfg_path).map_err(|e| crate::Error::io(&cfg_path, e))?,
-    )
-    .map_err(|e| crate::Error::bad_file(&cfg_path, format!("malformed JSON: {e}")))?;
-    if let Some(q) = crate::quant::bnb::parse_quantization_config(&raw, &cfg_path)? {
+    if let Some(q) = crate::quant::bnb::parse_quantization_config(&raw, &dir.join("config.json"))? {
         tracing::info!(quant_type = %q.quant_type, double_quant = q.double_quant, "pre-quantized bitsandbytes checkpoint");
     }
     let tokenizer = Tokenizer::from_dir(dir)?;
