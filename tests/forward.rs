@@ -177,43 +177,15 @@ fn eval_loss_matches_transformers() {
 /// linears are the dequantized NF4 weights: the fused path adds no error of its own.
 #[test]
 fn nf4_forward_equals_dense_forward_on_dequantized_weights() {
-    use qlora::backend::cpu::{CpuLinear, CpuWeight};
-    use qlora::model::{LayerWeights, Llama};
+    use qlora::backend::cpu::CpuWeight;
     let nf4 = load_model_dir(&fixture("gqa"), CpuBackend::new(), BaseQuant::NF4)
         .unwrap()
         .model;
-    let dense = |l: &CpuLinear| match &l.weight {
-        CpuWeight::Nf4(t) => CpuLinear {
-            rows: l.rows,
-            cols: l.cols,
-            weight: CpuWeight::Dense(qlora::quant::dequantize_nf4(t)),
-        },
-        CpuWeight::Dense(_) => panic!("decoder linear was not quantized"),
-    };
-    let layers = nf4
-        .layers
-        .iter()
-        .map(|w| LayerWeights {
-            attn_norm: w.attn_norm.clone(),
-            q_proj: dense(&w.q_proj),
-            k_proj: dense(&w.k_proj),
-            v_proj: dense(&w.v_proj),
-            o_proj: dense(&w.o_proj),
-            mlp_norm: w.mlp_norm.clone(),
-            gate_proj: dense(&w.gate_proj),
-            up_proj: dense(&w.up_proj),
-            down_proj: dense(&w.down_proj),
-        })
-        .collect();
-    let reference = Llama {
-        cfg: nf4.cfg.clone(),
-        backend: CpuBackend::new(),
-        embed: nf4.embed.clone(),
-        layers,
-        norm: nf4.norm.clone(),
-        lm_head: nf4.lm_head.clone(),
-        inv_freq: nf4.inv_freq.clone(),
-    };
+    assert!(
+        matches!(nf4.layers[0].q_proj.weight, CpuWeight::Nf4(_)),
+        "decoder linear was not quantized"
+    );
+    let reference = nf4.dequantized();
     let prompt: Vec<u32> = (0..23)
         .map(|i| (i * 53 % nf4.cfg.vocab_size) as u32)
         .collect();

@@ -13,6 +13,9 @@
 
 pub mod cpu;
 pub mod cuda;
+mod train;
+
+pub use train::{LoraShape, TrainBackend};
 
 use crate::error::Result;
 use crate::quant::Nf4Tensor;
@@ -162,6 +165,23 @@ pub trait Backend: Send + Sync {
 
     /// Residual add: `x += y` over `len` values.
     fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize) -> Result<()>;
+
+    /// LoRA adapter term of a projection (PEFT's `Linear.forward`): writes `xa = (x ⊙ keep)·Aᵀ`
+    /// `[rows, rank]` and accumulates `y += scale · xa·Bᵀ`. `x` `[rows, in]`, `y` `[rows, out]`,
+    /// `A` `[rank, in]`, `B` `[out, rank]`; `keep` is an inverted-dropout mask `[rows, in]`
+    /// (`None`: no dropout). Derivation and backward in `cpu/backward/lora.rs`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_forward_add(
+        &self,
+        y: &mut Self::Buf,
+        xa: &mut Self::Buf,
+        x: &Self::Buf,
+        keep: Option<&Self::Buf>,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        scale: f32,
+        shape: LoraShape,
+    ) -> Result<()>;
 
     /// Per-row cross-entropy of `logits` `[rows, vocab]` against `targets` (`-100` = ignored, loss 0):
     /// `losses[r] = logsumexp(logits[r]) − logits[r, targets[r]]`.

@@ -9,9 +9,11 @@
 //! Attention reads a [`KvCache`]: the new keys/values are written at positions `pos0..pos0+T`
 //! first, so prefill (`pos0 = 0`) and decoding (`T = 1`) are the same code path.
 
+use super::lora::Lora;
 use crate::backend::{AttnShape, Backend, HostLinear};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::lora::LoraTarget;
 use crate::quant::quantize_nf4;
 use crate::weights::{llama_tensor_names, Checkpoint};
 
@@ -28,6 +30,22 @@ pub struct LayerWeights<B: Backend> {
     pub down_proj: B::Linear,
 }
 
+impl<B: Backend> LayerWeights<B> {
+    /// The base projection a LoRA target adapts (`lm_head` is not a layer weight: `None`).
+    pub fn proj(&self, t: LoraTarget) -> Option<&B::Linear> {
+        Some(match t {
+            LoraTarget::QProj => &self.q_proj,
+            LoraTarget::KProj => &self.k_proj,
+            LoraTarget::VProj => &self.v_proj,
+            LoraTarget::OProj => &self.o_proj,
+            LoraTarget::GateProj => &self.gate_proj,
+            LoraTarget::UpProj => &self.up_proj,
+            LoraTarget::DownProj => &self.down_proj,
+            LoraTarget::LmHead => return None,
+        })
+    }
+}
+
 /// A Llama model resident on backend `B`.
 pub struct Llama<B: Backend> {
     pub cfg: ModelConfig,
@@ -41,6 +59,8 @@ pub struct Llama<B: Backend> {
     pub lm_head: B::Linear,
     /// `[head_dim / 2]` RoPE inverse frequencies (scaling applied).
     pub inv_freq: B::Buf,
+    /// A LoRA adapter applied on top of the frozen projections, if attached.
+    pub lora: Option<Lora<B>>,
 }
 
 /// How the decoder's linear projections are held in memory.
@@ -326,6 +346,7 @@ impl<B: Backend> Llama<B> {
             norm,
             lm_head,
             inv_freq,
+            lora: None,
         })
     }
 
@@ -390,9 +411,9 @@ impl<B: Backend> Llama<B> {
         for (l, w) in self.layers.iter().enumerate() {
             // Attention block.
             b.rmsnorm(&mut s.xn, &s.x, &w.attn_norm, t, c, cfg.rms_norm_eps)?;
-            b.matmul(&mut s.q, &s.xn, &w.q_proj, t)?;
-            b.matmul(&mut s.k, &s.xn, &w.k_proj, t)?;
-            b.matmul(&mut s.v, &s.xn, &w.v_proj, t)?;
+            self.project(&mut s.q, &s.xn, Some(l), LoraTarget::QProj, t)?;
+            self.project(&mut s.k, &s.xn, Some(l), LoraTarget::KProj, t)?;
+            self.project(&mut s.v, &s.xn, Some(l), LoraTarget::VProj, t)?;
             b.rope(
                 &mut s.q,
                 &positions,
@@ -410,14 +431,14 @@ impl<B: Backend> Llama<B> {
             b.copy(&mut cache.k[l], pos0 * kvd, &s.k, 0, t * kvd)?;
             b.copy(&mut cache.v[l], pos0 * kvd, &s.v, 0, t * kvd)?;
             b.attention(&mut s.att, &s.q, &cache.k[l], &cache.v[l], shape)?;
-            b.matmul(&mut s.proj, &s.att, &w.o_proj, t)?;
+            self.project(&mut s.proj, &s.att, Some(l), LoraTarget::OProj, t)?;
             b.add_assign(&mut s.x, &s.proj, t * c)?;
             // MLP block.
             b.rmsnorm(&mut s.xn, &s.x, &w.mlp_norm, t, c, cfg.rms_norm_eps)?;
-            b.matmul(&mut s.gate, &s.xn, &w.gate_proj, t)?;
-            b.matmul(&mut s.up, &s.xn, &w.up_proj, t)?;
+            self.project(&mut s.gate, &s.xn, Some(l), LoraTarget::GateProj, t)?;
+            self.project(&mut s.up, &s.xn, Some(l), LoraTarget::UpProj, t)?;
             b.swiglu(&mut s.h, &s.gate, &s.up, t * f)?;
-            b.matmul(&mut s.proj, &s.h, &w.down_proj, t)?;
+            self.project(&mut s.proj, &s.h, Some(l), LoraTarget::DownProj, t)?;
             b.add_assign(&mut s.x, &s.proj, t * c)?;
         }
         cache.len = pos0 + t;
@@ -433,7 +454,88 @@ impl<B: Backend> Llama<B> {
         let mut xn = b.zeros(rows * c)?;
         b.rmsnorm(&mut xn, &x, &self.norm, rows, c, cfg.rms_norm_eps)?;
         let mut logits = b.zeros(rows * cfg.vocab_size)?;
-        b.matmul(&mut logits, &xn, &self.lm_head, rows)?;
+        self.project(&mut logits, &xn, None, LoraTarget::LmHead, rows)?;
         Ok(logits)
+    }
+
+    /// The base weight of projection `target` in layer `layer` (`None`: lm_head).
+    pub fn base_weight(&self, layer: Option<usize>, target: LoraTarget) -> &B::Linear {
+        match layer {
+            Some(l) => self.layers[l]
+                .proj(target)
+                .expect("lm_head is not a decoder-layer projection"),
+            None => &self.lm_head,
+        }
+    }
+
+    /// `out = x·Wᵀ` for projection `target` of layer `layer` (`None`: lm_head), plus the attached
+    /// adapter's term `s · x·Aᵀ·Bᵀ` when that module is adapted (no dropout: inference).
+    fn project(
+        &self,
+        out: &mut B::Buf,
+        x: &B::Buf,
+        layer: Option<usize>,
+        target: LoraTarget,
+        rows: usize,
+    ) -> Result<()> {
+        let b = &self.backend;
+        b.matmul(out, x, self.base_weight(layer, target), rows)?;
+        if let Some(lora) = &self.lora {
+            if let Some(ad) = lora.params.get(layer, target) {
+                let rank = lora.params.rank;
+                let mut xa = b.zeros(rows * rank)?;
+                b.lora_forward_add(
+                    out,
+                    &mut xa,
+                    x,
+                    None,
+                    &ad.a,
+                    &ad.b,
+                    lora.scale,
+                    ad.shape(rows, rank),
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Llama<crate::backend::cpu::CpuBackend> {
+    /// A copy whose NF4 projections are replaced by their dequantized dense weights: the exact
+    /// reference the fused NF4 kernels must reproduce (tests), and the base `qlora merge` adds to.
+    pub fn dequantized(&self) -> Self {
+        use crate::backend::cpu::{CpuLinear, CpuWeight};
+        let dense = |l: &CpuLinear| CpuLinear {
+            weight: match &l.weight {
+                CpuWeight::Nf4(t) => CpuWeight::Dense(crate::quant::dequantize_nf4(t)),
+                CpuWeight::Dense(d) => CpuWeight::Dense(d.clone()),
+            },
+            ..l.clone()
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|w| LayerWeights {
+                attn_norm: w.attn_norm.clone(),
+                q_proj: dense(&w.q_proj),
+                k_proj: dense(&w.k_proj),
+                v_proj: dense(&w.v_proj),
+                o_proj: dense(&w.o_proj),
+                mlp_norm: w.mlp_norm.clone(),
+                gate_proj: dense(&w.gate_proj),
+                up_proj: dense(&w.up_proj),
+                down_proj: dense(&w.down_proj),
+            })
+            .collect();
+        Llama {
+            cfg: self.cfg.clone(),
+            backend: self.backend.clone(),
+            embed: self.embed.clone(),
+            layers,
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            inv_freq: self.inv_freq.clone(),
+            lora: None,
+        }
     }
 }

@@ -1,5 +1,9 @@
 //! The Llama decoder, written once against [`crate::backend::Backend`].
 
 mod llama;
+pub mod lora;
+pub mod train;
 
 pub use llama::{BaseQuant, KvCache, LayerWeights, Llama, Logits};
+pub use lora::{Lora, LoraLinear, LoraSet};
+pub use train::{Recompute, StepStats};

@@ -6,10 +6,12 @@
 mod attention;
 pub mod backward;
 mod cross_entropy;
+pub mod dropout;
 mod elementwise;
 mod matmul;
 mod rmsnorm;
 mod rope;
+mod train;
 
 pub use attention::attention;
 pub use cross_entropy::cross_entropy;
@@ -18,7 +20,7 @@ pub use matmul::matmul_wt;
 pub use rmsnorm::rmsnorm;
 pub use rope::rope;
 
-use super::{AttnShape, Backend, HostLinear};
+use super::{AttnShape, Backend, HostLinear, LoraShape};
 use crate::error::{Error, Result};
 
 /// The CPU backend. Work is spread over rayon's global thread pool.
@@ -242,6 +244,22 @@ impl Backend for CpuBackend {
         check_len("add x", x.len(), len)?;
         check_len("add y", y.len(), len)?;
         add_assign(&mut x[..len], &y[..len]);
+        Ok(())
+    }
+
+    fn lora_forward_add(
+        &self,
+        y: &mut Vec<f32>,
+        xa: &mut Vec<f32>,
+        x: &Vec<f32>,
+        keep: Option<&Vec<f32>>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        scale: f32,
+        sh: LoraShape,
+    ) -> Result<()> {
+        train::check_lora(sh, x, keep, a, b, xa, y)?;
+        backward::lora_forward_add(y, xa, x, keep.map(Vec::as_slice), a, b, scale, sh);
         Ok(())
     }
 

@@ -1,0 +1,497 @@
+//! LoRA training step of a Llama: forward with saved activations, then a hand-written backward
+//! through every layer, producing gradients for the LoRA matrices only.
+//!
+//! # Forward (one sequence of `T` tokens, positions `0..T`)
+//! ```text
+//! x₀ = embed[ids]
+//! layer l:  n₁ = rms(x)·w₁           q, k, v = P_q(n₁), P_k(n₁), P_v(n₁);  q, k ← rope(q), rope(k)
+//!           a  = attn(q, k, v)       h = x + P_o(a)
+//!           n₂ = rms(h)·w₂           g, u = P_g(n₂), P_u(n₂);  m = silu(g) ⊙ u
+//!           x' = h + P_d(m)
+//! head:     n = rms(x_L)·w_f         z = P_head(n)        L = scale · Σ_t CE(z_t, y_t)
+//! ```
+//! where every projection is `P(x) = x·Wᵀ + s·(x ⊙ keep)·Aᵀ·Bᵀ` (frozen `W`, LoRA `A`, `B` on the
+//! adapted modules only; `keep` the dropout mask, `1` without dropout).
+//!
+//! # Backward (chain rule, each step's derivation in the op's file under `backend/cpu/backward`)
+//! ```text
+//! dz = scale·(softmax(z) − onehot(y))                          cross_entropy.rs
+//! dn = dz·W_head (+ LoRA share);   dx_L = rms_bwd(dn; x_L)     linear.rs, lora.rs, rmsnorm.rs
+//! layer l, given dx' (gradient of the layer output):
+//!   dh  = dx'                      (residual)    dm  = dx'·W_d (+ LoRA)
+//!   dg, du = swiglu_bwd(dm; g, u)                dn₂ = dg·W_g + du·W_u (+ LoRA)
+//!   dh += rms_bwd(dn₂; h)
+//!   da  = dh·W_o (+ LoRA)          dq, dk, dv = attn_bwd(da; q, k, v)
+//!   dq, dk ← rope_bwd(dq), rope_bwd(dk)          dn₁ = dq·W_q + dk·W_k + dv·W_v (+ LoRA)
+//!   dx  = dh + rms_bwd(dn₁; x)
+//! ```
+//! Every LoRA share also accumulates that module's `dA`, `dB` (`lora.rs`). No base-weight
+//! gradient is ever formed; layer 0's input gradient is not needed and is skipped.
+//!
+//! # Activation memory
+//! [`Recompute::Selective`] (default) keeps per layer what backward cannot get cheaply: the
+//! layer input `x`, `h`, the post-RoPE `q`, `k`, `v`, the attention output, `g`, `u`, and each
+//! adapter's `x·Aᵀ` (`[T, r]`); the norms `n₁`, `n₂`, the SwiGLU product `m` and the dropout
+//! masks are recomputed. That is `T·(2C + 2·q_dim + 2·kv_dim + 2F)` floats per layer.
+//! [`Recompute::Full`] keeps only each layer's input (`T·C` floats) and reruns the layer's
+//! forward during backward: about a third more compute for the smallest footprint.
+
+use super::lora::{LoraLinear, LoraSet};
+use super::Llama;
+use crate::backend::cpu::dropout::splitmix64;
+use crate::backend::{AttnShape, TrainBackend};
+use crate::error::{Error, Result};
+use crate::lora::LoraTarget;
+
+/// How much of the forward the backward recomputes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Recompute {
+    /// Keep the expensive activations, recompute norms, SwiGLU and dropout masks.
+    #[default]
+    Selective,
+    /// Keep only each layer's input; rerun the layer forward in backward.
+    Full,
+}
+
+/// Result of one sequence's forward + backward.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct StepStats {
+    /// `Σ_t CE(z_t, y_t)` over the non-ignored targets (unscaled).
+    pub loss_sum: f64,
+    /// Number of non-ignored targets.
+    pub targets: usize,
+}
+
+/// The projections of a decoder layer in forward order, with their input buffers' roles.
+const QKV: [LoraTarget; 3] = [LoraTarget::QProj, LoraTarget::KProj, LoraTarget::VProj];
+
+/// What one layer's backward needs from its forward (see the module docs).
+struct LayerActs<B: TrainBackend> {
+    h: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    att: B::Buf,
+    gate: B::Buf,
+    up: B::Buf,
+    /// `x̃·Aᵀ` per adapted target, indexed like [`LoraSet::layers`].
+    xa: [Option<B::Buf>; 7],
+}
+
+/// Dropout seed of module `target` of layer `layer` (`None`: lm_head) for sequence seed `seed`.
+fn module_seed(seed: u64, layer: Option<usize>, target: LoraTarget) -> u64 {
+    let l = layer.map_or(0, |l| l as u64 + 1);
+    let t = LoraTarget::ALL
+        .iter()
+        .position(|&x| x == target)
+        .unwrap_or(0) as u64;
+    splitmix64(seed ^ splitmix64((l << 8) | t))
+}
+
+impl<B: TrainBackend> Llama<B> {
+    fn lora_or_err(&self) -> Result<&super::Lora<B>> {
+        self.lora
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArg("training needs a LoRA adapter attached".into()))
+    }
+
+    /// The dropout mask of an adapted module for `rows` tokens, or `None` without dropout.
+    fn dropout_keep(
+        &self,
+        ad: &LoraLinear<B>,
+        layer: Option<usize>,
+        target: LoraTarget,
+        rows: usize,
+        seed: Option<u64>,
+    ) -> Result<Option<B::Buf>> {
+        let p = self.lora_or_err()?.dropout;
+        match seed {
+            Some(seed) if p > 0.0 => {
+                let n = rows * ad.in_features;
+                let mut keep = self.backend.zeros(n)?;
+                self.backend
+                    .dropout_mask(&mut keep, n, p, module_seed(seed, layer, target))?;
+                Ok(Some(keep))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// `out = P(x)` for a projection during training; returns the adapter's `x̃·Aᵀ` if adapted.
+    fn project_train(
+        &self,
+        out: &mut B::Buf,
+        x: &B::Buf,
+        layer: Option<usize>,
+        target: LoraTarget,
+        rows: usize,
+        seed: Option<u64>,
+    ) -> Result<Option<B::Buf>> {
+        let b = &self.backend;
+        b.matmul(out, x, self.base_weight(layer, target), rows)?;
+        let lora = self.lora_or_err()?;
+        let Some(ad) = lora.params.get(layer, target) else {
+            return Ok(None);
+        };
+        let rank = lora.params.rank;
+        let keep = self.dropout_keep(ad, layer, target, rows, seed)?;
+        let mut xa = b.zeros(rows * rank)?;
+        b.lora_forward_add(
+            out,
+            &mut xa,
+            x,
+            keep.as_ref(),
+            &ad.a,
+            &ad.b,
+            lora.scale,
+            ad.shape(rows, rank),
+        )?;
+        Ok(Some(xa))
+    }
+
+    /// Backward of `y = P(x)`: `dx (+)= dy·W` (base share, skipped when `base_dx` is false) plus
+    /// the adapter's share, accumulating the module's `dA`, `dB` into `grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn project_backward(
+        &self,
+        dx: &mut B::Buf,
+        dy: &B::Buf,
+        x: &B::Buf,
+        xa: Option<&B::Buf>,
+        layer: Option<usize>,
+        target: LoraTarget,
+        rows: usize,
+        accumulate: bool,
+        grads: &mut LoraSet<B>,
+        seed: Option<u64>,
+    ) -> Result<()> {
+        let b = &self.backend;
+        b.matmul_dx(dx, dy, self.base_weight(layer, target), rows, accumulate)?;
+        let lora = self.lora_or_err()?;
+        let (Some(ad), Some(xa)) = (lora.params.get(layer, target), xa) else {
+            return Ok(());
+        };
+        let rank = lora.params.rank;
+        let keep = self.dropout_keep(ad, layer, target, rows, seed)?;
+        let g = grads.get_mut(layer, target).ok_or_else(|| {
+            Error::InvalidArg(format!("no gradient buffer for adapted module {target}"))
+        })?;
+        b.lora_backward(
+            dx,
+            &mut g.a,
+            &mut g.b,
+            dy,
+            x,
+            keep.as_ref(),
+            xa,
+            &ad.a,
+            &ad.b,
+            lora.scale,
+            ad.shape(rows, rank),
+        )
+    }
+
+    fn attn_shape(&self, t: usize) -> AttnShape {
+        AttnShape {
+            batch: 1,
+            q_len: t,
+            pos0: 0,
+            cache_cap: t,
+            heads: self.cfg.num_attention_heads,
+            kv_heads: self.cfg.num_key_value_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    /// One decoder layer's training forward: returns the saved activations and the output.
+    fn layer_forward_train(
+        &self,
+        l: usize,
+        x: &B::Buf,
+        positions: &[u32],
+        seed: Option<u64>,
+    ) -> Result<(LayerActs<B>, B::Buf)> {
+        let (cfg, b, t) = (&self.cfg, &self.backend, positions.len());
+        let (c, qd, kvd, f) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        let w = &self.layers[l];
+        let mut xa: [Option<B::Buf>; 7] = Default::default();
+        let mut n = b.zeros(t * c)?;
+        b.rmsnorm(&mut n, x, &w.attn_norm, t, c, cfg.rms_norm_eps)?;
+        let mut q = b.zeros(t * qd)?;
+        let mut k = b.zeros(t * kvd)?;
+        let mut v = b.zeros(t * kvd)?;
+        for (i, (out, target)) in [&mut q, &mut k, &mut v].into_iter().zip(QKV).enumerate() {
+            xa[i] = self.project_train(out, &n, Some(l), target, t, seed)?;
+        }
+        let (heads, kv_heads, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        b.rope(&mut q, positions, &self.inv_freq, heads, d)?;
+        b.rope(&mut k, positions, &self.inv_freq, kv_heads, d)?;
+        let mut att = b.zeros(t * qd)?;
+        b.attention(&mut att, &q, &k, &v, self.attn_shape(t))?;
+        let mut h = b.zeros(t * c)?;
+        xa[3] = self.project_train(&mut h, &att, Some(l), LoraTarget::OProj, t, seed)?;
+        b.add_assign(&mut h, x, t * c)?;
+        b.rmsnorm(&mut n, &h, &w.mlp_norm, t, c, cfg.rms_norm_eps)?;
+        let mut gate = b.zeros(t * f)?;
+        let mut up = b.zeros(t * f)?;
+        xa[4] = self.project_train(&mut gate, &n, Some(l), LoraTarget::GateProj, t, seed)?;
+        xa[5] = self.project_train(&mut up, &n, Some(l), LoraTarget::UpProj, t, seed)?;
+        let mut m = b.zeros(t * f)?;
+        b.swiglu(&mut m, &gate, &up, t * f)?;
+        let mut out = b.zeros(t * c)?;
+        xa[6] = self.project_train(&mut out, &m, Some(l), LoraTarget::DownProj, t, seed)?;
+        b.add_assign(&mut out, &h, t * c)?;
+        let acts = LayerActs {
+            h,
+            q,
+            k,
+            v,
+            att,
+            gate,
+            up,
+            xa,
+        };
+        Ok((acts, out))
+    }
+
+    /// One decoder layer's backward. `dx` holds the gradient of the layer output on entry and
+    /// of its input `x` on exit (left unchanged-meaningless for layer 0, where `need_dx` is false).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        l: usize,
+        x: &B::Buf,
+        a: &LayerActs<B>,
+        dx: &mut B::Buf,
+        positions: &[u32],
+        grads: &mut LoraSet<B>,
+        seed: Option<u64>,
+        need_dx: bool,
+    ) -> Result<()> {
+        let (cfg, b, t) = (&self.cfg, &self.backend, positions.len());
+        let (c, qd, kvd, f) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        let eps = cfg.rms_norm_eps;
+        let w = &self.layers[l];
+        let l_ = Some(l);
+        // MLP block: out = h + P_d(m), m = silu(g) ⊙ u, g/u = P(n₂).
+        let mut m = b.zeros(t * f)?;
+        b.swiglu(&mut m, &a.gate, &a.up, t * f)?;
+        let mut dm = b.zeros(t * f)?;
+        let down = LoraTarget::DownProj;
+        self.project_backward(
+            &mut dm,
+            dx,
+            &m,
+            a.xa[6].as_ref(),
+            l_,
+            down,
+            t,
+            false,
+            grads,
+            seed,
+        )?;
+        drop(m);
+        let (mut dg, mut du) = (b.zeros(t * f)?, b.zeros(t * f)?);
+        b.swiglu_backward(&mut dg, &mut du, &dm, &a.gate, &a.up, t * f)?;
+        drop(dm);
+        let mut n = b.zeros(t * c)?;
+        b.rmsnorm(&mut n, &a.h, &w.mlp_norm, t, c, eps)?;
+        let mut dn = b.zeros(t * c)?;
+        let (gp, upj) = (LoraTarget::GateProj, LoraTarget::UpProj);
+        self.project_backward(
+            &mut dn,
+            &dg,
+            &n,
+            a.xa[4].as_ref(),
+            l_,
+            gp,
+            t,
+            false,
+            grads,
+            seed,
+        )?;
+        self.project_backward(
+            &mut dn,
+            &du,
+            &n,
+            a.xa[5].as_ref(),
+            l_,
+            upj,
+            t,
+            true,
+            grads,
+            seed,
+        )?;
+        drop((dg, du));
+        let mut tmp = b.zeros(t * c)?;
+        b.rmsnorm_backward(&mut tmp, &dn, &a.h, &w.mlp_norm, t, c, eps)?;
+        b.add_assign(dx, &tmp, t * c)?; // dx is now dh
+                                        // Attention block: h = x + P_o(att), att = attn(rope(P_q(n₁)), rope(P_k(n₁)), P_v(n₁)).
+        let mut datt = b.zeros(t * qd)?;
+        let o = LoraTarget::OProj;
+        self.project_backward(
+            &mut datt,
+            dx,
+            &a.att,
+            a.xa[3].as_ref(),
+            l_,
+            o,
+            t,
+            false,
+            grads,
+            seed,
+        )?;
+        let (mut dq, mut dk, mut dv) = (b.zeros(t * qd)?, b.zeros(t * kvd)?, b.zeros(t * kvd)?);
+        let shape = self.attn_shape(t);
+        b.attention_backward(&mut dq, &mut dk, &mut dv, &datt, &a.q, &a.k, &a.v, shape)?;
+        drop(datt);
+        let (heads, kv_heads, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        b.rope_backward(&mut dq, positions, &self.inv_freq, heads, d)?;
+        b.rope_backward(&mut dk, positions, &self.inv_freq, kv_heads, d)?;
+        b.rmsnorm(&mut n, x, &w.attn_norm, t, c, eps)?;
+        for (i, (dy, target)) in [&dq, &dk, &dv].into_iter().zip(QKV).enumerate() {
+            let xa = a.xa[i].as_ref();
+            if need_dx {
+                self.project_backward(&mut dn, dy, &n, xa, l_, target, t, i > 0, grads, seed)?;
+            } else if let Some(xa) = xa {
+                // Layer 0: only the adapter's dA, dB are needed; skip the base share dy·W.
+                self.lora_grads_only(&mut dn, dy, &n, xa, l, target, t, grads, seed)?;
+            }
+        }
+        if need_dx {
+            b.rmsnorm_backward(&mut tmp, &dn, x, &w.attn_norm, t, c, eps)?;
+            b.add_assign(dx, &tmp, t * c)?;
+        }
+        Ok(())
+    }
+
+    /// The adapter part of [`Self::project_backward`] alone (its `dx` share lands in `scratch`).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_grads_only(
+        &self,
+        scratch: &mut B::Buf,
+        dy: &B::Buf,
+        x: &B::Buf,
+        xa: &B::Buf,
+        l: usize,
+        target: LoraTarget,
+        t: usize,
+        grads: &mut LoraSet<B>,
+        seed: Option<u64>,
+    ) -> Result<()> {
+        let lora = self.lora_or_err()?;
+        let Some(ad) = lora.params.get(Some(l), target) else {
+            return Ok(());
+        };
+        let rank = lora.params.rank;
+        let keep = self.dropout_keep(ad, Some(l), target, t, seed)?;
+        let g = grads
+            .get_mut(Some(l), target)
+            .ok_or_else(|| Error::InvalidArg(format!("no gradient buffer for {target}")))?;
+        self.backend.lora_backward(
+            scratch,
+            &mut g.a,
+            &mut g.b,
+            dy,
+            x,
+            keep.as_ref(),
+            xa,
+            &ad.a,
+            &ad.b,
+            lora.scale,
+            ad.shape(t, rank),
+        )
+    }
+
+    /// Forward and backward of one sequence: `targets[t]` is the token position `t` must predict
+    /// (`-100`: no loss). The loss is `scale · Σ_t CE`; its gradient with respect to every
+    /// attached LoRA matrix is **added** to `grads`. `dropout_seed` (`None`: no dropout, as in
+    /// evaluation) determines every dropout mask of the step.
+    pub fn forward_backward(
+        &self,
+        ids: &[u32],
+        targets: &[i32],
+        scale: f32,
+        grads: &mut LoraSet<B>,
+        recompute: Recompute,
+        dropout_seed: Option<u64>,
+    ) -> Result<StepStats> {
+        let (cfg, b, t) = (&self.cfg, &self.backend, ids.len());
+        if t == 0 || targets.len() != t {
+            return Err(Error::InvalidArg(format!(
+                "forward_backward: {t} tokens with {} targets",
+                targets.len()
+            )));
+        }
+        let (c, vocab, eps) = (cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps);
+        let seed = dropout_seed;
+        let positions: Vec<u32> = (0..t as u32).collect();
+        let mut x = b.zeros(t * c)?;
+        b.embedding(&mut x, &self.embed, ids, c)?;
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut saved = Vec::new();
+        for l in 0..self.layers.len() {
+            let (acts, out) = self.layer_forward_train(l, &x, &positions, seed)?;
+            if recompute == Recompute::Selective {
+                saved.push(acts);
+            }
+            inputs.push(std::mem::replace(&mut x, out));
+        }
+        // Head and loss; the logits buffer becomes its own gradient.
+        let mut n = b.zeros(t * c)?;
+        b.rmsnorm(&mut n, &x, &self.norm, t, c, eps)?;
+        let mut z = b.zeros(t * vocab)?;
+        let head = LoraTarget::LmHead;
+        let xa = self.project_train(&mut z, &n, None, head, t, seed)?;
+        let mut losses = b.zeros(t)?;
+        b.cross_entropy_fused(&mut z, &mut losses, targets, vocab, scale)?;
+        let loss_sum = b.download(&losses)?.iter().map(|&v| v as f64).sum();
+        let mut dn = b.zeros(t * c)?;
+        self.project_backward(
+            &mut dn,
+            &z,
+            &n,
+            xa.as_ref(),
+            None,
+            head,
+            t,
+            false,
+            grads,
+            seed,
+        )?;
+        drop(z);
+        let mut dx = b.zeros(t * c)?;
+        b.rmsnorm_backward(&mut dx, &dn, &x, &self.norm, t, c, eps)?;
+        drop((n, dn));
+        for l in (0..self.layers.len()).rev() {
+            let x_l = inputs.pop().expect("one input per layer");
+            let acts = match recompute {
+                Recompute::Selective => saved.pop().expect("one activation set per layer"),
+                Recompute::Full => self.layer_forward_train(l, &x_l, &positions, seed)?.0,
+            };
+            self.layer_backward(l, &x_l, &acts, &mut dx, &positions, grads, seed, l > 0)?;
+        }
+        Ok(StepStats {
+            loss_sum,
+            targets: targets.iter().filter(|&&t| t >= 0).count(),
+        })
+    }
+}

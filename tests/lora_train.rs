@@ -1,0 +1,217 @@
+//! LoRA forward/backward of the whole model (`Llama::forward_backward`) against PEFT 0.21.2
+//! (`tests/fixtures/peft/gqa-lora`, written by `scripts/fixtures_peft.py`): adapter logits,
+//! loss, every lora_A / lora_B gradient; plus recompute modes and dropout determinism.
+
+use qlora::backend::cpu::CpuBackend;
+use qlora::config::ModelConfig;
+use qlora::lora::{load_adapter, peft_key, LoraConfig, LoraWeights};
+use qlora::model::{BaseQuant, Llama, Logits, Lora, LoraSet, Recompute};
+use qlora::weights::Checkpoint;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn golden_prompts() -> Vec<Vec<u32>> {
+    let g: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/tiny/gqa/golden.json")).unwrap(),
+    )
+    .unwrap();
+    g["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            p.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn golden(name: &str) -> Vec<f32> {
+    let bytes =
+        std::fs::read(root().join("tests/fixtures/peft/gqa-lora/golden.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let v = st
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("golden has no {name}"));
+    v.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn load_model(dir: &Path, quant: BaseQuant) -> Llama<CpuBackend> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let ckpt = Checkpoint::open(dir).unwrap();
+    Llama::load(CpuBackend::new(), &ckpt, &cfg, quant, |_, _| {}).unwrap()
+}
+
+/// The tiny GQA model with PEFT's adapter attached (`--quant none`, as the goldens).
+fn peft_model() -> (Llama<CpuBackend>, LoraConfig, LoraWeights) {
+    let mut m = load_model(&root().join("tests/fixtures/tiny/gqa"), BaseQuant::None);
+    let (cfg, w) = load_adapter(&root().join("tests/fixtures/peft/gqa-lora"), &m.cfg).unwrap();
+    m.lora = Some(Lora::new(&m.backend, &cfg, &w, &m.cfg).unwrap());
+    (m, cfg, w)
+}
+
+/// Next-token targets of a causal LM: position t predicts ids[t+1]; the last predicts nothing.
+fn targets(ids: &[u32]) -> Vec<i32> {
+    ids[1..].iter().map(|&i| i as i32).chain([-100]).collect()
+}
+
+fn grads_of(
+    m: &Llama<CpuBackend>,
+    ids: &[u32],
+    recompute: Recompute,
+    seed: Option<u64>,
+) -> (f64, LoraWeights) {
+    let lora = m.lora.as_ref().unwrap();
+    let mut g = lora.params.zeros_like(&m.backend).unwrap();
+    let n = ids.len() - 1;
+    let st = m
+        .forward_backward(ids, &targets(ids), 1.0 / n as f32, &mut g, recompute, seed)
+        .unwrap();
+    assert_eq!(st.targets, n);
+    (st.loss_sum / n as f64, g.download(&m.backend).unwrap())
+}
+
+/// `max_i |a_i − b_i| / max_i |b_i|`: error relative to the tensor's scale.
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, &v| m.max(v.abs() as f64));
+    let err = a
+        .iter()
+        .zip(b)
+        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+    err / scale.max(1e-30)
+}
+
+#[test]
+fn adapter_logits_match_peft() {
+    let (m, _, _) = peft_model();
+    let mut worst = 0f32;
+    for (i, ids) in golden_prompts().iter().enumerate() {
+        let mut cache = m.new_cache(ids.len()).unwrap();
+        let got = m.forward(ids, &mut cache, Logits::All).unwrap();
+        let want = golden(&format!("logits.{i}"));
+        assert_eq!(got.len(), want.len());
+        for (a, b) in got.iter().zip(&want) {
+            worst = worst.max((a - b).abs());
+        }
+        // The adapter must matter: the base model's logits differ clearly.
+    }
+    println!("adapter logits vs PEFT: max |Δ| = {worst:.2e}");
+    assert!(worst < 1e-4, "adapter logits differ from PEFT by {worst}");
+}
+
+#[test]
+fn adapter_changes_the_output() {
+    let (m, _, _) = peft_model();
+    let base = load_model(&root().join("tests/fixtures/tiny/gqa"), BaseQuant::None);
+    let ids = &golden_prompts()[0];
+    let run = |m: &Llama<CpuBackend>| {
+        let mut cache = m.new_cache(ids.len()).unwrap();
+        m.forward(ids, &mut cache, Logits::All).unwrap()
+    };
+    let (a, b) = (run(&m), run(&base));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |d, (x, y)| d.max((x - y).abs()));
+    assert!(diff > 1e-2, "adapter changes logits by only {diff}");
+}
+
+#[test]
+fn lora_gradients_match_peft() {
+    let (m, _, w) = peft_model();
+    let ids = &golden_prompts()[0];
+    let (loss, grads) = grads_of(&m, ids, Recompute::Selective, None);
+    let want_loss = golden("loss.0")[0] as f64;
+    println!("loss {loss:.7} vs PEFT {want_loss:.7}");
+    assert!((loss - want_loss).abs() / want_loss < 1e-5);
+    let mut worst = 0f64;
+    for (module, pair) in &grads.modules {
+        for (is_a, got) in [(true, &pair.a), (false, &pair.b)] {
+            let key = peft_key(module, is_a);
+            let want = golden(&format!("grad.{key}"));
+            let e = rel(got, &want);
+            println!("{key}: rel err {e:.2e}");
+            assert!(
+                want.iter().any(|&v| v != 0.0),
+                "{key}: PEFT gradient is all zero"
+            );
+            worst = worst.max(e);
+        }
+    }
+    assert_eq!(grads.modules.len(), w.modules.len());
+    println!("LoRA gradients vs PEFT: max relative error {worst:.2e}");
+    assert!(worst < 1e-4, "gradients differ from PEFT by {worst:.2e}");
+}
+
+#[test]
+fn full_recompute_equals_selective() {
+    let (mut m, cfg, w) = peft_model();
+    let mut cfg = cfg;
+    cfg.lora_dropout = 0.3;
+    m.lora = Some(Lora::new(&m.backend, &cfg, &w, &m.cfg).unwrap());
+    let ids = &golden_prompts()[1];
+    let (l1, g1) = grads_of(&m, ids, Recompute::Selective, Some(7));
+    let (l2, g2) = grads_of(&m, ids, Recompute::Full, Some(7));
+    assert_eq!(l1, l2);
+    assert_eq!(
+        g1, g2,
+        "full recompute must reproduce the selective gradients bit for bit"
+    );
+    // Dropout is active: another seed gives other gradients, no seed gives the dropout-free ones.
+    let (_, g3) = grads_of(&m, ids, Recompute::Selective, Some(8));
+    assert_ne!(g1, g3);
+    let (l4, _) = grads_of(&m, ids, Recompute::Selective, None);
+    assert_ne!(l1, l4);
+}
+
+#[test]
+fn gradients_accumulate_over_calls() {
+    let (m, _, _) = peft_model();
+    let ids = &golden_prompts()[0];
+    let lora = m.lora.as_ref().unwrap();
+    let mut g: LoraSet<CpuBackend> = lora.params.zeros_like(&m.backend).unwrap();
+    let t = targets(ids);
+    for _ in 0..2 {
+        m.forward_backward(ids, &t, 0.5, &mut g, Recompute::Selective, None)
+            .unwrap();
+    }
+    let twice = g.download(&m.backend).unwrap();
+    let mut once = lora.params.zeros_like(&m.backend).unwrap();
+    m.forward_backward(ids, &t, 1.0, &mut once, Recompute::Selective, None)
+        .unwrap();
+    let once = once.download(&m.backend).unwrap();
+    for (a, b) in twice.modules.values().zip(once.modules.values()) {
+        assert!(rel(&a.a, &b.a) < 1e-6 && rel(&a.b, &b.b) < 1e-6);
+    }
+}
+
+#[test]
+fn nf4_base_gradients_equal_dequantized_dense() {
+    // QLoRA: the adapter on the NF4 base. The fused NF4 kernels (x·Wᵀ and dy·W) must give the
+    // gradients of the dense model whose weights are the dequantized NF4 values.
+    let (_, cfg, w) = peft_model();
+    let mut q = load_model(&root().join("tests/fixtures/tiny/gqa"), BaseQuant::NF4);
+    let mut d = q.dequantized();
+    q.lora = Some(Lora::new(&q.backend, &cfg, &w, &q.cfg).unwrap());
+    d.lora = Some(Lora::new(&d.backend, &cfg, &w, &d.cfg).unwrap());
+    let ids = &golden_prompts()[0];
+    let (lq, gq) = grads_of(&q, ids, Recompute::Selective, None);
+    let (ld, gd) = grads_of(&d, ids, Recompute::Selective, None);
+    assert!((lq - ld).abs() < 1e-5 * ld, "loss {lq} vs {ld}");
+    let mut worst = 0f64;
+    for (a, b) in gq.modules.values().zip(gd.modules.values()) {
+        worst = worst.max(rel(&a.a, &b.a)).max(rel(&a.b, &b.b));
+    }
+    println!("NF4 vs dequantized-dense LoRA gradients: max rel err {worst:.2e}");
+    assert!(worst < 1e-4);
+}
