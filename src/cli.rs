@@ -38,6 +38,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Write an NF4 (bitsandbytes 4-bit) copy of a model that transformers + bitsandbytes and qlora load.
     Quantize(QuantizeArgs),
+    /// Finetune a LoRA adapter (QLoRA: NF4 base by default) and write it in PEFT format.
+    Train(Box<crate::train_cli::TrainArgs>),
 }
 
 /// How the base weights are held in memory.
@@ -52,9 +54,21 @@ pub enum Quant {
 
 #[derive(Args, Debug)]
 pub struct ModelArgs {
-    /// Model: a local folder or a Hugging Face id (org/name[@revision]).
-    #[arg(long, short, value_name = "MODEL")]
-    pub model: String,
+    /// Model: a local folder or a Hugging Face id (org/name[@revision]). With --adapter it
+    /// defaults to the adapter's base_model_name_or_path.
+    #[arg(long, short, value_name = "MODEL", required_unless_present = "adapter")]
+    pub model: Option<String>,
+    /// A LoRA adapter folder (PEFT format: adapter_config.json + adapter_model.safetensors) to
+    /// apply on top of the model.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub base: BaseArgs,
+}
+
+/// How and where the base model runs.
+#[derive(Args, Debug)]
+pub struct BaseArgs {
     /// Base-weight format in memory.
     #[arg(long, value_enum, default_value_t = Quant::Nf4)]
     pub quant: Quant,
@@ -165,19 +179,20 @@ pub fn run(cli: Cli) -> Result<()> {
             .context("configuring the thread pool")?;
     }
     match cli.command {
-        Command::Eval(a) => match backend::select(a.model.device)? {
+        Command::Eval(a) => match backend::select(a.model.base.device)? {
             AnyBackend::Cpu(b) => eval(b, &a),
         },
-        Command::Generate(a) => match backend::select(a.model.device)? {
+        Command::Generate(a) => match backend::select(a.model.base.device)? {
             AnyBackend::Cpu(b) => gen(b, &a),
         },
         Command::Inspect(a) => inspect(&a),
         Command::Quantize(a) => quantize(&a),
+        Command::Train(a) => crate::train_cli::run(&a),
     }
 }
 
-impl ModelArgs {
-    fn base_quant(&self) -> Result<BaseQuant> {
+impl BaseArgs {
+    pub fn base_quant(&self) -> Result<BaseQuant> {
         Ok(match self.quant {
             Quant::None => BaseQuant::None,
             Quant::Nf4 => {
@@ -197,8 +212,40 @@ impl ModelArgs {
 }
 
 fn load<B: Backend>(m: &ModelArgs, b: B) -> Result<Loaded<B>> {
-    let quant = m.base_quant()?;
-    load_model(&m.model, b, quant).with_context(|| format!("cannot load model {}", m.model))
+    let quant = m.base.base_quant()?;
+    // With --adapter, the base model defaults to the one the adapter was trained on.
+    let adapter_cfg = match &m.adapter {
+        Some(dir) => Some(
+            qlora::lora::LoraConfig::from_file(&dir.join(qlora::lora::CONFIG_FILE))
+                .with_context(|| format!("cannot use adapter {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let spec = match (&m.model, &adapter_cfg) {
+        (Some(model), _) => model.clone(),
+        (None, Some(c)) => c.base_model_name_or_path.clone().with_context(|| {
+            format!(
+                "{}: adapter_config.json names no base_model_name_or_path; pass --model",
+                m.adapter.as_ref().expect("adapter given").display()
+            )
+        })?,
+        (None, None) => bail!("--model is required (or --adapter with a base model recorded)"),
+    };
+    let mut loaded =
+        load_model(&spec, b, quant).with_context(|| format!("cannot load model {spec}"))?;
+    if let Some(dir) = &m.adapter {
+        let model = &mut loaded.model;
+        let (cfg, weights) = qlora::lora::load_adapter(dir, &model.cfg)
+            .with_context(|| format!("cannot apply adapter {} to {spec}", dir.display()))?;
+        model.lora = Some(qlora::model::Lora::new(
+            &model.backend,
+            &cfg,
+            &weights,
+            &model.cfg,
+        )?);
+        tracing::info!(adapter = %dir.display(), r = cfg.r, alpha = cfg.lora_alpha, targets = ?cfg.target_modules, "adapter applied");
+    }
+    Ok(loaded)
 }
 
 fn eval<B: Backend>(b: B, a: &EvalArgs) -> Result<()> {

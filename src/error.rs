@@ -53,6 +53,9 @@ pub enum Error {
     /// Invalid user-supplied argument values.
     #[error("invalid argument: {0}")]
     InvalidArg(String),
+    /// Training stopped (diverged: non-finite loss or gradients).
+    #[error("training: {0}")]
+    Training(String),
 }
 
 impl Error {

@@ -1,6 +1,7 @@
 //! The `qlora` binary: parse arguments, run the job, report the error chain.
 
 mod cli;
+mod train_cli;
 
 use clap::Parser;
 use std::io::IsTerminal;
@@ -15,7 +16,14 @@ fn main() -> ExitCode {
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let args = cli::Cli::parse();
+    let argv = match train_cli::expand_config_file(std::env::args().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let args = cli::Cli::parse_from(argv);
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -2,8 +2,13 @@
 //! clipping, and learning-rate schedules. All of them follow PyTorch / transformers numerically
 //! (checked against fixtures written by `scripts/fixtures_peft.py`).
 
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod metrics;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;
 
 pub use optim::{clip_grad_norm, grad_norm, AdamParamState, AdamW, AdamWState};
 pub use schedule::{warmup_from_ratio, LrSchedule, ScheduleKind};

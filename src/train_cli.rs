@@ -1,0 +1,406 @@
+//! `qlora train`: flags (and `--config run.toml`) → [`TrainConfig`] → the training loop, with a
+//! progress bar, Ctrl-C handling and an end-of-run summary.
+
+use crate::cli::BaseArgs;
+use anyhow::{bail, Context, Result};
+use clap::{Args, CommandFactory, ValueEnum};
+use qlora::backend::{self, AnyBackend};
+use qlora::model::Recompute;
+use qlora::train::config::{EvalData, Resume, TrainConfig, Warmup};
+use qlora::train::trainer::{train, Event, TrainSummary};
+use qlora::train::ScheduleKind;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sched {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecomputeArg {
+    /// Keep matmul outputs, recompute norms, SwiGLU and dropout masks.
+    Selective,
+    /// Keep only each layer's input and rerun the layer forward in backward.
+    Full,
+}
+
+/// Flags of `qlora train`. Defaults follow the guanaco-llama2-1k QLoRA tutorial.
+#[derive(Args, Debug)]
+#[command(args_override_self = true)]
+pub struct TrainArgs {
+    /// TOML file holding any of these flags (`learning_rate = 1e-4`, `target_modules =
+    /// ["q_proj", "v_proj"]`, `packing = true`); flags on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Base model: a local folder or a Hugging Face id.
+    #[arg(long, short)]
+    pub model: String,
+    /// Training data: a .jsonl/.json/.parquet file or folder, or a Hugging Face dataset id.
+    #[arg(long, short)]
+    pub dataset: String,
+    /// Output folder: final adapter, checkpoint-N/, metrics.jsonl, loss_curve.svg.
+    #[arg(long, short, default_value = "out")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub base: BaseArgs,
+    /// Modules to adapt: comma-separated names among q_proj,k_proj,v_proj,o_proj,gate_proj,
+    /// up_proj,down_proj,lm_head, or all-linear.
+    #[arg(long, default_value = "q_proj,v_proj", value_delimiter = ',')]
+    pub target_modules: Vec<String>,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
+    pub lora_r: usize,
+    /// LoRA alpha (scaling alpha/r).
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f32,
+    /// Dropout on the adapter input during training.
+    #[arg(long, default_value_t = 0.1)]
+    pub lora_dropout: f32,
+    /// rsLoRA scaling alpha/√r.
+    #[arg(long)]
+    pub use_rslora: bool,
+    /// Start from this PEFT adapter (its rank, alpha and targets are used).
+    #[arg(long, value_name = "DIR")]
+    pub init_adapter: Option<PathBuf>,
+    #[arg(long, default_value_t = 2e-4, allow_negative_numbers = true)]
+    pub learning_rate: f64,
+    /// Decoupled AdamW weight decay.
+    #[arg(long, default_value_t = 0.001)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_epsilon: f64,
+    /// Clip the global gradient 2-norm to this (0: no clipping).
+    #[arg(long, default_value_t = 0.3)]
+    pub max_grad_norm: f32,
+    #[arg(long, value_enum, default_value_t = Sched::Constant)]
+    pub lr_scheduler: Sched,
+    /// Warmup as a fraction of all steps.
+    #[arg(long, default_value_t = 0.03)]
+    pub warmup_ratio: f64,
+    /// Warmup steps (overrides --warmup-ratio).
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Field holding plain text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Field holding conversations (a list of {role, content}), rendered with the chat template.
+    #[arg(long, default_value = "messages")]
+    pub messages_field: String,
+    /// Take the loss on assistant turns (or completions) only.
+    #[arg(long)]
+    pub completion_only_loss: bool,
+    /// Truncate examples to this many tokens.
+    #[arg(long, default_value_t = 512)]
+    pub max_seq_len: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Use only the first N dataset rows.
+    #[arg(long, value_name = "N")]
+    pub max_rows: Option<usize>,
+    /// Batch examples of similar length (the default, as in the tutorial).
+    #[arg(long, overrides_with = "no_group_by_length")]
+    pub group_by_length: bool,
+    /// Plain random batches.
+    #[arg(long)]
+    pub no_group_by_length: bool,
+    /// Pack several short examples into one row of up to --max-seq-len tokens.
+    #[arg(long)]
+    pub packing: bool,
+    /// Seed of the shuffle, the LoRA init and dropout.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Hold out this fraction of the rows for evaluation.
+    #[arg(long, value_name = "FRACTION", conflicts_with = "eval_dataset")]
+    pub eval_split: Option<f64>,
+    /// Evaluate on this dataset.
+    #[arg(long)]
+    pub eval_dataset: Option<String>,
+    /// Evaluate every N steps (and at the end).
+    #[arg(long)]
+    pub eval_steps: Option<usize>,
+    /// Write OUTPUT/checkpoint-N every N steps.
+    #[arg(long, default_value_t = 25)]
+    pub save_steps: usize,
+    /// Log loss, lr, grad norm and throughput every N steps.
+    #[arg(long, default_value_t = 25)]
+    pub logging_steps: usize,
+    /// Continue from the latest OUTPUT/checkpoint-N, or from the given checkpoint folder.
+    #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
+    pub resume: Option<String>,
+    /// Replace an existing adapter and checkpoints in OUTPUT.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Activation memory strategy.
+    #[arg(long, value_enum, default_value_t = RecomputeArg::Selective)]
+    pub recompute: RecomputeArg,
+}
+
+impl TrainArgs {
+    /// The validated run settings.
+    pub fn to_config(&self) -> Result<TrainConfig> {
+        let mut c = TrainConfig::new(&self.model, &self.dataset);
+        c.output = self.output.clone();
+        c.quant = self.base.base_quant()?;
+        c.lora.r = self.lora_r;
+        c.lora.alpha = self.lora_alpha;
+        c.lora.dropout = self.lora_dropout;
+        c.lora.targets = self.target_modules.clone();
+        c.lora.use_rslora = self.use_rslora;
+        c.init_adapter = self.init_adapter.clone();
+        c.optim.lr = self.learning_rate;
+        c.optim.weight_decay = self.weight_decay;
+        c.optim.beta1 = self.adam_beta1;
+        c.optim.beta2 = self.adam_beta2;
+        c.optim.eps = self.adam_epsilon;
+        c.max_grad_norm = self.max_grad_norm;
+        c.scheduler = match self.lr_scheduler {
+            Sched::Constant => ScheduleKind::Constant,
+            Sched::Linear => ScheduleKind::Linear,
+            Sched::Cosine => ScheduleKind::Cosine,
+        };
+        c.warmup = match self.warmup_steps {
+            Some(n) => Warmup::Steps(n),
+            None => Warmup::Ratio(self.warmup_ratio),
+        };
+        c.data.text_field = self.text_field.clone();
+        c.data.messages_field = self.messages_field.clone();
+        c.data.completion_only_loss = self.completion_only_loss;
+        c.data.max_seq_len = self.max_seq_len;
+        c.batch.batch_size = self.batch_size;
+        c.batch.group_by_length = !self.no_group_by_length;
+        c.batch.packing = self.packing;
+        c.batch.max_seq_len = self.max_seq_len;
+        c.batch.seed = self.seed;
+        c.grad_accum = self.grad_accum;
+        c.epochs = self.epochs;
+        c.max_steps = self.max_steps;
+        c.max_rows = self.max_rows;
+        c.eval = match (&self.eval_split, &self.eval_dataset) {
+            (Some(f), _) => EvalData::Split(*f),
+            (None, Some(d)) => EvalData::Dataset(d.clone()),
+            (None, None) => EvalData::None,
+        };
+        c.eval_steps = self.eval_steps;
+        c.save_steps = self.save_steps;
+        c.logging_steps = self.logging_steps;
+        c.resume = self.resume.as_deref().map(|r| match r {
+            "latest" => Resume::Latest,
+            p => Resume::Path(PathBuf::from(p)),
+        });
+        c.overwrite = self.overwrite;
+        c.recompute = match self.recompute {
+            RecomputeArg::Selective => Recompute::Selective,
+            RecomputeArg::Full => Recompute::Full,
+        };
+        c.seed = self.seed;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Expands `--config FILE` of a `train` command line into flags placed before the others, so
+/// that flags given on the command line override the file (`args_override_self`).
+pub fn expand_config_file(args: Vec<String>) -> Result<Vec<String>> {
+    let Some(sub) = args.iter().position(|a| a == "train") else {
+        return Ok(args);
+    };
+    let mut path = None;
+    for (i, a) in args.iter().enumerate().skip(sub + 1) {
+        if a == "--config" {
+            path = args.get(i + 1).cloned();
+        } else if let Some(p) = a.strip_prefix("--config=") {
+            path = Some(p.to_string());
+        }
+    }
+    let Some(path) = path else {
+        return Ok(args);
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{path}: cannot read config file"))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{path}: not valid TOML"))?;
+    let cmd = crate::cli::Cli::command();
+    let train = cmd
+        .find_subcommand("train")
+        .expect("train subcommand exists");
+    let mut flags = Vec::new();
+    for (key, value) in &table {
+        let long = key.replace('_', "-");
+        let known = train
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()));
+        let Some(arg) = known else {
+            bail!("{path}: unknown setting `{key}` (settings are the long flags of `qlora train`, e.g. learning_rate = 1e-4)");
+        };
+        if long == "config" {
+            bail!("{path}: a config file cannot name another config file");
+        }
+        let takes_value = arg.get_action().takes_values();
+        let flag = format!("--{long}");
+        match value {
+            toml::Value::Boolean(b) if !takes_value => {
+                if *b {
+                    flags.push(flag);
+                }
+            }
+            toml::Value::String(s) if takes_value => flags.extend([flag, s.clone()]),
+            toml::Value::Integer(n) if takes_value => flags.extend([flag, n.to_string()]),
+            toml::Value::Float(x) if takes_value => flags.extend([flag, x.to_string()]),
+            toml::Value::Array(items) if takes_value => {
+                let parts: Vec<String> = items
+                    .iter()
+                    .map(|v| match v {
+                        toml::Value::String(s) => Ok(s.clone()),
+                        other => bail!(
+                            "{path}: `{key}` must be a list of strings, found a {}",
+                            other.type_str()
+                        ),
+                    })
+                    .collect::<Result<_>>()?;
+                flags.extend([flag, parts.join(",")]);
+            }
+            other => bail!(
+                "{path}: `{key}` has the wrong type ({}): {}",
+                other.type_str(),
+                if takes_value {
+                    "expected a string, number or list"
+                } else {
+                    "expected true or false"
+                }
+            ),
+        }
+    }
+    let mut out = args[..=sub].to_vec();
+    out.extend(flags);
+    out.extend(args[sub + 1..].iter().cloned());
+    Ok(out)
+}
+
+/// Runs `qlora train`.
+pub fn run(a: &TrainArgs) -> Result<()> {
+    let cfg = a.to_config()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C exits at once.
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("\ninterrupted again: exiting without saving");
+                std::process::exit(130);
+            }
+            eprintln!("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)");
+        });
+    }
+    let summary = match backend::select(a.base.device)? {
+        AnyBackend::Cpu(b) => run_on(b, &cfg, &stop)?,
+    };
+    print_summary(&summary);
+    Ok(())
+}
+
+fn run_on<B: qlora::backend::TrainBackend>(
+    b: B,
+    cfg: &TrainConfig,
+    stop: &AtomicBool,
+) -> Result<TrainSummary> {
+    let bar = indicatif::ProgressBar::hidden();
+    let mut on = |ev: Event| match ev {
+        Event::Started {
+            start_step,
+            total_steps,
+            train_examples,
+            eval_examples,
+            stats,
+            trainable,
+        } => {
+            eprintln!("{trainable}");
+            eprintln!(
+                "{train_examples} training examples, {eval_examples} held out; {} rows read, {} truncated, {} skipped; {total_steps} optimizer steps",
+                stats.rows,
+                stats.truncated,
+                stats.skipped_no_assistant + stats.skipped_empty
+            );
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            bar.set_length(total_steps as u64);
+            bar.set_position(start_step as u64);
+            bar.reset_eta();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "train {bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}",
+                )
+                .expect("static template"),
+            );
+        }
+        Event::Step(s) => {
+            bar.set_position(s.step as u64);
+            bar.set_message(format!(
+                "loss {:.4} lr {:.2e} {:.0} tok/s",
+                s.loss, s.lr, s.tokens_per_s
+            ));
+        }
+        Event::Logged(r) => bar.suspend(|| {
+            tracing::info!(
+                step = r.step,
+                epoch = format!("{:.2}", r.epoch),
+                loss = format!("{:.4}", r.loss),
+                eval_loss = r.eval_loss.map(|e| format!("{e:.4}")),
+                lr = format!("{:.3e}", r.lr),
+                grad_norm = format!("{:.3}", r.grad_norm),
+                tokens_per_s = format!("{:.0}", r.tokens_per_s),
+                peak_rss_mib = format!("{:.0}", r.peak_rss_mib),
+                "train"
+            )
+        }),
+        Event::Saved(dir) => bar.suspend(|| tracing::info!(checkpoint = %dir.display(), "saved")),
+    };
+    let r = train(cfg, b, stop, &mut on);
+    bar.finish_and_clear();
+    Ok(r?)
+}
+
+fn print_summary(s: &TrainSummary) {
+    let last = s.losses.last().map(|l| l.1);
+    let first = s.losses.first().map(|l| l.1);
+    eprintln!(
+        "{} after {}/{} steps: {} target tokens in {:.1} s ({:.0} tok/s), loss {} → {}{}, peak RSS {:.0} MiB",
+        if s.interrupted { "stopped" } else { "done" },
+        s.steps,
+        s.total_steps,
+        s.target_tokens,
+        s.elapsed_s,
+        s.tokens_per_s,
+        first.map_or("-".into(), |v| format!("{v:.4}")),
+        last.map_or("-".into(), |v| format!("{v:.4}")),
+        s.eval_losses
+            .last()
+            .map_or(String::new(), |e| format!(", eval loss {:.4}", e.1)),
+        s.peak_rss_mib
+    );
+    if s.interrupted {
+        eprintln!(
+            "checkpoint saved in {}; continue with --resume",
+            s.output.display()
+        );
+    } else {
+        eprintln!(
+            "adapter written to {} (metrics.jsonl, loss_curve.svg beside it)",
+            s.output.display()
+        );
+    }
+}

@@ -1,0 +1,265 @@
+//! The `qlora` binary's training-related commands: `train` (flags, `--config` file, bad input)
+//! and `--adapter` on `eval` / `generate`.
+
+use std::path::Path;
+use std::process::Command;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn tiny() -> String {
+    format!("{ROOT}/tests/fixtures/tiny/gqa")
+}
+fn guanaco() -> String {
+    format!("{ROOT}/tests/fixtures/guanaco-llama2-1k")
+}
+fn peft_adapter() -> String {
+    format!("{ROOT}/tests/fixtures/peft/gqa-lora")
+}
+
+fn qlora(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .args(args)
+        .current_dir(ROOT)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run qlora");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !stderr.contains("panicked"),
+        "panicked on {args:?}:\n{stderr}"
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        stderr,
+    )
+}
+
+fn train_args<'a>(out: &'a str, m: &'a str, d: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model",
+        m,
+        "--dataset",
+        d,
+        "--output",
+        out,
+        "--device",
+        "cpu",
+        "--max-rows",
+        "16",
+        "--max-seq-len",
+        "64",
+    ]
+}
+
+fn fails(args: &[&str], needles: &[&str]) {
+    let (code, _, err) = qlora(args);
+    assert_ne!(code, 0, "expected failure for {args:?}, stderr:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
+    }
+}
+
+fn steps_done(out: &Path) -> usize {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last = text.lines().last().unwrap();
+    serde_json::from_str::<serde_json::Value>(last).unwrap()["step"]
+        .as_u64()
+        .unwrap() as usize
+}
+
+#[test]
+fn config_file_sets_flags_and_the_command_line_overrides_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("run.toml");
+    std::fs::write(
+        &toml,
+        "max_steps = 3\nlora_r = 2\ntarget_modules = [\"q_proj\", \"down_proj\"]\nlogging_steps = 1\npacking = false\n",
+    )
+    .unwrap();
+    let (m, d) = (tiny(), guanaco());
+    let out = dir.path().join("a");
+    let o = out.to_str().unwrap();
+    let mut args = train_args(o, &m, &d);
+    args.extend(["--config", toml.to_str().unwrap()]);
+    let (code, _, err) = qlora(&args);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(steps_done(&out), 3);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["r"], 2);
+    let mut targets: Vec<String> = cfg["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    targets.sort();
+    assert_eq!(targets, ["down_proj", "q_proj"]);
+    assert!(
+        err.contains("trainable of"),
+        "trainable-parameter report: {err}"
+    );
+
+    // A flag on the command line wins over the file.
+    let out2 = dir.path().join("b");
+    let o2 = out2.to_str().unwrap();
+    let mut args = train_args(o2, &m, &d);
+    args.extend(["--config", toml.to_str().unwrap(), "--max-steps", "2"]);
+    let (code, _, err) = qlora(&args);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(steps_done(&out2), 2);
+}
+
+#[test]
+fn bad_config_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d) = (tiny(), guanaco());
+    let o = dir.path().join("o");
+    let o = o.to_str().unwrap();
+    for (text, needle) in [
+        ("learning_rat = 1e-4\n", "unknown setting `learning_rat`"),
+        ("max_steps = \"many\"\n", "max-steps"),
+        ("packing = 3\n", "`packing` has the wrong type"),
+        ("max_steps = [\n", "not valid TOML"),
+    ] {
+        let toml = dir.path().join("bad.toml");
+        std::fs::write(&toml, text).unwrap();
+        let mut args = train_args(o, &m, &d);
+        args.extend(["--config", toml.to_str().unwrap()]);
+        fails(&args, &[needle]);
+    }
+    let mut args = train_args(o, &m, &d);
+    args.extend(["--config", "/nonexistent/run.toml"]);
+    fails(&args, &["/nonexistent/run.toml"]);
+}
+
+#[test]
+fn bad_training_input_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d) = (tiny(), guanaco());
+    let o = dir.path().join("o");
+    let o = o.to_str().unwrap();
+    let with = |extra: &[&'static str]| {
+        let mut a = train_args(o, &m, &d);
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (
+            with(&["--target-modules", "q_proj,wq"]),
+            vec!["wq", "q_proj"],
+        ),
+        (with(&["--lora-r", "0"]), vec!["--lora-r"]),
+        (with(&["--lora-r", "-1"]), vec!["--lora-r"]),
+        (with(&["--learning-rate", "-1"]), vec!["lr"]),
+        (
+            with(&["--init-adapter", "/nonexistent/adapter"]),
+            vec!["/nonexistent/adapter"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails(&a, &needles);
+    }
+    // An adapter for another architecture (hidden size 48 vs 64).
+    let tied = format!("{ROOT}/tests/fixtures/tiny/tied");
+    let pa = peft_adapter();
+    let mut a = train_args(o, &tied, &d);
+    a.extend(["--init-adapter", &pa]);
+    fails(&a, &["adapter"]);
+}
+
+#[test]
+fn existing_output_needs_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d) = (tiny(), guanaco());
+    let out = dir.path().join("o");
+    let o = out.to_str().unwrap();
+    let mut a = train_args(o, &m, &d);
+    a.extend(["--max-steps", "1"]);
+    let (code, _, err) = qlora(&a);
+    assert_eq!(code, 0, "{err}");
+    fails(&a, &["--overwrite", o]);
+    a.push("--overwrite");
+    let (code, _, err) = qlora(&a);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn eval_and_generate_apply_a_peft_adapter() {
+    let eval_data = format!("{ROOT}/tests/fixtures/tiny/eval.jsonl");
+    let (m, pa) = (tiny(), peft_adapter());
+    let loss = |extra: &[&str]| -> f64 {
+        let mut a = vec![
+            "eval",
+            "--dataset",
+            &eval_data,
+            "--quant",
+            "none",
+            "--device",
+            "cpu",
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        let (code, out, err) = qlora(&a);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let base = loss(&["--model", &m]);
+    // The base model comes from adapter_config.json (base_model_name_or_path).
+    let adapted = loss(&["--adapter", &pa]);
+    let explicit = loss(&["--adapter", &pa, "--model", &m]);
+    assert_eq!(adapted, explicit);
+    assert!(
+        (adapted - base).abs() > 1e-3,
+        "adapter changes the loss: {base} vs {adapted}"
+    );
+
+    let (code, out, err) = qlora(&[
+        "generate",
+        "--adapter",
+        &pa,
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.is_empty());
+    // An adapter that does not fit the model.
+    let tied = format!("{ROOT}/tests/fixtures/tiny/tied");
+    fails(
+        &[
+            "eval",
+            "--adapter",
+            &pa,
+            "--model",
+            &tied,
+            "--dataset",
+            &eval_data,
+            "--device",
+            "cpu",
+        ],
+        &["gqa-lora"],
+    );
+    fails(
+        &[
+            "eval",
+            "--adapter",
+            "/nonexistent/ad",
+            "--dataset",
+            &eval_data,
+        ],
+        &["/nonexistent/ad"],
+    );
+}
