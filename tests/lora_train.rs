@@ -215,3 +215,36 @@ fn nf4_base_gradients_equal_dequantized_dense() {
     println!("NF4 vs dequantized-dense LoRA gradients: max rel err {worst:.2e}");
     assert!(worst < 1e-4);
 }
+
+#[test]
+fn qlora_trained_adapter_reproduces_in_peft() {
+    // tests/fixtures/peft/qlora-trained was written by `qlora train` (all-linear, rsLoRA, r 4, 6
+    // steps, --quant none); peft_check.safetensors holds PEFT 0.21.2's logits with it loaded via
+    // PeftModel.from_pretrained (`scripts/fixtures_peft.py --check-qlora DIR`).
+    let dir = root().join("tests/fixtures/peft/qlora-trained");
+    let mut m = load_model(&root().join("tests/fixtures/tiny/gqa"), BaseQuant::None);
+    let (cfg, w) = load_adapter(&dir, &m.cfg).unwrap();
+    assert!(cfg.use_rslora && w.modules.values().all(|p| p.b.iter().any(|&v| v != 0.0)));
+    m.lora = Some(Lora::new(&m.backend, &cfg, &w, &m.cfg).unwrap());
+    let bytes = std::fs::read(dir.join("peft_check.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut worst = 0f32;
+    for (i, ids) in golden_prompts().iter().enumerate() {
+        let mut cache = m.new_cache(ids.len()).unwrap();
+        let got = m.forward(ids, &mut cache, Logits::All).unwrap();
+        let want: Vec<f32> = st
+            .tensor(&format!("logits.{i}"))
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(got.len(), want.len());
+        worst = got
+            .iter()
+            .zip(&want)
+            .fold(worst, |w, (a, b)| w.max((a - b).abs()));
+    }
+    println!("qlora-written adapter in PEFT: max |Δlogit| = {worst:.2e}");
+    assert!(worst < 1e-4);
+}
