@@ -109,6 +109,38 @@ pub fn eval_loss<B: Backend>(model: &Llama<B>, examples: &[Example]) -> Result<f
     Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
 }
 
+/// Clips the global gradient 2-norm to `max_norm` (0: no clipping) and returns the norm before
+/// clipping, as `torch.nn.utils.clip_grad_norm_`.
+pub fn clip_gradients(g: &mut LoraWeights, max_norm: f32) -> f32 {
+    let mut slices: Vec<&mut [f32]> = g
+        .modules
+        .values_mut()
+        .flat_map(|p| [p.a.as_mut_slice(), p.b.as_mut_slice()])
+        .collect();
+    if max_norm > 0.0 {
+        clip_grad_norm(&mut slices, max_norm)
+    } else {
+        grad_norm(slices.iter().map(|s| &**s))
+    }
+}
+
+/// One AdamW step at learning rate `lr` on every LoRA matrix (states keyed by PEFT key).
+pub fn adamw_update(
+    weights: &mut LoraWeights,
+    g: &LoraWeights,
+    optim: &mut AdamWState,
+    adam: &crate::train::AdamW,
+    lr: f64,
+) {
+    for (m, p) in weights.modules.iter_mut() {
+        let gp = &g.modules[m];
+        for (is_a, param, grad) in [(true, &mut p.a, &gp.a), (false, &mut p.b, &gp.b)] {
+            let st = optim.entry(&peft_key(m, is_a), param.len());
+            adam.update(lr, param, grad, st);
+        }
+    }
+}
+
 /// Tokenized train and eval sets of a run.
 struct Data {
     train: Vec<Example>,
@@ -398,29 +430,12 @@ pub fn train<B: TrainBackend>(
         // Optimizer step on the host master copy.
         let mut g = grads.download(&model.backend)?;
         drop(grads);
-        let norm = {
-            let mut slices: Vec<&mut [f32]> = g
-                .modules
-                .values_mut()
-                .flat_map(|p| [p.a.as_mut_slice(), p.b.as_mut_slice()])
-                .collect();
-            if cfg.max_grad_norm > 0.0 {
-                clip_grad_norm(&mut slices, cfg.max_grad_norm)
-            } else {
-                grad_norm(slices.iter().map(|s| &**s))
-            }
-        };
+        let norm = clip_gradients(&mut g, cfg.max_grad_norm);
         if !norm.is_finite() {
             return Err(diverged(format!("the gradient norm is {norm}")));
         }
         let lr = schedule.lr_at(step - 1);
-        for (m, p) in weights.modules.iter_mut() {
-            let gp = &g.modules[m];
-            for (is_a, param, grad) in [(true, &mut p.a, &gp.a), (false, &mut p.b, &gp.b)] {
-                let st = optim.entry(&peft_key(m, is_a), param.len());
-                cfg.optim.update(lr, param, grad, st);
-            }
-        }
+        adamw_update(&mut weights, &g, &mut optim, &cfg.optim, lr);
         let lora = model.lora.as_mut().expect("attached above");
         lora.params = LoraSet::upload(&model.backend, &weights, model.cfg.num_hidden_layers)?;
 
