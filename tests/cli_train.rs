@@ -263,3 +263,64 @@ fn eval_and_generate_apply_a_peft_adapter() {
         &["/nonexistent/ad"],
     );
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, d) = (tiny(), guanaco());
+    let out = dir.path().join("o");
+    let o = out.to_str().unwrap();
+    let mut args = train_args(o, &m, &d);
+    args.extend([
+        "--max-steps",
+        "1000000",
+        "--logging-steps",
+        "1",
+        "--save-steps",
+        "1000000",
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way, then send SIGINT as a terminal's Ctrl-C does.
+    let t0 = std::time::Instant::now();
+    while !out.join("metrics.jsonl").is_file()
+        || std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .is_empty()
+    {
+        assert!(t0.elapsed().as_secs() < 60, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "exit {status:?}: {err}");
+    assert!(err.contains("continue with --resume"), "{err}");
+    let ckpts: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+        .collect();
+    assert_eq!(ckpts.len(), 1, "one checkpoint written on Ctrl-C");
+    assert!(ckpts[0].path().join("optimizer.safetensors").is_file());
+    // And the run continues from it.
+    let mut resume = train_args(o, &m, &d);
+    let step: usize = ckpts[0].file_name().to_string_lossy()["checkpoint-".len()..]
+        .parse()
+        .unwrap();
+    let target = (step + 2).to_string();
+    resume.extend(["--max-steps", &target, "--resume"]);
+    let (code, _, err) = qlora(&resume);
+    // --max-steps changes the total, which the checkpoint recorded: a clear refusal, not a panic.
+    assert_ne!(code, 0);
+    assert!(err.contains("total steps"), "{err}");
+}

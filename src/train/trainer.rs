@@ -293,9 +293,11 @@ pub fn train<B: TrainBackend>(
             cfg.output.display()
         )));
     }
-    let loaded = crate::loader::load_model(&cfg.model, backend, cfg.quant)?;
-    let mut model = loaded.model;
-    let data = load_data(cfg, &loaded.tokenizer)?;
+    // Tokenizer and data first: bad data fails before the slow model load.
+    let model_dir = crate::hub::resolve_model(&cfg.model)?;
+    let tokenizer = crate::tokenizer::Tokenizer::from_dir(&model_dir)?;
+    let data = load_data(cfg, &tokenizer)?;
+    let mut model = crate::loader::load_model_dir(&model_dir, backend, cfg.quant)?.model;
     let start = starting_point(cfg, &model.cfg)?;
     let Start {
         lora_cfg,
