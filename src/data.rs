@@ -193,7 +193,7 @@ pub fn load_rows(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-fn dataset_err(path: &Path, line: Option<usize>, msg: String) -> Error {
+pub(crate) fn dataset_err(path: &Path, line: Option<usize>, msg: String) -> Error {
     Error::Dataset {
         path: path.to_path_buf(),
         line,
@@ -220,7 +220,7 @@ fn load_file(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
     }
 }
 
-fn json_kind(v: &Value) -> &'static str {
+pub(crate) fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -17,6 +17,9 @@ pub struct Message {
     pub content: String,
 }
 
+/// A token's byte span `[start, end)` in the encoded text.
+pub type TokenSpan = (usize, usize);
+
 /// A loaded tokenizer with its special tokens and optional chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -108,6 +111,23 @@ impl Tokenizer {
             }
         }
         Ok(ids)
+    }
+
+    /// [`Tokenizer::encode`] with each token's byte span `[start, end)` in `text` (special tokens
+    /// added by the post-processor, such as BOS, have an empty span).
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<TokenSpan>)> {
+        let enc = self.inner.encode(text, true).map_err(|e| {
+            Error::Tokenizer(format!("{}: encode failed: {e}", self.path.display()))
+        })?;
+        let mut ids = enc.get_ids().to_vec();
+        let mut offsets = enc.get_offsets().to_vec();
+        if let Some(bos) = self.bos_id {
+            if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
+                ids.remove(0);
+                offsets.remove(0);
+            }
+        }
+        Ok((ids, offsets))
     }
 
     /// Plain `tokenizers` encode; `add_special` runs the post-processor.

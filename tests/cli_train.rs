@@ -324,3 +324,65 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     assert_ne!(code, 0);
     assert!(err.contains("total steps"), "{err}");
 }
+
+#[test]
+fn conversations_with_completion_only_loss_and_packing_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("chat.jsonl");
+    let mut text = String::new();
+    for i in 0..24 {
+        text.push_str(&format!(
+            "{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is {i} plus {i}?\"}}, {{\"role\": \"assistant\", \"content\": \"It is {}.\"}}]}}\n",
+            2 * i
+        ));
+    }
+    // One row without an assistant turn: skipped and counted.
+    text.push_str("{\"messages\": [{\"role\": \"user\", \"content\": \"Hello?\"}]}\n");
+    std::fs::write(&data, text).unwrap();
+    let m = tiny();
+    let out = dir.path().join("o");
+    let (code, _, err) = qlora(&[
+        "train",
+        "--model",
+        &m,
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--completion-only-loss",
+        "--packing",
+        "--max-seq-len",
+        "128",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "3",
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("1 skipped"), "{err}");
+    assert!(out.join("adapter_model.safetensors").is_file());
+}
+
+#[test]
+fn empty_and_unusable_datasets_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny();
+    let o = dir.path().join("o");
+    let o = o.to_str().unwrap();
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let e = empty.to_str().unwrap().to_string();
+    fails(&train_args(o, &m, &e), &["empty.jsonl"]);
+    let noassist = dir.path().join("noassist.jsonl");
+    std::fs::write(
+        &noassist,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}\n",
+    )
+    .unwrap();
+    let n = noassist.to_str().unwrap().to_string();
+    let mut a = train_args(o, &m, &n);
+    a.push("--completion-only-loss");
+    fails(&a, &["noassist.jsonl", "without an assistant turn"]);
+}
