@@ -32,6 +32,9 @@ tensors). Output under --out:
     --check-qlora DIR            instead: load the adapter in DIR (written by qlora) with PEFT onto
                                  tests/fixtures/tiny/gqa and write DIR/peft_check.safetensors with
                                  logits.{i} for the 3 golden prompts (or --check-out PATH).
+    --check-merged DIR           instead: load the model folder DIR (written by `qlora merge`) with
+                                 transformers and write DIR/transformers_check.safetensors with
+                                 logits.{i} for the 3 golden prompts (or --check-out PATH).
 """
 
 from __future__ import annotations
@@ -298,6 +301,20 @@ def check_qlora(adapter_dir: Path, out_path: Path | None) -> None:
     print(f"wrote {out}")
 
 
+def check_merged(model_dir: Path, out_path: Path | None) -> None:
+    """Loads a model folder written by `qlora merge` with transformers and records its logits."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model_dir = model_dir.resolve()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    out = out_path or model_dir / "transformers_check.safetensors"
+    save_file(logits_of(model), str(out))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     # PEFT writes an expanded `all-linear` target list from a Python set: pin the string hash
     # seed so the order (and so the file) is the same on every run.
@@ -307,11 +324,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "tests" / "fixtures" / "peft")
     ap.add_argument("--check-qlora", type=Path, metavar="DIR", help="load DIR with PEFT, record logits")
-    ap.add_argument("--check-out", type=Path, help="output file for --check-qlora")
+    ap.add_argument("--check-merged", type=Path, metavar="DIR",
+                    help="load the model folder DIR (from `qlora merge`) with transformers, record logits")
+    ap.add_argument("--check-out", type=Path, help="output file for --check-qlora / --check-merged")
     args = ap.parse_args()
     versions = check_versions()
     if args.check_qlora:
         check_qlora(args.check_qlora, args.check_out)
+        return
+    if args.check_merged:
+        check_merged(args.check_merged, args.check_out)
         return
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,35 @@ pub enum Command {
     Quantize(QuantizeArgs),
     /// Finetune a LoRA adapter (QLoRA: NF4 base by default) and write it in PEFT format.
     Train(Box<crate::train_cli::TrainArgs>),
+    /// Merge a LoRA adapter into its (dequantized) base and write a plain model folder.
+    Merge(MergeArgs),
+}
+
+/// Output dtype of `merge`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutDtype {
+    F16,
+    Bf16,
+    F32,
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// The adapter folder (PEFT format).
+    #[arg(long)]
+    pub adapter: std::path::PathBuf,
+    /// Output model folder.
+    #[arg(long, short)]
+    pub output: std::path::PathBuf,
+    /// Base model (default: the adapter's base_model_name_or_path).
+    #[arg(long, short)]
+    pub model: Option<String>,
+    /// Output dtype (default: the base's, f16 for a 4-bit base).
+    #[arg(long, value_enum)]
+    pub dtype: Option<OutDtype>,
+    /// Replace a non-empty output folder.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// How the base weights are held in memory.
@@ -188,6 +217,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect(&a),
         Command::Quantize(a) => quantize(&a),
         Command::Train(a) => crate::train_cli::run(&a),
+        Command::Merge(a) => merge(&a),
     }
 }
 
@@ -418,6 +448,32 @@ fn quantize(a: &QuantizeArgs) -> Result<()> {
         report.bytes_out as f64 / (1u64 << 20) as f64,
         report.seconds,
         qlora::sys::peak_rss_mib()
+    );
+    Ok(())
+}
+
+fn merge(a: &MergeArgs) -> Result<()> {
+    use qlora::weights::DType;
+    let opts = qlora::merge::MergeOptions {
+        adapter: a.adapter.clone(),
+        model: a.model.clone(),
+        output: a.output.clone(),
+        dtype: a.dtype.map(|d| match d {
+            OutDtype::F16 => DType::F16,
+            OutDtype::Bf16 => DType::BF16,
+            OutDtype::F32 => DType::F32,
+        }),
+        overwrite: a.overwrite,
+    };
+    let r = qlora::merge::merge(&opts)
+        .with_context(|| format!("cannot merge adapter {}", a.adapter.display()))?;
+    eprintln!(
+        "merged {} adapted modules into {} ({}, {:.1} MiB) -> {}",
+        r.merged_modules,
+        r.base.display(),
+        r.dtype,
+        r.bytes_out as f64 / (1u64 << 20) as f64,
+        a.output.display()
     );
     Ok(())
 }

@@ -26,6 +26,7 @@ pub mod hub;
 pub mod inspect;
 pub mod loader;
 pub mod lora;
+pub mod merge;
 pub mod model;
 pub mod quant;
 pub mod sys;

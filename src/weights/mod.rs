@@ -41,6 +41,7 @@ mod checkpoint;
 mod convert;
 mod plan;
 mod shard;
+pub mod write;
 
 pub use checkpoint::Checkpoint;
 pub use plan::{tensor_plan, TensorPlan};

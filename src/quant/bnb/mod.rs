@@ -60,15 +60,8 @@ pub const QUANT_STATE_NF4: &str = "quant_state.bitsandbytes__nf4";
 /// Suffix of the quant_state entry of an FP4 weight, which we recognise only to refuse it.
 pub const QUANT_STATE_FP4: &str = "quant_state.bitsandbytes__fp4";
 
-/// Files copied verbatim from the source folder by [`quantize_checkpoint`], when present.
-pub const COPIED_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "generation_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-];
+/// Files copied verbatim from the source folder, when present.
+pub use crate::weights::write::COPIED_FILES;
 
 /// Largest shard [`quantize_checkpoint`] writes (transformers 5's `max_shard_size="50GB"`).
 pub const DEFAULT_MAX_SHARD_BYTES: u64 = 50_000_000_000;

@@ -1,17 +1,17 @@
 //! Writing bitsandbytes 4-bit checkpoints in transformers' exact layout (`qlora quantize`).
 
 use super::{
-    is_quantized_linear, quantization_config_json, COPIED_FILES, DEFAULT_MAX_SHARD_BYTES,
-    QUANT_STATE_NF4,
+    is_quantized_linear, quantization_config_json, DEFAULT_MAX_SHARD_BYTES, QUANT_STATE_NF4,
 };
 use crate::error::{Error, Result};
 use crate::quant::nf4::{check_blocksize, quantize_nf4, Absmax, Nf4Tensor, NF4_TABLE};
-use crate::weights::{is_rotary_inv_freq, Checkpoint, DType, TensorInfo, INDEX_FILE, SINGLE_FILE};
-use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use crate::weights::write::{
+    check_output, to_safetensors_dtype, write_model_folder, Data, OutTensor,
+};
+use crate::weights::{is_rotary_inv_freq, Checkpoint, DType, TensorInfo};
+use serde_json::Value;
 use std::fs;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// Python's `repr(float(x))` of an f32 widened to f64: the shortest round-trip digits, fixed
@@ -216,21 +216,6 @@ pub fn quantize_checkpoint(
     quantize_checkpoint_with(src, out, &opts, progress)
 }
 
-/// Where the bytes of an output tensor come from.
-enum Data {
-    Owned(Vec<u8>),
-    /// Copied from the source checkpoint's memory map.
-    Source(String),
-}
-
-struct OutTensor {
-    name: String,
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    len: usize,
-    data: Data,
-}
-
 /// [`quantize_checkpoint`] with all options, including the shard size.
 pub fn quantize_checkpoint_with(
     src: &Path,
@@ -270,24 +255,7 @@ pub fn quantize_checkpoint_with(
     }
 
     // Output folder.
-    if out.exists() {
-        if !out.is_dir() {
-            return Err(Error::InvalidArg(format!(
-                "output {} exists and is not a folder",
-                out.display()
-            )));
-        }
-        let non_empty = fs::read_dir(out)
-            .map_err(|e| Error::io(out, e))?
-            .next()
-            .is_some();
-        if non_empty && !opts.overwrite {
-            return Err(Error::InvalidArg(format!(
-                "output folder {} exists and is not empty; pass --overwrite to replace it",
-                out.display()
-            )));
-        }
-    }
+    check_output(out, opts.overwrite)?;
 
     let ckpt = Checkpoint::open(src)?;
     let compute_dtype = ["dtype", "torch_dtype"]
@@ -379,65 +347,25 @@ pub fn quantize_checkpoint_with(
         progress(i + 1, total);
     }
 
-    // Shards: groups in name order, a new shard when the next group would overflow.
-    let mut shards: Vec<Vec<OutTensor>> = vec![Vec::new()];
-    let mut cur = 0usize;
-    for g in groups {
-        let size: usize = g.iter().map(|t| t.len).sum();
-        let last = shards.last_mut().expect("one shard");
-        if !last.is_empty() && (cur + size) as u64 > opts.max_shard_bytes {
-            shards.push(Vec::new());
-            cur = 0;
-        }
-        cur += size;
-        shards.last_mut().expect("one shard").extend(g);
-    }
-
-    let tmp = tmp_dir(out)?;
-    let result = (|| -> Result<u64> {
-        fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let nshards = shards.len();
-        let mut bytes_out = 0u64;
-        let mut weight_map = BTreeMap::new();
-        let mut total_size = 0u64;
-        for (i, shard) in shards.iter_mut().enumerate() {
-            let file = if nshards == 1 {
-                SINGLE_FILE.to_string()
-            } else {
-                format!("model-{:05}-of-{:05}.safetensors", i + 1, nshards)
-            };
-            for t in shard.iter() {
-                weight_map.insert(t.name.clone(), file.clone());
-                total_size += t.len as u64;
-            }
-            bytes_out += write_safetensors(&tmp.join(&file), shard, &ckpt)?;
-        }
-        if nshards > 1 {
-            let index = json!({
-                "metadata": {"total_size": total_size},
-                "weight_map": weight_map,
-            });
-            write_json(&tmp.join(INDEX_FILE), &index)?;
-        }
-        let obj = config.as_object_mut().expect("checked object");
-        obj.insert(
-            "quantization_config".into(),
-            quantization_config_json(opts.double_quant, &compute_dtype),
-        );
-        write_json(&tmp.join("config.json"), &config)?;
-        for f in COPIED_FILES {
-            let from = src.join(f);
-            if from.is_file() {
-                let to = tmp.join(f);
-                fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
-            }
-        }
-        if out.exists() {
-            fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-        }
-        fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-        Ok(bytes_out)
-    })();
+    let obj = config.as_object_mut().expect("checked object");
+    obj.insert(
+        "quantization_config".into(),
+        quantization_config_json(opts.double_quant, &compute_dtype),
+    );
+    let result = write_model_folder(
+        src,
+        out,
+        groups,
+        &config,
+        opts.max_shard_bytes,
+        &ckpt,
+        &mut |t| {
+            Err(Error::InvalidArg(format!(
+                "no producer for tensor {}",
+                t.name
+            )))
+        },
+    );
     match result {
         Ok(bytes_out) => Ok(QuantizeReport {
             tensors_quantized: quantized,
@@ -445,93 +373,6 @@ pub fn quantize_checkpoint_with(
             bytes_out,
             seconds: start.elapsed().as_secs_f64(),
         }),
-        Err(e) => {
-            let _ = fs::remove_dir_all(&tmp);
-            Err(e)
-        }
+        Err(e) => Err(e),
     }
-}
-
-fn tmp_dir(out: &Path) -> Result<PathBuf> {
-    let name = out
-        .file_name()
-        .ok_or_else(|| Error::InvalidArg(format!("output {} has no folder name", out.display())))?;
-    let mut tmp_name = name.to_os_string();
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    Ok(out.with_file_name(tmp_name))
-}
-
-fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let mut s = serde_json::to_string_pretty(v).expect("JSON value serializes");
-    s.push('\n');
-    fs::write(path, s).map_err(|e| Error::io(path, e))
-}
-
-fn to_safetensors_dtype(d: DType) -> Option<safetensors::Dtype> {
-    use safetensors::Dtype as S;
-    Some(match d {
-        DType::F32 => S::F32,
-        DType::F16 => S::F16,
-        DType::BF16 => S::BF16,
-        DType::F64 => S::F64,
-        DType::I64 => S::I64,
-        DType::I32 => S::I32,
-        DType::I16 => S::I16,
-        DType::I8 => S::I8,
-        DType::U8 => S::U8,
-        DType::Bool => S::BOOL,
-        DType::Other => return None,
-    })
-}
-
-/// Writes one safetensors file the way the `safetensors` library lays it out (what
-/// transformers' `save_pretrained` produces): tensors sorted by dtype (descending, the crate's
-/// order, so widest alignment first) then name, `{"__metadata__":{"format":"pt"}}` first in the
-/// header, the header padded with spaces to a multiple of 8. The header is written first (the
-/// offsets follow from the byte lengths), then each tensor, streaming; source tensors are copied
-/// from the memory map and their pages released. Returns the file size.
-fn write_safetensors(path: &Path, tensors: &mut [OutTensor], ckpt: &Checkpoint) -> Result<u64> {
-    tensors.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
-    let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
-    let mut offset = 0usize;
-    for t in tensors.iter() {
-        let shape = t
-            .shape
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        header.push_str(&format!(
-            ",{}:{{\"dtype\":\"{}\",\"shape\":[{shape}],\"data_offsets\":[{offset},{}]}}",
-            serde_json::to_string(&t.name).expect("string serializes"),
-            t.dtype,
-            offset + t.len
-        ));
-        offset += t.len;
-    }
-    header.push('}');
-    while header.len() % 8 != 0 {
-        header.push(' ');
-    }
-    let file = fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    let io = |e| Error::io(path, e);
-    w.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(header.as_bytes()).map_err(io)?;
-    for t in tensors.iter_mut() {
-        match std::mem::replace(&mut t.data, Data::Owned(Vec::new())) {
-            Data::Owned(bytes) => w.write_all(&bytes).map_err(io)?,
-            Data::Source(name) => {
-                let (_, bytes) = ckpt.bytes(&name)?;
-                w.write_all(bytes).map_err(io)?;
-                ckpt.release(&name);
-            }
-        }
-    }
-    let file = w
-        .into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    Ok(8 + header.len() as u64 + offset as u64)
 }
