@@ -5,9 +5,10 @@
 //! per adapted linear layer). Files written here load in PEFT and vice versa.
 
 pub mod adapter;
+pub mod config;
 
 pub use adapter::{
-    base_params, format_trainable, kaiming_uniform_bound, load_adapter, peft_key, save_adapter,
-    trainable_params, trainable_report, LoraConfig, LoraModule, LoraPair, LoraTarget, LoraWeights,
-    CONFIG_FILE, WEIGHTS_FILE,
+    base_params, format_trainable, kaiming_uniform_bound, load_adapter, save_adapter,
+    trainable_params, trainable_report, LoraPair, LoraWeights,
 };
+pub use config::{peft_key, LoraConfig, LoraModule, LoraTarget, CONFIG_FILE, WEIGHTS_FILE};

@@ -118,11 +118,12 @@ pub fn nice_ticks(lo: f64, hi: f64) -> Vec<f64> {
         .unwrap_or(10.0 * mag);
     let first = (lo / step).floor() * step;
     let mut ticks = Vec::new();
-    let mut v = first;
-    while v <= hi + step * 0.5 {
-        ticks.push((v / step).round() * step);
-        v += step;
-        if ticks.len() > 12 {
+    let mut k = 0.0;
+    loop {
+        let v = ((first / step).round() + k) * step;
+        ticks.push(v);
+        k += 1.0;
+        if v >= hi - step * 1e-9 || ticks.len() > 12 {
             break;
         }
     }
