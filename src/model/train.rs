@@ -149,8 +149,8 @@ impl<B: TrainBackend> Llama<B> {
         Ok(Some(xa))
     }
 
-    /// Backward of `y = P(x)`: `dx (+)= dy·W` (base share, skipped when `base_dx` is false) plus
-    /// the adapter's share, accumulating the module's `dA`, `dB` into `grads`.
+    /// Backward of `y = P(x)`: `dx (+)= dy·W` (base share) plus the adapter's share,
+    /// accumulating the module's `dA`, `dB` into `grads`.
     #[allow(clippy::too_many_arguments)]
     fn project_backward(
         &self,
@@ -165,10 +165,31 @@ impl<B: TrainBackend> Llama<B> {
         grads: &mut LoraSet<B>,
         seed: Option<u64>,
     ) -> Result<()> {
-        let b = &self.backend;
-        b.matmul_dx(dx, dy, self.base_weight(layer, target), rows, accumulate)?;
+        let w = self.base_weight(layer, target);
+        self.backend.matmul_dx(dx, dy, w, rows, accumulate)?;
+        match xa {
+            Some(xa) => self.lora_share(dx, dy, x, xa, layer, target, rows, grads, seed),
+            None => Ok(()),
+        }
+    }
+
+    /// The adapter part of a projection's backward: accumulates `dA`, `dB` and adds the
+    /// adapter's share of `dx` (nothing when the module is not adapted).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_share(
+        &self,
+        dx: &mut B::Buf,
+        dy: &B::Buf,
+        x: &B::Buf,
+        xa: &B::Buf,
+        layer: Option<usize>,
+        target: LoraTarget,
+        rows: usize,
+        grads: &mut LoraSet<B>,
+        seed: Option<u64>,
+    ) -> Result<()> {
         let lora = self.lora_or_err()?;
-        let (Some(ad), Some(xa)) = (lora.params.get(layer, target), xa) else {
+        let Some(ad) = lora.params.get(layer, target) else {
             return Ok(());
         };
         let rank = lora.params.rank;
@@ -176,7 +197,7 @@ impl<B: TrainBackend> Llama<B> {
         let g = grads.get_mut(layer, target).ok_or_else(|| {
             Error::InvalidArg(format!("no gradient buffer for adapted module {target}"))
         })?;
-        b.lora_backward(
+        self.backend.lora_backward(
             dx,
             &mut g.a,
             &mut g.b,
@@ -373,7 +394,7 @@ impl<B: TrainBackend> Llama<B> {
                 self.project_backward(&mut dn, dy, &n, xa, l_, target, t, i > 0, grads, seed)?;
             } else if let Some(xa) = xa {
                 // Layer 0: only the adapter's dA, dB are needed; skip the base share dy·W.
-                self.lora_grads_only(&mut dn, dy, &n, xa, l, target, t, grads, seed)?;
+                self.lora_share(&mut dn, dy, &n, xa, l_, target, t, grads, seed)?;
             }
         }
         if need_dx {
@@ -381,44 +402,6 @@ impl<B: TrainBackend> Llama<B> {
             b.add_assign(dx, &tmp, t * c)?;
         }
         Ok(())
-    }
-
-    /// The adapter part of [`Self::project_backward`] alone (its `dx` share lands in `scratch`).
-    #[allow(clippy::too_many_arguments)]
-    fn lora_grads_only(
-        &self,
-        scratch: &mut B::Buf,
-        dy: &B::Buf,
-        x: &B::Buf,
-        xa: &B::Buf,
-        l: usize,
-        target: LoraTarget,
-        t: usize,
-        grads: &mut LoraSet<B>,
-        seed: Option<u64>,
-    ) -> Result<()> {
-        let lora = self.lora_or_err()?;
-        let Some(ad) = lora.params.get(Some(l), target) else {
-            return Ok(());
-        };
-        let rank = lora.params.rank;
-        let keep = self.dropout_keep(ad, Some(l), target, t, seed)?;
-        let g = grads
-            .get_mut(Some(l), target)
-            .ok_or_else(|| Error::InvalidArg(format!("no gradient buffer for {target}")))?;
-        self.backend.lora_backward(
-            scratch,
-            &mut g.a,
-            &mut g.b,
-            dy,
-            x,
-            keep.as_ref(),
-            xa,
-            &ad.a,
-            &ad.b,
-            lora.scale,
-            ad.shape(t, rank),
-        )
     }
 
     /// Forward and backward of one sequence: `targets[t]` is the token position `t` must predict
