@@ -250,3 +250,30 @@ fn resuming_without_checkpoint_is_an_error() {
     let err = run(&c).unwrap_err().to_string();
     assert!(err.contains("no checkpoint"), "{err}");
 }
+
+#[test]
+fn lm_head_and_tied_embeddings_can_be_adapted() {
+    // lm_head on a model with tied embeddings: the adapter sits on the head only.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir.path().join("out"));
+    c.model = root()
+        .join("tests/fixtures/tiny/tied")
+        .to_string_lossy()
+        .into_owned();
+    c.lora.targets = vec!["lm_head".into(), "o_proj".into()];
+    c.optim.lr = 1e-2;
+    c.max_steps = Some(6);
+    let s = run(&c).unwrap();
+    assert!(s.losses.iter().all(|l| l.1.is_finite()));
+    let cfg = qlora::loader::read_config(&root().join("tests/fixtures/tiny/tied")).unwrap();
+    let (_, w) = load_adapter(&c.output, &cfg).unwrap();
+    let head = w
+        .modules
+        .iter()
+        .find(|(m, _)| m.layer.is_none())
+        .expect("lm_head adapter saved");
+    assert!(
+        head.1.b.iter().any(|&v| v != 0.0),
+        "lm_head's B was trained"
+    );
+}
