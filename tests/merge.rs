@@ -237,3 +237,56 @@ fn cli_merge_and_its_errors() {
     assert_ne!(code, 0);
     assert!(err.contains("/nonexistent/ad"), "{err}");
 }
+
+#[test]
+fn adapted_lm_head_on_tied_embeddings_is_untied() {
+    use qlora::train::config::TrainConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let tied = root().join("tests/fixtures/tiny/tied");
+    let mut c = TrainConfig::new(
+        tied.to_str().unwrap(),
+        root()
+            .join("tests/fixtures/guanaco-llama2-1k")
+            .to_str()
+            .unwrap(),
+    );
+    c.output = dir.path().join("ad");
+    c.max_rows = Some(16);
+    c.data.max_seq_len = 48;
+    c.lora.targets = vec!["lm_head".into(), "q_proj".into()];
+    c.optim.lr = 1e-2;
+    c.max_steps = Some(3);
+    qlora::train::trainer::train(
+        &c,
+        CpuBackend::new(),
+        &std::sync::atomic::AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap();
+    let out = dir.path().join("m");
+    let mut o = opts(&out, DType::F32, Some("tests/fixtures/tiny/tied"));
+    o.adapter = c.output.clone();
+    merge(&o).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["tie_word_embeddings"], false);
+    let merged = load_dir(&out);
+    let mut adapted = load_dir(&tied);
+    let (lc, w) = load_adapter(&c.output, &adapted.cfg).unwrap();
+    adapted.lora = Some(Lora::new(&adapted.backend, &lc, &w, &adapted.cfg).unwrap());
+    let ids = &prompts()[0];
+    let ids: Vec<u32> = ids
+        .iter()
+        .map(|&i| i % adapted.cfg.vocab_size as u32)
+        .collect();
+    let d = max_diff(&logits(&merged, &ids), &logits(&adapted, &ids));
+    assert!(d < 1e-4, "untied merge vs adapter: {d}");
+    // The embeddings themselves are unchanged.
+    let base = Checkpoint::open(&tied).unwrap();
+    let m = Checkpoint::open(&out).unwrap();
+    let shape = [adapted.cfg.vocab_size, adapted.cfg.hidden_size];
+    assert_eq!(
+        base.load_f32("model.embed_tokens.weight", &shape).unwrap(),
+        m.load_f32("model.embed_tokens.weight", &shape).unwrap()
+    );
+}
