@@ -1,0 +1,161 @@
+//! Launchers of `kernels/nf4.cu`: NF4 weights resident on the device, dequantization
+//! (bit-exact with [`crate::quant::dequantize_nf4`]) and the fused GEMV for decoding
+//! (`y = x·dequant(W)ᵀ` for up to [`GEMV_MAX_M`] rows, W read once, decoded in registers).
+
+use super::runtime::CudaDevice;
+use crate::error::{Error, Result};
+use crate::quant::{Absmax, Nf4Tensor};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+/// Largest batch the GEMV kernel takes (its per-lane accumulator array).
+pub const GEMV_MAX_M: usize = 8;
+
+/// An NF4 tensor `[rows, cols]` on the device, in bitsandbytes' layout.
+pub struct DeviceNf4 {
+    pub rows: usize,
+    pub cols: usize,
+    blocksize_log2: i32,
+    packed: CudaSlice<u8>,
+    /// f32 scales, or a 1-element placeholder with double quantization.
+    absmax: CudaSlice<f32>,
+    double_quant: bool,
+    q: CudaSlice<u8>,
+    nested_absmax: CudaSlice<f32>,
+    nested_code: CudaSlice<f32>,
+    offset: f32,
+    nested_blocksize: i32,
+}
+
+impl DeviceNf4 {
+    /// Uploads a 2-D NF4 tensor (double-quantized scales stay in their 8-bit form).
+    pub fn upload(dev: &CudaDevice, t: &Nf4Tensor) -> Result<Self> {
+        t.validate()?;
+        if t.shape.len() != 2 {
+            return Err(Error::Backend(format!(
+                "NF4 weight must be 2-D, got {:?}",
+                t.shape
+            )));
+        }
+        let one_f = || dev.upload(&[0f32]);
+        let one_u = || dev.upload(&[0u8]);
+        let (absmax, double_quant, q, nested_absmax, nested_code, offset, nested_blocksize) =
+            match &t.absmax {
+                Absmax::F32(v) => (dev.upload(v)?, false, one_u()?, one_f()?, one_f()?, 0.0, 1),
+                Absmax::Double {
+                    q,
+                    offset,
+                    nested_absmax,
+                    nested_code,
+                    nested_blocksize,
+                } => (
+                    one_f()?,
+                    true,
+                    dev.upload(q)?,
+                    dev.upload(nested_absmax)?,
+                    dev.upload(nested_code)?,
+                    *offset,
+                    *nested_blocksize as i32,
+                ),
+            };
+        Ok(DeviceNf4 {
+            rows: t.shape[0],
+            cols: t.shape[1],
+            blocksize_log2: t.blocksize.trailing_zeros() as i32,
+            packed: dev.upload(&t.packed)?,
+            absmax,
+            double_quant,
+            q,
+            nested_absmax,
+            nested_code,
+            offset,
+            nested_blocksize,
+        })
+    }
+
+    /// Device bytes of the weight (packed codes and scales).
+    pub fn nbytes(&self) -> usize {
+        self.packed.len() + 4 * self.absmax.len() + self.q.len() + 4 * self.nested_absmax.len()
+    }
+
+    /// Writes `dequant(W)` (`rows · cols` f32) into `out`.
+    pub fn dequantize(&self, dev: &CudaDevice, out: &mut CudaSlice<f32>) -> Result<()> {
+        let n = (self.rows * self.cols) as i64;
+        if out.len() < n as usize {
+            return Err(Error::Backend(format!(
+                "nf4 dequantize: output holds {} values, needs {n}",
+                out.len()
+            )));
+        }
+        let f = dev.function("nf4", "nf4_dequant_f32")?;
+        let dq = self.double_quant as i32;
+        let blocks = (n as u64).div_ceil(256).min(65_535 * 16) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks.max(1), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = dev.stream.launch_builder(&f);
+        b.arg(out)
+            .arg(&self.packed)
+            .arg(&dq)
+            .arg(&self.absmax)
+            .arg(&self.q)
+            .arg(&self.nested_absmax)
+            .arg(&self.nested_code)
+            .arg(&self.offset)
+            .arg(&self.nested_blocksize)
+            .arg(&self.blocksize_log2)
+            .arg(&n);
+        // SAFETY: the argument list matches the kernel's signature in kernels/nf4.cu; every
+        // buffer holds what the kernel indexes (checked above and by `Nf4Tensor::validate`).
+        unsafe { b.launch(cfg) }.map_err(|e| Error::Backend(format!("nf4_dequant_f32: {e}")))?;
+        Ok(())
+    }
+
+    /// `y[m, rows] = x[m, cols] · dequant(W)ᵀ` for `m ≤ GEMV_MAX_M`.
+    pub fn gemv(
+        &self,
+        dev: &CudaDevice,
+        y: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        m: usize,
+    ) -> Result<()> {
+        if m == 0 || m > GEMV_MAX_M {
+            return Err(Error::Backend(format!(
+                "nf4 gemv takes 1..={GEMV_MAX_M} rows, got {m}"
+            )));
+        }
+        if x.len() < m * self.cols || y.len() < m * self.rows {
+            return Err(Error::Backend(format!(
+                "nf4 gemv: buffers too small for [{m}, {}] · [{}, {}]ᵀ",
+                self.cols, self.rows, self.cols
+            )));
+        }
+        let f = dev.function("nf4", "nf4_gemv_f32")?;
+        let (dq, m32) = (self.double_quant as i32, m as i32);
+        let (rows, cols) = (self.rows as i64, self.cols as i64);
+        let cfg = LaunchConfig {
+            grid_dim: ((self.rows as u32).div_ceil(8), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = dev.stream.launch_builder(&f);
+        b.arg(y)
+            .arg(x)
+            .arg(&self.packed)
+            .arg(&dq)
+            .arg(&self.absmax)
+            .arg(&self.q)
+            .arg(&self.nested_absmax)
+            .arg(&self.nested_code)
+            .arg(&self.offset)
+            .arg(&self.nested_blocksize)
+            .arg(&self.blocksize_log2)
+            .arg(&m32)
+            .arg(&rows)
+            .arg(&cols);
+        // SAFETY: arguments match kernels/nf4.cu's nf4_gemv_f32; sizes checked above.
+        unsafe { b.launch(cfg) }.map_err(|e| Error::Backend(format!("nf4_gemv_f32: {e}")))?;
+        Ok(())
+    }
+}

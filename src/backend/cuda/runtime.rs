@@ -1,0 +1,161 @@
+//! The CUDA device runtime: context, stream, the embedded kernel modules, and device memory with
+//! peak tracking and out-of-memory errors that say how much was needed.
+//!
+//! cudarc loads libcuda dynamically and panics on first use when it is absent, so
+//! [`CudaDevice::new`] checks [`super::driver_present`] before any other cudarc call; every
+//! driver failure becomes an [`Error::Backend`] naming the device.
+
+use crate::error::{Error, Result};
+use cudarc::driver::ValidAsZeroBits;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Lowest supported compute capability: Ampere (sm_80), for bf16 tensor cores and cp.async.
+pub const MIN_CAPABILITY: (i32, i32) = (8, 0);
+
+/// One GPU with qlora's kernels loaded.
+pub struct CudaDevice {
+    pub ordinal: usize,
+    pub name: String,
+    pub capability: (i32, i32),
+    pub stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    allocated: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+fn drv(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Backend(format!("CUDA {what}: {e}"))
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`: checks the driver, the device count and the compute capability,
+    /// then loads every embedded kernel module.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !super::driver_present() {
+            return Err(Error::Backend(
+                "no CUDA driver (libcuda) on this machine; use --device cpu".into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(|e| drv("device count", e))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::Backend(format!(
+                "CUDA device {ordinal} does not exist ({count} device(s) present)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| drv("context", e))?;
+        let name = ctx.name().map_err(|e| drv("device name", e))?;
+        let capability = ctx
+            .compute_capability()
+            .map_err(|e| drv("compute capability", e))?;
+        if capability < MIN_CAPABILITY {
+            return Err(Error::Backend(format!(
+                "{name} (cuda:{ordinal}) has compute capability {}.{}; qlora needs sm_80 or newer (Ampere, Ada, Hopper)",
+                capability.0, capability.1
+            )));
+        }
+        let mut modules = HashMap::new();
+        for (module, fatbin) in super::kernel_modules() {
+            let m = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))
+                .map_err(|e| drv(&format!("loading kernels/{module}.cu"), e))?;
+            modules.insert(*module, m);
+        }
+        let stream = ctx.default_stream();
+        Ok(CudaDevice {
+            ordinal,
+            name,
+            capability,
+            stream,
+            ctx,
+            modules,
+            allocated: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        })
+    }
+
+    /// Kernel `name` of module `kernels/<module>.cu`.
+    pub fn function(&self, module: &str, name: &str) -> Result<CudaFunction> {
+        let m = self
+            .modules
+            .get(module)
+            .ok_or_else(|| Error::Backend(format!("kernel module {module} is not embedded")))?;
+        m.load_function(name)
+            .map_err(|e| drv(&format!("kernel {module}::{name}"), e))
+    }
+
+    /// `(free, total)` device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(|e| drv("memory info", e))
+    }
+
+    fn account(&self, bytes: usize) {
+        let now = self.allocated.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn oom(&self, bytes: usize, e: impl std::fmt::Display) -> Error {
+        let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+        match self.mem_info() {
+            Ok((free, total)) => Error::Backend(format!(
+                "out of device memory on {} (cuda:{}): needed {:.1} MiB, {:.1} MiB free of {:.1} MiB ({e})",
+                self.name,
+                self.ordinal,
+                mib(bytes),
+                mib(free),
+                mib(total)
+            )),
+            Err(_) => Error::Backend(format!(
+                "out of device memory on {}: needed {:.1} MiB ({e})",
+                self.name,
+                mib(bytes)
+            )),
+        }
+    }
+
+    /// A zeroed buffer of `len` elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        let bytes = len.max(1) * std::mem::size_of::<T>();
+        let s = self
+            .stream
+            .alloc_zeros::<T>(len.max(1))
+            .map_err(|e| self.oom(bytes, e))?;
+        self.account(bytes);
+        Ok(s)
+    }
+
+    /// Copies host data into a new buffer.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        let bytes = std::mem::size_of_val(data);
+        if data.is_empty() {
+            return Err(Error::Backend("cannot upload an empty buffer".into()));
+        }
+        let s = self
+            .stream
+            .clone_htod(data)
+            .map_err(|e| self.oom(bytes, e))?;
+        self.account(bytes);
+        Ok(s)
+    }
+
+    /// Copies a buffer back to the host (waits for the stream).
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream
+            .clone_dtoh(buf)
+            .map_err(|e| drv("copy to host", e))
+    }
+
+    /// Bytes allocated through this device so far. Frees are not tracked yet, so this is an
+    /// upper bound of the peak device memory qlora used.
+    pub fn peak_bytes(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| drv("synchronize", e))
+    }
+}
