@@ -210,9 +210,13 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Eval(a) => match backend::select(a.model.base.device)? {
             AnyBackend::Cpu(b) => eval(b, &a),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => eval(b, &a),
         },
         Command::Generate(a) => match backend::select(a.model.base.device)? {
             AnyBackend::Cpu(b) => gen(b, &a),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => gen(b, &a),
         },
         Command::Inspect(a) => inspect(&a),
         Command::Quantize(a) => quantize(&a),

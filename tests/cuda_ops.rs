@@ -149,3 +149,183 @@ fn out_of_memory_names_the_amount() {
         "{msg}"
     );
 }
+
+fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+    assert!(err / scale <= tol, "{what}: relative error {}", err / scale);
+}
+
+#[test]
+fn backend_ops_match_the_cpu_spec() {
+    use qlora::backend::cpu::CpuBackend;
+    use qlora::backend::cuda::backend::CudaBackend;
+    use qlora::backend::{AttnShape, Backend, HostLinear, LoraShape};
+    let Ok(g) = CudaBackend::new(0) else {
+        eprintln!("skipping backend_ops_match_the_cpu_spec: no usable CUDA device");
+        return;
+    };
+    let c = CpuBackend::new();
+    let mut rng = StdRng::seed_from_u64(4);
+    // Dense matmul (cuBLAS) and NF4 prefill (dequantize + sgemm), odd shapes.
+    for (m, k, n) in [(1, 64, 3), (17, 96, 33), (9, 200, 64)] {
+        let w = rvec(&mut rng, n * k, 0.5);
+        let x = rvec(&mut rng, m * k, 1.0);
+        for host in [
+            HostLinear::Dense {
+                rows: n,
+                cols: k,
+                data: w.clone(),
+            },
+            HostLinear::Nf4(quantize_nf4(&w, &[n, k], 64, true).unwrap()),
+        ] {
+            let (lc, lg) = (c.linear(host.clone()).unwrap(), g.linear(host).unwrap());
+            let mut yc = c.zeros(m * n).unwrap();
+            c.matmul(&mut yc, &x, &lc, m).unwrap();
+            let mut yg = g.zeros(m * n).unwrap();
+            g.matmul(&mut yg, &g.upload(&x).unwrap(), &lg, m).unwrap();
+            close(
+                &format!("matmul [{m},{k}]x[{n},{k}]"),
+                &g.download(&yg).unwrap(),
+                &yc,
+                1e-5,
+            );
+        }
+    }
+    // RoPE, attention (GQA, prefix), SwiGLU, add, embedding, cross-entropy, LoRA term.
+    let (t, h, kv, d, pos0) = (7, 4, 2, 64, 5);
+    let cap = pos0 + t;
+    let inv: Vec<f32> = (0..d / 2)
+        .map(|i| 10000f32.powf(-((2 * i) as f32) / d as f32))
+        .collect();
+    let pos: Vec<u32> = (pos0 as u32..cap as u32).collect();
+    let mut qc = rvec(&mut rng, t * h * d, 1.0);
+    let mut qg = g.upload(&qc).unwrap();
+    c.rope(&mut qc, &pos, &inv, h, d).unwrap();
+    g.rope(&mut qg, &pos, &g.upload(&inv).unwrap(), h, d)
+        .unwrap();
+    close("rope", &g.download(&qg).unwrap(), &qc, 1e-5);
+    let kc = rvec(&mut rng, cap * kv * d, 1.0);
+    let vc = rvec(&mut rng, cap * kv * d, 1.0);
+    let s = AttnShape {
+        batch: 1,
+        q_len: t,
+        pos0,
+        cache_cap: cap,
+        heads: h,
+        kv_heads: kv,
+        head_dim: d,
+    };
+    let mut oc = c.zeros(t * h * d).unwrap();
+    c.attention(&mut oc, &qc, &kc, &vc, s).unwrap();
+    let mut og = g.zeros(t * h * d).unwrap();
+    g.attention(
+        &mut og,
+        &g.upload(&qc).unwrap(),
+        &g.upload(&kc).unwrap(),
+        &g.upload(&vc).unwrap(),
+        s,
+    )
+    .unwrap();
+    close("attention", &g.download(&og).unwrap(), &oc, 1e-5);
+    let (a, b) = (rvec(&mut rng, 301, 3.0), rvec(&mut rng, 301, 3.0));
+    let mut sc = c.zeros(301).unwrap();
+    c.swiglu(&mut sc, &a, &b, 301).unwrap();
+    let mut sg = g.zeros(301).unwrap();
+    g.swiglu(&mut sg, &g.upload(&a).unwrap(), &g.upload(&b).unwrap(), 301)
+        .unwrap();
+    close("swiglu", &g.download(&sg).unwrap(), &sc, 1e-5);
+    let mut ag = g.upload(&a).unwrap();
+    g.add_assign(&mut ag, &g.upload(&b).unwrap(), 301).unwrap();
+    let sum: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+    assert_eq!(g.download(&ag).unwrap(), sum);
+    let table = rvec(&mut rng, 50 * 24, 1.0);
+    let ids = [3u32, 49, 0, 7, 7];
+    let mut ec = c.zeros(5 * 24).unwrap();
+    c.embedding(&mut ec, &table, &ids, 24).unwrap();
+    let mut eg = g.zeros(5 * 24).unwrap();
+    g.embedding(&mut eg, &g.upload(&table).unwrap(), &ids, 24)
+        .unwrap();
+    assert_eq!(g.download(&eg).unwrap(), ec);
+    let logits = rvec(&mut rng, 3 * 1000, 8.0);
+    let targets = [5, -100, 999];
+    let mut lc = c.zeros(3).unwrap();
+    c.cross_entropy(&mut lc, &logits, &targets, 1000).unwrap();
+    let mut lg = g.zeros(3).unwrap();
+    g.cross_entropy(&mut lg, &g.upload(&logits).unwrap(), &targets, 1000)
+        .unwrap();
+    close("cross_entropy", &g.download(&lg).unwrap(), &lc, 1e-5);
+    let sh = LoraShape {
+        rows: 5,
+        in_features: 40,
+        out_features: 24,
+        rank: 4,
+    };
+    let (x, la, lb) = (
+        rvec(&mut rng, 200, 1.0),
+        rvec(&mut rng, 160, 0.3),
+        rvec(&mut rng, 96, 0.3),
+    );
+    let mut yc = rvec(&mut rng, 120, 1.0);
+    let mut yg = g.upload(&yc).unwrap();
+    let mut xac = c.zeros(20).unwrap();
+    c.lora_forward_add(&mut yc, &mut xac, &x, None, &la, &lb, 2.0, sh)
+        .unwrap();
+    let mut xag = g.zeros(20).unwrap();
+    let (xd, ad, bd) = (
+        g.upload(&x).unwrap(),
+        g.upload(&la).unwrap(),
+        g.upload(&lb).unwrap(),
+    );
+    g.lora_forward_add(&mut yg, &mut xag, &xd, None, &ad, &bd, 2.0, sh)
+        .unwrap();
+    close("lora_forward_add", &g.download(&yg).unwrap(), &yc, 1e-5);
+}
+
+#[test]
+fn tiny_model_on_cuda_matches_the_cpu() {
+    use qlora::backend::cpu::CpuBackend;
+    use qlora::backend::cuda::backend::CudaBackend;
+    use qlora::backend::Backend;
+    use qlora::model::{BaseQuant, Logits};
+    let Ok(g) = CudaBackend::new(0) else {
+        eprintln!("skipping tiny_model_on_cuda_matches_the_cpu: no usable CUDA device");
+        return;
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/gqa");
+    let cpu = qlora::loader::load_model_dir(&dir, CpuBackend::new(), BaseQuant::NF4)
+        .unwrap()
+        .model;
+    let gpu = qlora::loader::load_model_dir(&dir, g, BaseQuant::NF4)
+        .unwrap()
+        .model;
+    let ids: Vec<u32> = (0..23)
+        .map(|i| (i * 53 % cpu.cfg.vocab_size) as u32)
+        .collect();
+    let mut cc = cpu.new_cache(ids.len() + 8).unwrap();
+    let mut gc = gpu.new_cache(ids.len() + 8).unwrap();
+    let lc = cpu.forward(&ids, &mut cc, Logits::All).unwrap();
+    let lg = gpu
+        .backend
+        .download(&gpu.forward(&ids, &mut gc, Logits::All).unwrap())
+        .unwrap();
+    close("prefill logits", &lg, &lc, 1e-4);
+    // Greedy decoding: the same 8 tokens.
+    let v = cpu.cfg.vocab_size;
+    let mut tc = qlora::generate::argmax(&lc[lc.len() - v..]);
+    let mut tg = qlora::generate::argmax(&lg[lg.len() - v..]);
+    for _ in 0..8 {
+        assert_eq!(tc, tg);
+        let a = cpu.forward(&[tc], &mut cc, Logits::Last).unwrap();
+        let b = gpu
+            .backend
+            .download(&gpu.forward(&[tg], &mut gc, Logits::Last).unwrap())
+            .unwrap();
+        tc = qlora::generate::argmax(&a);
+        tg = qlora::generate::argmax(&b);
+    }
+}

@@ -223,13 +223,27 @@ impl std::str::FromStr for DeviceRequest {
 /// A backend chosen at run time.
 pub enum AnyBackend {
     Cpu(cpu::CpuBackend),
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::backend::CudaBackend),
 }
 
-/// Picks the backend for a `--device` request. `auto` uses the GPU when this build can, else the CPU.
+/// Picks the backend for a `--device` request. `auto` uses the GPU when this build can and one
+/// is usable (and says which), else the CPU.
 pub fn select(req: DeviceRequest) -> Result<AnyBackend> {
     match req {
         DeviceRequest::Cpu => Ok(AnyBackend::Cpu(cpu::CpuBackend::new())),
         DeviceRequest::Auto => {
+            #[cfg(feature = "cuda")]
+            if cuda::driver_present() {
+                match cuda::backend::CudaBackend::new(0) {
+                    Ok(b) => {
+                        tracing::info!("device auto: using {}", b.name());
+                        return Ok(AnyBackend::Cuda(b));
+                    }
+                    Err(e) => tracing::info!("device auto: GPU not usable ({e}), using the CPU"),
+                }
+                return Ok(AnyBackend::Cpu(cpu::CpuBackend::new()));
+            }
             if cuda::driver_present() {
                 tracing::info!(
                     "device auto: a CUDA driver is present, but {}",
@@ -240,6 +254,9 @@ pub fn select(req: DeviceRequest) -> Result<AnyBackend> {
             }
             Ok(AnyBackend::Cpu(cpu::CpuBackend::new()))
         }
+        #[cfg(feature = "cuda")]
+        DeviceRequest::Cuda(n) => Ok(AnyBackend::Cuda(cuda::backend::CudaBackend::new(n)?)),
+        #[cfg(not(feature = "cuda"))]
         DeviceRequest::Cuda(_) => Err(cuda::unavailable()),
     }
 }

@@ -1,0 +1,63 @@
+// Causal grouped-query attention over a KV cache, flash-style (online softmax, no score matrix
+// in global memory); CPU spec in src/backend/cpu/attention.rs, launcher in src/backend/cuda/ops.rs.
+//   q, out: [B, T, H, D]; k, v caches: [B, S, KV, D] (S = cache capacity), valid at 0..pos0+T.
+//   Query t of batch b, head h (kv head g = h / (H / KV)) at position p = pos0 + t:
+//     s_j = (q · k_j) / sqrt(D),  j ≤ p;   out = Σ_j softmax(s)_j v_j
+// Launch: one warp per (b, t, h), 4 warps per block; D ≤ 256 (each lane holds D/32 values of q
+// and of the running output). Running max m and denominator l are rescaled as keys stream by:
+//   m' = max(m, s), l' = l·e^{m−m'} + e^{s−m'}, o' = o·e^{m−m'} + e^{s−m'}·v_j;  out = o / l.
+#include "common.cuh"
+
+#define ATT_MAX_D 256
+
+extern "C" __global__ void attention_f32(float* __restrict__ out, const float* __restrict__ q,
+                                         const float* __restrict__ k, const float* __restrict__ v,
+                                         int batch, int q_len, int pos0, int cap, int heads,
+                                         int kv_heads, int d) {
+  const int lane = threadIdx.x & 31;
+  const int64_t w = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (w >= (int64_t)batch * q_len * heads) return;
+  const int h = (int)(w % heads);
+  const int t = (int)((w / heads) % q_len);
+  const int b = (int)(w / ((int64_t)heads * q_len));
+  const int g = h / (heads / kv_heads);
+  const int p = pos0 + t;
+  const int per = (d + 31) / 32;
+  const float scale = rsqrtf((float)d);
+  const float* qr = q + w * d;
+  float qv[ATT_MAX_D / 32], o[ATT_MAX_D / 32];
+#pragma unroll
+  for (int c = 0; c < ATT_MAX_D / 32; c++) {
+    const int e = c * 32 + lane;
+    qv[c] = (c < per && e < d) ? qr[e] : 0.0f;
+    o[c] = 0.0f;
+  }
+  float m = -INFINITY, l = 0.0f;
+  for (int j = 0; j <= p; j++) {
+    const float* kr = k + (((int64_t)b * cap + j) * kv_heads + g) * d;
+    const float* vr = v + (((int64_t)b * cap + j) * kv_heads + g) * d;
+    float s = 0.0f;
+#pragma unroll
+    for (int c = 0; c < ATT_MAX_D / 32; c++) {
+      const int e = c * 32 + lane;
+      if (c < per && e < d) s += qv[c] * kr[e];
+    }
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    s *= scale;
+    const float mn = fmaxf(m, s);
+    const float corr = expf(m - mn), e_s = expf(s - mn);
+    l = l * corr + e_s;
+#pragma unroll
+    for (int c = 0; c < ATT_MAX_D / 32; c++) {
+      const int e = c * 32 + lane;
+      if (c < per && e < d) o[c] = o[c] * corr + e_s * vr[e];
+    }
+    m = mn;
+  }
+  float* orow = out + w * d;
+#pragma unroll
+  for (int c = 0; c < ATT_MAX_D / 32; c++) {
+    const int e = c * 32 + lane;
+    if (c < per && e < d) orow[e] = o[c] / l;
+  }
+}

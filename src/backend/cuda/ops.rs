@@ -1,0 +1,237 @@
+//! Launchers of the elementwise, RoPE, embedding, attention and cross-entropy kernels
+//! (`kernels/elementwise.cu`, `kernels/rope.cu`, `kernels/attention.cu`), and the cuBLAS
+//! products (`y = x·Wᵀ` for dense f32 weights, row-major, through column-major sgemm).
+
+use super::runtime::CudaDevice;
+use crate::backend::AttnShape;
+use crate::error::{Error, Result};
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+fn launch_err(kernel: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Backend(format!("{kernel}: {e}"))
+}
+
+/// A 1-D grid-stride launch over `n` items.
+fn grid(n: usize) -> LaunchConfig {
+    let blocks = (n as u64).div_ceil(256).clamp(1, 65_535 * 16) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn need(what: &str, have: usize, want: usize) -> Result<()> {
+    if have < want {
+        return Err(Error::Backend(format!(
+            "cuda {what}: buffer holds {have} values, op needs {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// `x += y` over `n` values.
+pub fn add_assign(
+    dev: &CudaDevice,
+    x: &mut CudaSlice<f32>,
+    y: &CudaSlice<f32>,
+    n: usize,
+) -> Result<()> {
+    need("add x", x.len(), n)?;
+    need("add y", y.len(), n)?;
+    let f = dev.function("elementwise", "add_assign_f32")?;
+    let n64 = n as i64;
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(x).arg(y).arg(&n64);
+    // SAFETY: matches add_assign_f32(float*, const float*, int64_t); sizes checked.
+    unsafe { b.launch(grid(n)) }.map_err(launch_err("add_assign_f32"))?;
+    Ok(())
+}
+
+/// `out = silu(gate) · up` over `n` values.
+pub fn swiglu(
+    dev: &CudaDevice,
+    out: &mut CudaSlice<f32>,
+    gate: &CudaSlice<f32>,
+    up: &CudaSlice<f32>,
+    n: usize,
+) -> Result<()> {
+    for (w, l) in [("out", out.len()), ("gate", gate.len()), ("up", up.len())] {
+        need(&format!("swiglu {w}"), l, n)?;
+    }
+    let f = dev.function("elementwise", "swiglu_f32")?;
+    let n64 = n as i64;
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(out).arg(gate).arg(up).arg(&n64);
+    // SAFETY: matches swiglu_f32(float*, const float*, const float*, int64_t); sizes checked.
+    unsafe { b.launch(grid(n)) }.map_err(launch_err("swiglu_f32"))?;
+    Ok(())
+}
+
+/// Row gather `out[r, :] = table[ids[r], :]` (ids already checked against the vocabulary).
+pub fn embedding(
+    dev: &CudaDevice,
+    out: &mut CudaSlice<f32>,
+    table: &CudaSlice<f32>,
+    ids: &[u32],
+    dim: usize,
+) -> Result<()> {
+    need("embedding out", out.len(), ids.len() * dim)?;
+    let idd = dev.upload(ids)?;
+    let f = dev.function("elementwise", "embedding_f32")?;
+    let (d64, r64) = (dim as i64, ids.len() as i64);
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(out).arg(table).arg(&idd).arg(&d64).arg(&r64);
+    // SAFETY: matches embedding_f32(float*, const float*, const uint32_t*, int64_t, int64_t).
+    unsafe { b.launch(grid(ids.len() * dim)) }.map_err(launch_err("embedding_f32"))?;
+    Ok(())
+}
+
+/// RoPE in place on `x` `[positions.len(), heads, d]`; `sign = -1` applies the transpose.
+pub fn rope(
+    dev: &CudaDevice,
+    x: &mut CudaSlice<f32>,
+    positions: &[u32],
+    inv_freq: &CudaSlice<f32>,
+    heads: usize,
+    d: usize,
+    sign: f32,
+) -> Result<()> {
+    let rows = positions.len();
+    need("rope x", x.len(), rows * heads * d)?;
+    need("rope inv_freq", inv_freq.len(), d / 2)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let pd = dev.upload(positions)?;
+    let f = dev.function("rope", "rope_f32")?;
+    let (h32, d32, r64) = (heads as i32, d as i32, rows as i64);
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(x)
+        .arg(&pd)
+        .arg(inv_freq)
+        .arg(&h32)
+        .arg(&d32)
+        .arg(&sign)
+        .arg(&r64);
+    // SAFETY: matches rope_f32(float*, const uint32_t*, const float*, int, int, float, int64_t).
+    unsafe { b.launch(grid(rows * heads * (d / 2))) }.map_err(launch_err("rope_f32"))?;
+    Ok(())
+}
+
+/// Causal GQA attention over the caches (see [`AttnShape`]); `head_dim ≤ 256`.
+pub fn attention(
+    dev: &CudaDevice,
+    out: &mut CudaSlice<f32>,
+    q: &CudaSlice<f32>,
+    k: &CudaSlice<f32>,
+    v: &CudaSlice<f32>,
+    s: AttnShape,
+) -> Result<()> {
+    if s.pos0 + s.q_len > s.cache_cap
+        || s.kv_heads == 0
+        || s.heads % s.kv_heads != 0
+        || s.head_dim > 256
+    {
+        return Err(Error::Backend(format!(
+            "cuda attention: unsupported shape {s:?} (head_dim ≤ 256)"
+        )));
+    }
+    let qn = s.batch * s.q_len * s.heads * s.head_dim;
+    let kvn = s.batch * s.cache_cap * s.kv_heads * s.head_dim;
+    need("attention q", q.len(), qn)?;
+    need("attention out", out.len(), qn)?;
+    need("attention k", k.len(), kvn)?;
+    need("attention v", v.len(), kvn)?;
+    let f = dev.function("attention", "attention_f32")?;
+    let warps = s.batch * s.q_len * s.heads;
+    let a = [
+        s.batch as i32,
+        s.q_len as i32,
+        s.pos0 as i32,
+        s.cache_cap as i32,
+        s.heads as i32,
+        s.kv_heads as i32,
+        s.head_dim as i32,
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: ((warps as u32).div_ceil(4).max(1), 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(out).arg(q).arg(k).arg(v);
+    for x in &a {
+        b.arg(x);
+    }
+    // SAFETY: matches attention_f32(float*, const float*×3, int×7); sizes checked.
+    unsafe { b.launch(cfg) }.map_err(launch_err("attention_f32"))?;
+    Ok(())
+}
+
+/// Per-row cross-entropy (targets checked against the vocabulary by the caller).
+pub fn cross_entropy(
+    dev: &CudaDevice,
+    losses: &mut CudaSlice<f32>,
+    logits: &CudaSlice<f32>,
+    targets: &[i32],
+    vocab: usize,
+) -> Result<()> {
+    let rows = targets.len();
+    need("cross_entropy logits", logits.len(), rows * vocab)?;
+    need("cross_entropy losses", losses.len(), rows)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let td = dev.upload(targets)?;
+    let f = dev.function("elementwise", "cross_entropy_f32")?;
+    let v64 = vocab as i64;
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(losses).arg(logits).arg(&td).arg(&v64);
+    // SAFETY: matches cross_entropy_f32(float*, const float*, const int32_t*, int64_t).
+    unsafe { b.launch(cfg) }.map_err(launch_err("cross_entropy_f32"))?;
+    Ok(())
+}
+
+/// `y[m, n] = beta·y + alpha · x[m, k] · W[n, k]ᵀ`, all row-major (cuBLAS sees the column-major
+/// transposes: `yᵀ = W · xᵀ`, so `transa = T` on W with `lda = k`, `transb = N` on x).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_wt(
+    blas: &CudaBlas,
+    y: &mut CudaSlice<f32>,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    need("gemm y", y.len(), m * n)?;
+    need("gemm x", x.len(), m * k)?;
+    need("gemm w", w.len(), n * k)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    use cudarc::cublas::sys::cublasOperation_t as Op;
+    let cfg = GemmConfig {
+        transa: Op::CUBLAS_OP_T,
+        transb: Op::CUBLAS_OP_N,
+        m: n as i32,
+        n: m as i32,
+        k: k as i32,
+        alpha,
+        lda: k as i32,
+        ldb: k as i32,
+        beta,
+        ldc: n as i32,
+    };
+    // SAFETY: the sizes were checked above against m, n, k and the leading dimensions.
+    unsafe { blas.gemm(cfg, w, x, y) }.map_err(|e| Error::Backend(format!("cuBLAS sgemm: {e}")))
+}
