@@ -176,8 +176,10 @@ impl<P: FnMut(usize, usize)> WeightSource for TensorSource<'_, P> {
     }
 }
 
-/// Random weights: uniform in ±0.05, norms 1, a fixed pattern for the embedding.
-struct RandomSource(rand::rngs::StdRng);
+/// Random weights: uniform in ±0.05, norms 1, a fixed pattern for the embedding; with `nf4`,
+/// decoder projections are random NF4 tensors (random codes, absmax in [0.01, 0.05], blocks of
+/// 64, f32 scales) built directly, without quantizing a dense matrix (fast at 7B scale).
+struct RandomSource(rand::rngs::StdRng, bool);
 
 impl RandomSource {
     fn uniform(&mut self, n: usize) -> Vec<f32> {
@@ -203,6 +205,21 @@ impl WeightSource for RandomSource {
     }
 
     fn linear(&mut self, _name: &str, rows: usize, cols: usize) -> Result<HostLinear> {
+        use rand::Rng;
+        if self.1 {
+            let n = rows * cols;
+            let mut packed = vec![0u8; n.div_ceil(2)];
+            self.0.fill(&mut packed[..]);
+            let absmax = (0..n.div_ceil(64))
+                .map(|_| self.0.random_range(0.01f32..0.05))
+                .collect();
+            return Ok(HostLinear::Nf4(crate::quant::Nf4Tensor {
+                shape: vec![rows, cols],
+                blocksize: 64,
+                packed,
+                absmax: crate::quant::Absmax::F32(absmax),
+            }));
+        }
         Ok(HostLinear::Dense {
             rows,
             cols,
@@ -290,7 +307,15 @@ impl<B: Backend> Llama<B> {
     /// A model with random weights (uniform in ±0.05, norms 1): benchmarks and shape tests only.
     pub fn random(backend: B, cfg: &ModelConfig, seed: u64) -> Result<Self> {
         use rand::SeedableRng;
-        let mut src = RandomSource(rand::rngs::StdRng::seed_from_u64(seed));
+        let mut src = RandomSource(rand::rngs::StdRng::seed_from_u64(seed), false);
+        Self::assemble(backend, cfg, &mut src)
+    }
+
+    /// A model with random NF4 decoder projections (see `RandomSource`): decode benchmarks at
+    /// full scale (e.g. Llama-2-7B's shapes) without quantizing dense weights first.
+    pub fn random_nf4(backend: B, cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        use rand::SeedableRng;
+        let mut src = RandomSource(rand::rngs::StdRng::seed_from_u64(seed), true);
         Self::assemble(backend, cfg, &mut src)
     }
 
