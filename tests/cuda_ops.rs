@@ -197,7 +197,7 @@ fn backend_ops_match_the_cpu_spec() {
         }
     }
     // RoPE, attention (GQA, prefix), SwiGLU, add, embedding, cross-entropy, LoRA term.
-    let (t, h, kv, d, pos0) = (7, 4, 2, 64, 5);
+    let (t, h, kv, d, pos0) = (7, 4, 2, 64, 4093);
     let cap = pos0 + t;
     let inv: Vec<f32> = (0..d / 2)
         .map(|i| 10000f32.powf(-((2 * i) as f32) / d as f32))
