@@ -2,24 +2,35 @@
 //! the CPU spec before it is timed. Without the `cuda` feature or without a usable GPU they skip
 //! with a message.
 //!
-//! - `nf4/dequant`: NF4 → f32 at 4096×4096 (bytes moved: packed + scales in, f32 out), next to a
-//!   device-to-device memcpy of the f32 output size.
+//! - `nf4/dequant`: NF4 → f32 (and → bf16) at 4096×4096 (bytes moved: packed + scales in,
+//!   output out), next to a device-to-device memcpy of the f32 output size.
 //! - `nf4/gemv`: fused NF4 GEMV at M = 1, 8 on Llama-7B shapes (bytes: the packed weight).
-//! - `nf4/gemm`: prefill products at M = 16, 512, 2048: dequantize + cuBLAS sgemm (the baseline)
-//!   next to cuBLAS sgemm on a dense f32 weight; throughput in FLOP/s (2·M·N·K).
+//! - `gemm/*`: products on Llama-7B shapes at M = 1, 16, 512, 2048, throughput in FLOP/s
+//!   (2·M·N·K, criterion's "elem/s"), side by side:
+//!   `fused` (kernels/nf4_gemm.cu, decode inside the tile loader, bf16 tensor cores),
+//!   `dequant_cublas_bf16` (dequantize to a bf16 scratch, round x to bf16, cublasGemmEx — the
+//!   baseline the fused kernel must beat), `cublas_bf16` (the GEMM alone on an already
+//!   dequantized bf16 weight: the ceiling), `dequant_sgemm` (the f32 path).
+//!   Each is validated against the CPU spec (`nf4_gemm_bf16`, on the first and last rows).
 //! - `decode/llama2-7b-shape`: one decode step of a random NF4 model with Llama-2-7B's shapes,
-//!   generated on the host directly in NF4 (tokens/s = 1 / step time).
+//!   generated on the host directly in NF4 (tokens/s = 1 / step time); `prefill/…`: a 512-token
+//!   prompt through the same model.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 
 #[cfg(feature = "cuda")]
 mod gpu {
     use criterion::{BenchmarkId, Criterion, Throughput};
+    use cudarc::cublas::CudaBlas;
+    use qlora::backend::cpu::{nf4_bf16_weights, nf4_gemm_bf16};
     use qlora::backend::cuda::backend::CudaBackend;
     use qlora::backend::cuda::nf4::DeviceNf4;
+    use qlora::backend::cuda::nf4_gemm::{gemm_bf16_cublas, to_bf16, Bf16Scratch};
+    use qlora::backend::cuda::runtime::DevBuf;
     use qlora::backend::{Backend, HostLinear};
     use qlora::config::ModelConfig;
     use qlora::model::{Llama, Logits};
+    use qlora::quant::Nf4Tensor;
     use qlora::quant::{dequantize_nf4, nf4_matmul_wt, quantize_nf4};
     use std::time::Duration;
 
@@ -63,27 +74,27 @@ mod gpu {
                 sync();
             })
         });
+        let mut outb = dev.zeros::<u16>(n * k).unwrap();
+        grp.throughput(Throughput::Bytes((d.nbytes() + 2 * n * k) as u64));
+        grp.bench_function("dequant_bf16/4096x4096", |b| {
+            b.iter(|| {
+                d.dequantize_bf16(&dev, &mut outb).unwrap();
+                sync();
+            })
+        });
         let src = dev.zeros::<f32>(n * k).unwrap();
         grp.throughput(Throughput::Bytes((8 * n * k) as u64));
         grp.bench_function("memcpy_dtod/4096x4096_f32", |b| {
             b.iter(|| {
-                dev.stream.memcpy_dtod(&src, &mut out).unwrap();
+                dev.stream.memcpy_dtod(&*src, &mut *out).unwrap();
                 sync();
             })
         });
 
-        // GEMV (decode) and prefill GEMMs on Llama-7B shapes.
+        // GEMV (decode) on Llama-7B shapes; then the prefill GEMMs.
         for (n, k) in SHAPES {
-            let w = weights(n, k);
-            let t = quantize_nf4(&w, &[n, k], 64, true).unwrap();
+            let t = quantize_nf4(&weights(n, k), &[n, k], 64, true).unwrap();
             let nf4 = g.linear(HostLinear::Nf4(t.clone())).unwrap();
-            let dense = g
-                .linear(HostLinear::Dense {
-                    rows: n,
-                    cols: k,
-                    data: w,
-                })
-                .unwrap();
             for m in [1usize, 8] {
                 let x: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
                 let mut want = vec![0f32; m * n];
@@ -110,23 +121,12 @@ mod gpu {
                     })
                 });
             }
-            for m in [16usize, 512, 2048] {
-                let x: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
-                let xd = g.upload(&x).unwrap();
-                let mut y = g.zeros(m * n).unwrap();
-                grp.throughput(Throughput::Elements((2 * m * n * k) as u64));
-                for (name, w) in [("nf4_dequant_sgemm", &nf4), ("dense_sgemm", &dense)] {
-                    g.matmul(&mut y, &xd, w, m).unwrap();
-                    grp.bench_function(BenchmarkId::new(format!("gemm/{name}/{n}x{k}"), m), |b| {
-                        b.iter(|| {
-                            g.matmul(&mut y, &xd, w, m).unwrap();
-                            sync();
-                        })
-                    });
-                }
-            }
         }
         grp.finish();
+        for (n, k) in SHAPES {
+            let t = quantize_nf4(&weights(n, k), &[n, k], 64, true).unwrap();
+            gemm_shape(c, &g, &t, n, k);
+        }
 
         // Decode tokens/s, Llama-2-7B shapes, random NF4 weights.
         let cfg_path = concat!(
@@ -141,9 +141,22 @@ mod gpu {
                 return;
             }
         };
-        let prompt: Vec<u32> = (0..128).map(|i| (i * 7 + 3) as u32).collect();
-        let mut cache = model.new_cache(prompt.len() + 1).unwrap();
-        model.forward(&prompt, &mut cache, Logits::Last).unwrap();
+        let long: Vec<u32> = (0..512).map(|i| (i * 7 + 3) as u32).collect();
+        let mut cache = model.new_cache(long.len()).unwrap();
+        let mut grp = c.benchmark_group("prefill");
+        grp.sample_size(10).measurement_time(Duration::from_secs(5));
+        grp.throughput(Throughput::Elements(long.len() as u64));
+        grp.bench_function("llama2-7b-shape/512_tokens", |b| {
+            b.iter(|| {
+                cache.len = 0;
+                let l = model.forward(&long, &mut cache, Logits::Last).unwrap();
+                model.backend.download(&l).unwrap()
+            })
+        });
+        grp.finish();
+        let prompt = &long[..128];
+        cache.len = 0;
+        model.forward(prompt, &mut cache, Logits::Last).unwrap();
         let mut grp = c.benchmark_group("decode");
         grp.sample_size(20).measurement_time(Duration::from_secs(5));
         grp.throughput(Throughput::Elements(1));
@@ -156,9 +169,94 @@ mod gpu {
         });
         grp.finish();
         eprintln!(
-            "device memory allocated (upper bound of peak): {:.0} MiB",
-            model.backend.dev.peak_bytes() as f64 / (1u64 << 20) as f64
+            "7B-shape model: peak device memory of qlora's buffers {:.0} MiB",
+            qlora::sys::mib(model.backend.dev.peak_bytes())
         );
+    }
+
+    /// The prefill products of one weight shape at M = 1, 16, 512, 2048 (see the file header).
+    fn gemm_shape(c: &mut Criterion, g: &CudaBackend, t: &Nf4Tensor, n: usize, k: usize) {
+        let dev = g.dev.clone();
+        let sync = || dev.synchronize().expect("synchronize");
+        let d = DeviceNf4::upload(&dev, t).unwrap();
+        let wb = nf4_bf16_weights(t);
+        let wbits: Vec<u16> = wb
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect();
+        let wd = dev.upload(&wbits).unwrap();
+        let mut wf = dev.zeros::<f32>(n * k).unwrap();
+        d.dequantize(&dev, &mut wf).unwrap();
+        let blas = CudaBlas::new(dev.stream.clone()).unwrap();
+        let mut scratch = Bf16Scratch::default();
+        let mut grp = c.benchmark_group("gemm");
+        grp.sample_size(10).measurement_time(Duration::from_secs(2));
+        for m in [1usize, 16, 512, 2048] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
+            let xd = dev.upload(&x).unwrap();
+            let mut xb = dev.zeros::<u16>(m * k).unwrap();
+            to_bf16(&dev, &mut xb, &xd, m * k).unwrap();
+            let mut y = dev.zeros::<f32>(m * n).unwrap();
+            // Validation on the first and last rows (the spec is row-independent).
+            let check = |y: &DevBuf<f32>, what: &str, bf16: bool| {
+                let got = dev.download(y).unwrap();
+                for r in [0, m - 1] {
+                    let xr = &x[r * k..(r + 1) * k];
+                    let mut want = vec![0f32; n];
+                    if bf16 {
+                        nf4_gemm_bf16(&mut want, xr, t, 1, false);
+                    } else {
+                        nf4_matmul_wt(&mut want, xr, t, 1);
+                    }
+                    let scale = want.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
+                    let err = got[r * n..(r + 1) * n]
+                        .iter()
+                        .zip(&want)
+                        .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+                    assert!(
+                        err / scale < 1e-4,
+                        "{what} {n}x{k} m {m} row {r}: {}",
+                        err / scale
+                    );
+                }
+            };
+            d.gemm(&dev, &mut y, &xd, m, false).unwrap();
+            check(&y, "fused", true);
+            scratch.gemm(&dev, &blas, &d, &mut y, &xd, m).unwrap();
+            check(&y, "dequant_cublas_bf16", true);
+            gemm_bf16_cublas(&blas, &dev.stream, &mut y, &xb, &wd, m, k, n).unwrap();
+            check(&y, "cublas_bf16", true);
+            g.matmul_dense_f32(&mut y, &xd, &wf, m, k, n).unwrap();
+            check(&y, "sgemm", false);
+            grp.throughput(Throughput::Elements((2 * m * n * k) as u64));
+            let id = |name: &str| BenchmarkId::new(format!("{name}/{n}x{k}"), m);
+            grp.bench_function(id("fused"), |b| {
+                b.iter(|| {
+                    d.gemm(&dev, &mut y, &xd, m, false).unwrap();
+                    sync();
+                })
+            });
+            grp.bench_function(id("dequant_cublas_bf16"), |b| {
+                b.iter(|| {
+                    scratch.gemm(&dev, &blas, &d, &mut y, &xd, m).unwrap();
+                    sync();
+                })
+            });
+            grp.bench_function(id("cublas_bf16"), |b| {
+                b.iter(|| {
+                    gemm_bf16_cublas(&blas, &dev.stream, &mut y, &xb, &wd, m, k, n).unwrap();
+                    sync();
+                })
+            });
+            grp.bench_function(id("dequant_sgemm"), |b| {
+                b.iter(|| {
+                    d.dequantize(&dev, &mut wf).unwrap();
+                    g.matmul_dense_f32(&mut y, &xd, &wf, m, k, n).unwrap();
+                    sync();
+                })
+            });
+        }
+        grp.finish();
     }
 }
 

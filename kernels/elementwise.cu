@@ -1,8 +1,15 @@
 // Elementwise ops of a Llama step; CPU spec in src/backend/cpu/elementwise.rs.
 //   add_assign_f32: x[i] += y[i]                       (residual connection), i < n
 //   swiglu_f32:     out[i] = silu(gate[i]) * up[i],    silu(g) = g / (1 + exp(-g)), i < n
+//   f32_to_bf16:    out[i] = bf16(x[i]) (round to nearest even), i < n
 // Launch: any 1-D grid; each kernel is a grid-stride loop.
+#include <cuda_bf16.h>
 #include "common.cuh"
+
+extern "C" __global__ void f32_to_bf16(__nv_bfloat16* __restrict__ out, const float* __restrict__ x,
+                                       int64_t n) {
+  GRID_STRIDE(i, n) { out[i] = __float2bfloat16_rn(x[i]); }
+}
 
 extern "C" __global__ void add_assign_f32(float* __restrict__ x, const float* __restrict__ y, int64_t n) {
   GRID_STRIDE(i, n) { x[i] += y[i]; }

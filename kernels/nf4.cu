@@ -17,28 +17,16 @@
 //                     the row with stride 32 elements, decodes in registers and
 //                     accumulates all m inputs at once (the weight is read once for all rows);
 //                     warp-shuffle reduction. Launch: blockDim 256 (8 warps), grid ceil(rows_out/8).
-#include "common.cuh"
-
-__constant__ float NF4[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-
-// Scale of block b (double-quantized when dq != 0; the unused pointers may be any buffer).
-__device__ __forceinline__ float block_scale(int64_t b, int dq, const float* __restrict__ absmax,
-                                             const uint8_t* __restrict__ q,
-                                             const float* __restrict__ nested_absmax,
-                                             const float* __restrict__ nested_code, float offset,
-                                             int nested_blocksize) {
-  if (!dq) return absmax[b];
-  return __fadd_rn(__fmul_rn(nested_code[q[b]], nested_absmax[b / nested_blocksize]), offset);
-}
-
-__device__ __forceinline__ int nf4_code(const uint8_t* __restrict__ packed, int64_t i) {
-  uint8_t byte = packed[i >> 1];
-  return (i & 1) ? (byte & 0x0f) : (byte >> 4);
-}
+//                     The general kernel: any k, any blocksize.
+//   nf4_gemv_f32_k32: the same product for k % 32 == 0 and blocksize >= 32 (every Llama shape),
+//                     built for bandwidth: per step each lane loads 16 packed bytes (32 elements,
+//                     one quantization block, one scale) of each of GEMV_ROWS = 4 weight rows, so a
+//                     warp streams 4 × 512 contiguous bytes; it decodes them in registers (NF4
+//                     table in shared memory) and multiplies them with the m input rows, whose
+//                     values (read through L1) are reused for all 4 weight rows.
+//                     Launch: blockDim 128 (4 warps, 16 output rows), grid ceil(rows_out/16).
+#include <cuda_bf16.h>
+#include "nf4.cuh"
 
 extern "C" __global__ void nf4_dequant_f32(float* __restrict__ out, const uint8_t* __restrict__ packed,
                                            int dq, const float* __restrict__ absmax,
@@ -86,4 +74,92 @@ extern "C" __global__ void nf4_gemv_f32(float* __restrict__ y, const float* __re
     for (int s = 16; s > 0; s >>= 1) v += __shfl_down_sync(0xffffffffu, v, s);
     if (lane == 0 && r < m) y[(int64_t)r * rows_out + o] = v;
   }
+}
+
+// nf4_dequant_bf16: out[i] = bf16(w_i) (round to nearest even), i < n. The scratch weight of the
+// "dequantize, then cuBLAS bf16 GEMM" baseline that nf4_gemm.cu is measured against.
+extern "C" __global__ void nf4_dequant_bf16(__nv_bfloat16* __restrict__ out,
+                                            const uint8_t* __restrict__ packed, int dq,
+                                            const float* __restrict__ absmax,
+                                            const uint8_t* __restrict__ q,
+                                            const float* __restrict__ nested_absmax,
+                                            const float* __restrict__ nested_code, float offset,
+                                            int nested_blocksize, int blocksize_log2, int64_t n) {
+  GRID_STRIDE(i, n) {
+    float s = block_scale(i >> blocksize_log2, dq, absmax, q, nested_absmax, nested_code, offset,
+                          nested_blocksize);
+    out[i] = __float2bfloat16_rn(__fmul_rn(NF4[nf4_code(packed, i)], s));
+  }
+}
+
+#define GEMV_ROWS 4
+
+extern "C" __global__ void __launch_bounds__(128)
+    nf4_gemv_f32_k32(float* __restrict__ y, const float* __restrict__ x,
+                     const uint8_t* __restrict__ packed, int dq, const float* __restrict__ absmax,
+                     const uint8_t* __restrict__ q, const float* __restrict__ nested_absmax,
+                     const float* __restrict__ nested_code, float offset, int nested_blocksize,
+                     int blocksize_log2, int m, int64_t rows_out, int64_t k) {
+  __shared__ float lut[16];
+  if (threadIdx.x < 16) lut[threadIdx.x] = NF4[threadIdx.x];
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64_t o0 = ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * GEMV_ROWS;
+  if (o0 >= rows_out) return;
+  float acc[GEMV_ROWS][GEMV_MAX_M];
+#pragma unroll
+  for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+    for (int i = 0; i < GEMV_MAX_M; i++) acc[r][i] = 0.0f;
+
+  for (int64_t j = (int64_t)lane * 32; j < k; j += 32 * 32) {
+    uint32_t wv[GEMV_ROWS][4];
+    float s[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+      const int64_t o = o0 + r;
+      if (o < rows_out) {
+        const int64_t e = o * k + j;
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(packed + (e >> 1)));
+        wv[r][0] = v.x, wv[r][1] = v.y, wv[r][2] = v.z, wv[r][3] = v.w;
+        s[r] = block_scale(e >> blocksize_log2, dq, absmax, q, nested_absmax, nested_code, offset,
+                           nested_blocksize);
+      } else {
+        wv[r][0] = wv[r][1] = wv[r][2] = wv[r][3] = 0u;
+        s[r] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int word = 0; word < 4; word++) {
+      float w[GEMV_ROWS][8];  // elements j + 8·word .. +8 of each row
+#pragma unroll
+      for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+          const uint32_t byte = (wv[r][word] >> (8 * b)) & 0xffu;
+          w[r][2 * b] = __fmul_rn(lut[byte >> 4], s[r]);
+          w[r][2 * b + 1] = __fmul_rn(lut[byte & 0xfu], s[r]);
+        }
+#pragma unroll
+      for (int i = 0; i < GEMV_MAX_M; i++) {
+        if (i >= m) break;
+        const float4* xp = reinterpret_cast<const float4*>(x + (int64_t)i * k + j + 8 * word);
+        const float4 xa = __ldg(xp), xb = __ldg(xp + 1);
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++)
+          acc[r][i] += xa.x * w[r][0] + xa.y * w[r][1] + xa.z * w[r][2] + xa.w * w[r][3] +
+                       xb.x * w[r][4] + xb.y * w[r][5] + xb.z * w[r][6] + xb.w * w[r][7];
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+    for (int i = 0; i < GEMV_MAX_M; i++) {
+      if (i >= m) break;
+      float v = acc[r][i];
+#pragma unroll
+      for (int sh = 16; sh > 0; sh >>= 1) v += __shfl_down_sync(0xffffffffu, v, sh);
+      if (lane == 0 && o0 + r < rows_out) y[(int64_t)i * rows_out + o0 + r] = v;
+    }
 }

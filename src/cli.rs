@@ -211,12 +211,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => match backend::select(a.model.base.device)? {
             AnyBackend::Cpu(b) => eval(b, &a),
             #[cfg(feature = "cuda")]
-            AnyBackend::Cuda(b) => eval(b, &a),
+            AnyBackend::Cuda(b) => eval(*b, &a),
         },
         Command::Generate(a) => match backend::select(a.model.base.device)? {
             AnyBackend::Cpu(b) => gen(b, &a),
             #[cfg(feature = "cuda")]
-            AnyBackend::Cuda(b) => gen(b, &a),
+            AnyBackend::Cuda(b) => gen(*b, &a),
         },
         Command::Inspect(a) => inspect(&a),
         Command::Quantize(a) => quantize(&a),
@@ -318,8 +318,12 @@ fn eval<B: Backend>(b: B, a: &EvalArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
+        let device_mem = report
+            .peak_device_mib
+            .map(|m| format!(", peak device memory {m:.0} MiB"))
+            .unwrap_or_default();
         println!(
-            "loss {:.6}  perplexity {:.4}  ({} tokens, {} rows, {} truncated to {max_seq_len}, {} skipped) in {:.1} s, {:.0} tok/s, peak RSS {:.0} MiB",
+            "loss {:.6}  perplexity {:.4}  ({} tokens, {} rows, {} truncated to {max_seq_len}, {} skipped) in {:.1} s, {:.0} tok/s, peak RSS {:.0} MiB{device_mem}",
             report.loss,
             report.perplexity,
             report.tokens,
@@ -394,6 +398,11 @@ fn gen<B: Backend>(b: B, a: &GenerateArgs) -> Result<()> {
         ),
         stopped_at_eos = stats.stopped_at_eos,
         peak_rss_mib = format!("{:.0}", qlora::sys::peak_rss_mib()),
+        peak_device_mib = loaded
+            .model
+            .backend
+            .device_memory_peak()
+            .map(|b| format!("{:.0}", qlora::sys::mib(b))),
         "generation done"
     );
     Ok(())

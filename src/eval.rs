@@ -27,6 +27,9 @@ pub struct EvalReport {
     pub seconds: f64,
     /// Peak resident memory of the process, MiB.
     pub peak_rss_mib: f64,
+    /// Peak device memory of the backend's buffers, MiB (GPU backends; absent on the CPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_device_mib: Option<f64>,
 }
 
 /// Tokenizes one row for evaluation: encode, then cut to `max_seq_len`. Returns (ids, was_truncated).
@@ -103,5 +106,6 @@ pub fn evaluate<B: Backend>(
         skipped_rows,
         seconds: t0.elapsed().as_secs_f64(),
         peak_rss_mib: crate::sys::peak_rss_mib(),
+        peak_device_mib: model.backend.device_memory_peak().map(crate::sys::mib),
     })
 }

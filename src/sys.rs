@@ -9,6 +9,11 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Bytes in MiB, for reports.
+pub fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
 /// `peak_rss_bytes` in MiB, for logs and reports (0 when unknown).
 pub fn peak_rss_mib() -> f64 {
     peak_rss_bytes().map_or(0.0, |b| b as f64 / (1u64 << 20) as f64)

@@ -319,7 +319,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         AnyBackend::Cuda(b) => {
             bail!(
                 "training on CUDA ({}) arrives with the CUDA part-2 issue (backward kernels); use --device cpu",
-                qlora::backend::Backend::name(&b)
+                qlora::backend::Backend::name(&*b)
             )
         }
     };

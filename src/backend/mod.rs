@@ -85,6 +85,11 @@ pub trait Backend: Send + Sync {
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     /// Copies a buffer back to the host.
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// High-water mark of the device memory this backend's buffers took, for accelerators
+    /// (`None` on the CPU, where the process' peak RSS says it).
+    fn device_memory_peak(&self) -> Option<usize> {
+        None
+    }
     /// Prepares a linear weight for [`Backend::matmul`].
     fn linear(&self, w: HostLinear) -> Result<Self::Linear>;
     /// `(out_features, in_features)` of a prepared weight.
@@ -224,7 +229,7 @@ impl std::str::FromStr for DeviceRequest {
 pub enum AnyBackend {
     Cpu(cpu::CpuBackend),
     #[cfg(feature = "cuda")]
-    Cuda(cuda::backend::CudaBackend),
+    Cuda(Box<cuda::backend::CudaBackend>),
 }
 
 /// Picks the backend for a `--device` request. `auto` uses the GPU when this build can and one
@@ -238,7 +243,7 @@ pub fn select(req: DeviceRequest) -> Result<AnyBackend> {
                 match cuda::backend::CudaBackend::new(0) {
                     Ok(b) => {
                         tracing::info!("device auto: using {}", b.name());
-                        return Ok(AnyBackend::Cuda(b));
+                        return Ok(AnyBackend::Cuda(Box::new(b)));
                     }
                     Err(e) => tracing::info!("device auto: GPU not usable ({e}), using the CPU"),
                 }
@@ -255,7 +260,9 @@ pub fn select(req: DeviceRequest) -> Result<AnyBackend> {
             Ok(AnyBackend::Cpu(cpu::CpuBackend::new()))
         }
         #[cfg(feature = "cuda")]
-        DeviceRequest::Cuda(n) => Ok(AnyBackend::Cuda(cuda::backend::CudaBackend::new(n)?)),
+        DeviceRequest::Cuda(n) => Ok(AnyBackend::Cuda(Box::new(cuda::backend::CudaBackend::new(
+            n,
+        )?))),
         #[cfg(not(feature = "cuda"))]
         DeviceRequest::Cuda(_) => Err(cuda::unavailable()),
     }

@@ -9,6 +9,7 @@ mod cross_entropy;
 pub mod dropout;
 mod elementwise;
 mod matmul;
+mod nf4_gemm;
 mod rmsnorm;
 mod rope;
 mod train;
@@ -17,6 +18,7 @@ pub use attention::attention;
 pub use cross_entropy::cross_entropy;
 pub use elementwise::{add_assign, embedding, swiglu};
 pub use matmul::matmul_wt;
+pub use nf4_gemm::{bf16_round, nf4_bf16_weights, nf4_gemm_bf16};
 pub use rmsnorm::rmsnorm;
 pub use rope::rope;
 

@@ -1,21 +1,42 @@
-//! [`Backend`] on a CUDA device: buffers are device `f32` slices, dense projections go through
-//! cuBLAS sgemm, NF4 projections through the fused GEMV (≤ 8 rows, decoding) or, for prefill,
-//! dequantize-into-scratch + sgemm (the baseline a fused tensor-core GEMM must beat). The LoRA
-//! term is two sgemms (inference only: no dropout mask on this backend yet).
+//! [`Backend`] on a CUDA device: buffers are metered device `f32` slices ([`DevBuf`]), dense
+//! projections go through cuBLAS sgemm, NF4 projections through the fused GEMV (≤ 8 rows,
+//! decoding) or, for prefill and evaluation, the fused tensor-core NF4 GEMM (bf16 inputs, f32
+//! accumulation). [`Prefill`] switches the latter to one of the baselines it is measured
+//! against. The LoRA term is two sgemms (inference only: no dropout mask on this backend yet).
 
 use super::nf4::{DeviceNf4, GEMV_MAX_M};
+use super::nf4_gemm::Bf16Scratch;
 use super::ops;
-use super::runtime::CudaDevice;
+use super::runtime::{CudaDevice, DevBuf};
 use crate::backend::{AttnShape, Backend, HostLinear, LoraShape};
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::CudaSlice;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// How NF4 projections of more than [`GEMV_MAX_M`] rows are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Prefill {
+    /// `kernels/nf4_gemm.cu`: decode inside the tile loader, bf16 tensor cores (the default;
+    /// shapes it does not take fall back to [`Prefill::DequantSgemm`]).
+    #[default]
+    Fused,
+    /// Baseline: dequantize W to a bf16 scratch buffer, then cuBLAS bf16 GEMM (f32 accumulate).
+    DequantCublasBf16,
+    /// Baseline: dequantize W to an f32 scratch buffer, then cuBLAS sgemm (exact f32).
+    DequantSgemm,
+}
 
 /// A CUDA device with cuBLAS, usable as a [`Backend`].
 pub struct CudaBackend {
     pub dev: Arc<CudaDevice>,
     blas: CudaBlas,
+    /// The NF4 prefill path (see [`Prefill`]).
+    pub prefill: Prefill,
+    bf16_scratch: Mutex<Bf16Scratch>,
+    f32_scratch: Mutex<Option<DevBuf<f32>>>,
+    /// The last RoPE positions uploaded: every layer of a forward pass rotates at the same
+    /// positions, so they cross the bus once per pass instead of twice per layer.
+    positions: Mutex<Option<(Vec<u32>, DevBuf<u32>)>>,
 }
 
 /// A projection weight on the device.
@@ -23,7 +44,7 @@ pub enum CudaLinear {
     Dense {
         rows: usize,
         cols: usize,
-        w: CudaSlice<f32>,
+        w: DevBuf<f32>,
     },
     Nf4(Box<DeviceNf4>),
 }
@@ -34,12 +55,52 @@ impl CudaBackend {
         let dev = Arc::new(CudaDevice::new(ordinal)?);
         let blas = CudaBlas::new(dev.stream.clone())
             .map_err(|e| Error::Backend(format!("cuBLAS: {e}")))?;
-        Ok(CudaBackend { dev, blas })
+        Ok(CudaBackend {
+            dev,
+            blas,
+            prefill: Prefill::default(),
+            bf16_scratch: Mutex::default(),
+            f32_scratch: Mutex::default(),
+            positions: Mutex::default(),
+        })
+    }
+
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ` through cuBLAS sgemm on a dense f32 device weight.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_dense_f32(
+        &self,
+        y: &mut DevBuf<f32>,
+        x: &DevBuf<f32>,
+        w: &DevBuf<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        ops::gemm_wt(&self.blas, y, x, w, m, k, n, 1.0, 0.0)
+    }
+
+    /// `out = x · dequant(W)ᵀ` by dequantizing into a reused f32 scratch buffer, then sgemm.
+    fn nf4_dequant_sgemm(
+        &self,
+        out: &mut DevBuf<f32>,
+        x: &DevBuf<f32>,
+        t: &DeviceNf4,
+        rows: usize,
+    ) -> Result<()> {
+        let mut guard = self.f32_scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let need = t.rows * t.cols;
+        if guard.as_ref().is_none_or(|b| b.len() < need) {
+            *guard = None;
+            *guard = Some(self.dev.zeros::<f32>(need)?);
+        }
+        let scratch = guard.as_mut().expect("allocated above");
+        t.dequantize(&self.dev, scratch)?;
+        ops::gemm_wt(&self.blas, out, x, scratch, rows, t.cols, t.rows, 1.0, 0.0)
     }
 }
 
 impl Backend for CudaBackend {
-    type Buf = CudaSlice<f32>;
+    type Buf = DevBuf<f32>;
     type Linear = CudaLinear;
 
     fn name(&self) -> String {
@@ -59,6 +120,10 @@ impl Backend for CudaBackend {
 
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
         self.dev.download(buf)
+    }
+
+    fn device_memory_peak(&self) -> Option<usize> {
+        Some(self.dev.peak_bytes())
     }
 
     fn linear(&self, w: HostLinear) -> Result<CudaLinear> {
@@ -148,11 +213,15 @@ impl Backend for CudaBackend {
                 ops::gemm_wt(&self.blas, out, x, w, rows, *cols, *n, 1.0, 0.0)
             }
             CudaLinear::Nf4(t) if rows <= GEMV_MAX_M => t.gemv(&self.dev, out, x, rows),
-            CudaLinear::Nf4(t) => {
-                let mut scratch = self.dev.zeros::<f32>(t.rows * t.cols)?;
-                t.dequantize(&self.dev, &mut scratch)?;
-                ops::gemm_wt(&self.blas, out, x, &scratch, rows, t.cols, t.rows, 1.0, 0.0)
-            }
+            CudaLinear::Nf4(t) => match self.prefill {
+                Prefill::Fused if t.gemm_supported() => t.gemm(&self.dev, out, x, rows, false),
+                Prefill::DequantCublasBf16 => self
+                    .bf16_scratch
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .gemm(&self.dev, &self.blas, t, out, x, rows),
+                _ => self.nf4_dequant_sgemm(out, x, t, rows),
+            },
         }
     }
 
@@ -164,7 +233,17 @@ impl Backend for CudaBackend {
         heads: usize,
         head_dim: usize,
     ) -> Result<()> {
-        ops::rope(&self.dev, x, positions, inv_freq, heads, head_dim, 1.0)
+        let mut cached = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.as_ref().is_none_or(|(p, _)| p != positions) {
+            *cached = None;
+            if positions.is_empty() {
+                return Ok(());
+            }
+            *cached = Some((positions.to_vec(), self.dev.upload(positions)?));
+        }
+        let (_, pos) = cached.as_ref().expect("uploaded above");
+        let rows = positions.len();
+        ops::rope(&self.dev, x, pos, rows, inv_freq, heads, head_dim, 1.0)
     }
 
     fn attention(

@@ -15,6 +15,8 @@ pub mod backend;
 #[cfg(feature = "cuda")]
 pub mod nf4;
 #[cfg(feature = "cuda")]
+pub mod nf4_gemm;
+#[cfg(feature = "cuda")]
 pub mod ops;
 #[cfg(feature = "cuda")]
 pub mod rmsnorm;
@@ -62,7 +64,14 @@ mod tests {
     #[test]
     fn every_kernel_is_embedded() {
         let names: Vec<&str> = super::kernel_modules().iter().map(|(n, _)| *n).collect();
-        for m in ["elementwise", "nf4", "rmsnorm"] {
+        for m in [
+            "attention",
+            "elementwise",
+            "nf4",
+            "nf4_gemm",
+            "rmsnorm",
+            "rope",
+        ] {
             assert!(names.contains(&m), "{names:?}");
         }
         assert!(super::kernel_modules().iter().all(|(_, b)| b.len() > 1000));

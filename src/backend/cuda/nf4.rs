@@ -1,11 +1,12 @@
 //! Launchers of `kernels/nf4.cu`: NF4 weights resident on the device, dequantization
-//! (bit-exact with [`crate::quant::dequantize_nf4`]) and the fused GEMV for decoding
-//! (`y = x·dequant(W)ᵀ` for up to [`GEMV_MAX_M`] rows, W read once, decoded in registers).
+//! (bit-exact with [`crate::quant::dequantize_nf4`], to f32 or bf16) and the fused GEMV for
+//! decoding (`y = x·dequant(W)ᵀ` for up to [`GEMV_MAX_M`] rows, W read once, decoded in
+//! registers). The tensor-core GEMM over the same weights is in `nf4_gemm.rs`.
 
-use super::runtime::CudaDevice;
+use super::runtime::{CudaDevice, DevBuf};
 use crate::error::{Error, Result};
 use crate::quant::{Absmax, Nf4Tensor};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
 /// Largest batch the GEMV kernel takes (its per-lane accumulator array).
 pub const GEMV_MAX_M: usize = 8;
@@ -14,14 +15,15 @@ pub const GEMV_MAX_M: usize = 8;
 pub struct DeviceNf4 {
     pub rows: usize,
     pub cols: usize,
+    pub(super) blocksize: usize,
     blocksize_log2: i32,
-    packed: CudaSlice<u8>,
+    packed: DevBuf<u8>,
     /// f32 scales, or a 1-element placeholder with double quantization.
-    absmax: CudaSlice<f32>,
+    absmax: DevBuf<f32>,
     double_quant: bool,
-    q: CudaSlice<u8>,
-    nested_absmax: CudaSlice<f32>,
-    nested_code: CudaSlice<f32>,
+    q: DevBuf<u8>,
+    nested_absmax: DevBuf<f32>,
+    nested_code: DevBuf<f32>,
     offset: f32,
     nested_blocksize: i32,
 }
@@ -60,6 +62,7 @@ impl DeviceNf4 {
         Ok(DeviceNf4 {
             rows: t.shape[0],
             cols: t.shape[1],
+            blocksize: t.blocksize,
             blocksize_log2: t.blocksize.trailing_zeros() as i32,
             packed: dev.upload(&t.packed)?,
             absmax,
@@ -77,6 +80,25 @@ impl DeviceNf4 {
         self.packed.len() + 4 * self.absmax.len() + self.q.len() + 4 * self.nested_absmax.len()
     }
 
+    /// Pushes the weight's arguments in the order every NF4 kernel takes them: `packed, dq,
+    /// absmax, q, nested_absmax, nested_code, offset, nested_blocksize, blocksize_log2`.
+    pub(super) fn push_args<'a>(&'a self, b: &mut LaunchArgs<'a>, dq: &'a i32) {
+        b.arg(&*self.packed)
+            .arg(dq)
+            .arg(&*self.absmax)
+            .arg(&*self.q)
+            .arg(&*self.nested_absmax)
+            .arg(&*self.nested_code)
+            .arg(&self.offset)
+            .arg(&self.nested_blocksize)
+            .arg(&self.blocksize_log2);
+    }
+
+    /// `1` with double-quantized scales, else `0` (the kernels' `dq` argument).
+    pub(super) fn dq_flag(&self) -> i32 {
+        self.double_quant as i32
+    }
+
     /// Writes `dequant(W)` (`rows · cols` f32) into `out`.
     pub fn dequantize(&self, dev: &CudaDevice, out: &mut CudaSlice<f32>) -> Result<()> {
         let n = (self.rows * self.cols) as i64;
@@ -87,7 +109,7 @@ impl DeviceNf4 {
             )));
         }
         let f = dev.function("nf4", "nf4_dequant_f32")?;
-        let dq = self.double_quant as i32;
+        let dq = self.dq_flag();
         let blocks = (n as u64).div_ceil(256).min(65_535 * 16) as u32;
         let cfg = LaunchConfig {
             grid_dim: (blocks.max(1), 1, 1),
@@ -95,17 +117,9 @@ impl DeviceNf4 {
             shared_mem_bytes: 0,
         };
         let mut b = dev.stream.launch_builder(&f);
-        b.arg(out)
-            .arg(&self.packed)
-            .arg(&dq)
-            .arg(&self.absmax)
-            .arg(&self.q)
-            .arg(&self.nested_absmax)
-            .arg(&self.nested_code)
-            .arg(&self.offset)
-            .arg(&self.nested_blocksize)
-            .arg(&self.blocksize_log2)
-            .arg(&n);
+        b.arg(out);
+        self.push_args(&mut b, &dq);
+        b.arg(&n);
         // SAFETY: the argument list matches the kernel's signature in kernels/nf4.cu; every
         // buffer holds what the kernel indexes (checked above and by `Nf4Tensor::validate`).
         unsafe { b.launch(cfg) }.map_err(|e| Error::Backend(format!("nf4_dequant_f32: {e}")))?;
@@ -131,31 +145,28 @@ impl DeviceNf4 {
                 self.cols, self.rows, self.cols
             )));
         }
-        let f = dev.function("nf4", "nf4_gemv_f32")?;
-        let (dq, m32) = (self.double_quant as i32, m as i32);
+        // The bandwidth kernel needs whole 32-element runs inside one quantization block.
+        let fast = self.cols % 32 == 0 && self.blocksize >= 32;
+        let (name, rows_per_block, threads) = if fast {
+            ("nf4_gemv_f32_k32", 16, 128)
+        } else {
+            ("nf4_gemv_f32", 8, 256)
+        };
+        let f = dev.function("nf4", name)?;
+        let (dq, m32) = (self.dq_flag(), m as i32);
         let (rows, cols) = (self.rows as i64, self.cols as i64);
         let cfg = LaunchConfig {
-            grid_dim: ((self.rows as u32).div_ceil(8), 1, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: ((self.rows as u32).div_ceil(rows_per_block), 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = dev.stream.launch_builder(&f);
-        b.arg(y)
-            .arg(x)
-            .arg(&self.packed)
-            .arg(&dq)
-            .arg(&self.absmax)
-            .arg(&self.q)
-            .arg(&self.nested_absmax)
-            .arg(&self.nested_code)
-            .arg(&self.offset)
-            .arg(&self.nested_blocksize)
-            .arg(&self.blocksize_log2)
-            .arg(&m32)
-            .arg(&rows)
-            .arg(&cols);
-        // SAFETY: arguments match kernels/nf4.cu's nf4_gemv_f32; sizes checked above.
-        unsafe { b.launch(cfg) }.map_err(|e| Error::Backend(format!("nf4_gemv_f32: {e}")))?;
+        b.arg(y).arg(x);
+        self.push_args(&mut b, &dq);
+        b.arg(&m32).arg(&rows).arg(&cols);
+        // SAFETY: arguments match kernels/nf4.cu's nf4_gemv_f32 / nf4_gemv_f32_k32 (same
+        // signature); sizes checked above; the k32 kernel's alignment needs hold when `fast`.
+        unsafe { b.launch(cfg) }.map_err(|e| Error::Backend(format!("{name}: {e}")))?;
         Ok(())
     }
 }

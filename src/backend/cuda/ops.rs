@@ -82,34 +82,36 @@ pub fn embedding(
     let f = dev.function("elementwise", "embedding_f32")?;
     let (d64, r64) = (dim as i64, ids.len() as i64);
     let mut b = dev.stream.launch_builder(&f);
-    b.arg(out).arg(table).arg(&idd).arg(&d64).arg(&r64);
+    b.arg(out).arg(table).arg(&*idd).arg(&d64).arg(&r64);
     // SAFETY: matches embedding_f32(float*, const float*, const uint32_t*, int64_t, int64_t).
     unsafe { b.launch(grid(ids.len() * dim)) }.map_err(launch_err("embedding_f32"))?;
     Ok(())
 }
 
-/// RoPE in place on `x` `[positions.len(), heads, d]`; `sign = -1` applies the transpose.
+/// RoPE in place on `x` `[rows, heads, d]` at the device positions `pos[..rows]`; `sign = -1`
+/// applies the transpose.
+#[allow(clippy::too_many_arguments)]
 pub fn rope(
     dev: &CudaDevice,
     x: &mut CudaSlice<f32>,
-    positions: &[u32],
+    pos: &CudaSlice<u32>,
+    rows: usize,
     inv_freq: &CudaSlice<f32>,
     heads: usize,
     d: usize,
     sign: f32,
 ) -> Result<()> {
-    let rows = positions.len();
     need("rope x", x.len(), rows * heads * d)?;
+    need("rope positions", pos.len(), rows)?;
     need("rope inv_freq", inv_freq.len(), d / 2)?;
     if rows == 0 {
         return Ok(());
     }
-    let pd = dev.upload(positions)?;
     let f = dev.function("rope", "rope_f32")?;
     let (h32, d32, r64) = (heads as i32, d as i32, rows as i64);
     let mut b = dev.stream.launch_builder(&f);
     b.arg(x)
-        .arg(&pd)
+        .arg(pos)
         .arg(inv_freq)
         .arg(&h32)
         .arg(&d32)
@@ -193,7 +195,7 @@ pub fn cross_entropy(
         shared_mem_bytes: 0,
     };
     let mut b = dev.stream.launch_builder(&f);
-    b.arg(losses).arg(logits).arg(&td).arg(&v64);
+    b.arg(losses).arg(logits).arg(&*td).arg(&v64);
     // SAFETY: matches cross_entropy_f32(float*, const float*, const int32_t*, int64_t).
     unsafe { b.launch(cfg) }.map_err(launch_err("cross_entropy_f32"))?;
     Ok(())

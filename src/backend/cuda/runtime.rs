@@ -1,6 +1,11 @@
 //! The CUDA device runtime: context, stream, the embedded kernel modules, and device memory with
 //! peak tracking and out-of-memory errors that say how much was needed.
 //!
+//! Every allocation is a [`DevBuf`]: a `CudaSlice` that counts its bytes into the device's
+//! meter while it lives and takes them out when dropped, so [`CudaDevice::peak_bytes`] is the
+//! true high-water mark of qlora's own buffers (cuBLAS' workspace and the CUDA context itself
+//! are not included; [`CudaDevice::mem_info`] gives the driver's view).
+//!
 //! cudarc loads libcuda dynamically and panics on first use when it is absent, so
 //! [`CudaDevice::new`] checks [`super::driver_present`] before any other cudarc call; every
 //! driver failure becomes an [`Error::Backend`] naming the device.
@@ -9,8 +14,44 @@ use crate::error::{Error, Result};
 use cudarc::driver::ValidAsZeroBits;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr};
 use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+/// Live and peak bytes of one device's buffers.
+#[derive(Debug, Default)]
+struct Meter {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+/// A device buffer whose bytes are metered while it lives. Dereferences to the `CudaSlice`, so
+/// it goes wherever one does (`&buf` coerces to `&CudaSlice<T>`).
+#[derive(Debug)]
+pub struct DevBuf<T> {
+    slice: CudaSlice<T>,
+    bytes: usize,
+    meter: Arc<Meter>,
+}
+
+impl<T> Deref for DevBuf<T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        &self.slice
+    }
+}
+
+impl<T> DerefMut for DevBuf<T> {
+    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.slice
+    }
+}
+
+impl<T> Drop for DevBuf<T> {
+    fn drop(&mut self) {
+        self.meter.live.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
 
 /// Lowest supported compute capability: Ampere (sm_80), for bf16 tensor cores and cp.async.
 pub const MIN_CAPABILITY: (i32, i32) = (8, 0);
@@ -23,8 +64,7 @@ pub struct CudaDevice {
     pub stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
-    allocated: AtomicUsize,
-    peak: AtomicUsize,
+    meter: Arc<Meter>,
 }
 
 fn drv(what: &str, e: impl std::fmt::Display) -> Error {
@@ -72,8 +112,7 @@ impl CudaDevice {
             stream,
             ctx,
             modules,
-            allocated: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
+            meter: Arc::new(Meter::default()),
         })
     }
 
@@ -92,9 +131,14 @@ impl CudaDevice {
         self.ctx.mem_get_info().map_err(|e| drv("memory info", e))
     }
 
-    fn account(&self, bytes: usize) {
-        let now = self.allocated.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        self.peak.fetch_max(now, Ordering::Relaxed);
+    fn metered<T>(&self, slice: CudaSlice<T>, bytes: usize) -> DevBuf<T> {
+        let now = self.meter.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.meter.peak.fetch_max(now, Ordering::Relaxed);
+        DevBuf {
+            slice,
+            bytes,
+            meter: self.meter.clone(),
+        }
     }
 
     fn oom(&self, bytes: usize, e: impl std::fmt::Display) -> Error {
@@ -117,18 +161,17 @@ impl CudaDevice {
     }
 
     /// A zeroed buffer of `len` elements.
-    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<DevBuf<T>> {
         let bytes = len.max(1) * std::mem::size_of::<T>();
         let s = self
             .stream
             .alloc_zeros::<T>(len.max(1))
             .map_err(|e| self.oom(bytes, e))?;
-        self.account(bytes);
-        Ok(s)
+        Ok(self.metered(s, bytes))
     }
 
     /// Copies host data into a new buffer.
-    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<DevBuf<T>> {
         let bytes = std::mem::size_of_val(data);
         if data.is_empty() {
             return Err(Error::Backend("cannot upload an empty buffer".into()));
@@ -137,8 +180,7 @@ impl CudaDevice {
             .stream
             .clone_htod(data)
             .map_err(|e| self.oom(bytes, e))?;
-        self.account(bytes);
-        Ok(s)
+        Ok(self.metered(s, bytes))
     }
 
     /// Copies a buffer back to the host (waits for the stream).
@@ -148,10 +190,20 @@ impl CudaDevice {
             .map_err(|e| drv("copy to host", e))
     }
 
-    /// Bytes allocated through this device so far. Frees are not tracked yet, so this is an
-    /// upper bound of the peak device memory qlora used.
+    /// High-water mark of the bytes held in [`DevBuf`]s on this device.
     pub fn peak_bytes(&self) -> usize {
-        self.peak.load(Ordering::Relaxed)
+        self.meter.peak.load(Ordering::Relaxed)
+    }
+
+    /// Bytes held in [`DevBuf`]s right now.
+    pub fn live_bytes(&self) -> usize {
+        self.meter.live.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new peak measurement from the bytes live now.
+    pub fn reset_peak(&self) {
+        let live = self.live_bytes();
+        self.meter.peak.store(live, Ordering::Relaxed);
     }
 
     /// Waits for all queued work.
