@@ -11,7 +11,8 @@
 // `dq` selects double quantization. Each product and the sum are rounded separately (no FMA contraction: __fmul_rn / __fadd_rn),
 // so the results are bit-identical with the CPU spec.
 //
-//   nf4_dequant_f32:  out[i] = w_i, i < n                               (grid-stride)
+//   nf4_dequant_f32:  out[i] = w_i, i < n  (grid-stride over runs of 8 elements: one 4-byte load,
+//                     one scale, two float4 stores; grid sized for n / 8 threads)
 //   nf4_gemv_f32:     y[r, o] = Σ_j x[r, j] · w[o·k + j]  for r < m ≤ 8, o < rows_out
 //                     W is [rows_out, k] row-major; one warp per output row o; each lane walks
 //                     the row with stride 32 elements, decodes in registers and
@@ -28,13 +29,51 @@
 #include <cuda_bf16.h>
 #include "nf4.cuh"
 
+// Dequantize 8 consecutive elements e0 = 8j .. 8j+7 (4 packed bytes, one block because
+// blocksize >= 8 and e0 is 8-aligned) into v[0..8).
+__device__ __forceinline__ void nf4_decode8(float* v, const float* lut,
+                                            const uint8_t* __restrict__ packed,
+                                            int64_t j, int dq, const float* __restrict__ absmax,
+                                            const uint8_t* __restrict__ q,
+                                            const float* __restrict__ nested_absmax,
+                                            const float* __restrict__ nested_code, float offset,
+                                            int nested_blocksize, int blocksize_log2) {
+  const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(packed) + j);
+  const float s = block_scale((8 * j) >> blocksize_log2, dq, absmax, q, nested_absmax, nested_code,
+                              offset, nested_blocksize);
+#pragma unroll
+  for (int b = 0; b < 4; b++) {
+    const uint32_t byte = (word >> (8 * b)) & 0xffu;
+    v[2 * b] = __fmul_rn(lut[byte >> 4], s);
+    v[2 * b + 1] = __fmul_rn(lut[byte & 0xfu], s);
+  }
+}
+
+// Both dequantize kernels: thread j writes elements 8j .. 8j+7 with one 4-byte load and one
+// scale (vector stores); a tensor whose size is not a multiple of 8 finishes element-wise. The
+// NF4 table is copied to shared memory: lanes index it with different codes, which the constant
+// cache would serialize.
+#define NF4_SHARED_LUT(lut)                                  \
+  __shared__ float lut[16];                                  \
+  if (threadIdx.x < 16) lut[threadIdx.x] = NF4[threadIdx.x]; \
+  __syncthreads();
 extern "C" __global__ void nf4_dequant_f32(float* __restrict__ out, const uint8_t* __restrict__ packed,
                                            int dq, const float* __restrict__ absmax,
                                            const uint8_t* __restrict__ q,
                                            const float* __restrict__ nested_absmax,
                                            const float* __restrict__ nested_code, float offset,
                                            int nested_blocksize, int blocksize_log2, int64_t n) {
-  GRID_STRIDE(i, n) {
+  NF4_SHARED_LUT(lut)
+  GRID_STRIDE(j, n / 8) {
+    float v[8];
+    nf4_decode8(v, lut, packed, j, dq, absmax, q, nested_absmax, nested_code, offset, nested_blocksize,
+                blocksize_log2);
+    float4* o = reinterpret_cast<float4*>(out + 8 * j);
+    o[0] = make_float4(v[0], v[1], v[2], v[3]);
+    o[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+  GRID_STRIDE(t, n % 8) {
+    const int64_t i = n / 8 * 8 + t;
     float s = block_scale(i >> blocksize_log2, dq, absmax, q, nested_absmax, nested_code, offset,
                           nested_blocksize);
     out[i] = __fmul_rn(NF4[nf4_code(packed, i)], s);
@@ -85,7 +124,21 @@ extern "C" __global__ void nf4_dequant_bf16(__nv_bfloat16* __restrict__ out,
                                             const float* __restrict__ nested_absmax,
                                             const float* __restrict__ nested_code, float offset,
                                             int nested_blocksize, int blocksize_log2, int64_t n) {
-  GRID_STRIDE(i, n) {
+  NF4_SHARED_LUT(lut)
+  GRID_STRIDE(j, n / 8) {
+    float v[8];
+    nf4_decode8(v, lut, packed, j, dq, absmax, q, nested_absmax, nested_code, offset, nested_blocksize,
+                blocksize_log2);
+    uint32_t w[4];
+#pragma unroll
+    for (int b = 0; b < 4; b++) {
+      __nv_bfloat162 p = __floats2bfloat162_rn(v[2 * b], v[2 * b + 1]);
+      w[b] = *reinterpret_cast<uint32_t*>(&p);
+    }
+    *reinterpret_cast<uint4*>(out + 8 * j) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+  GRID_STRIDE(t, n % 8) {
+    const int64_t i = n / 8 * 8 + t;
     float s = block_scale(i >> blocksize_log2, dq, absmax, q, nested_absmax, nested_code, offset,
                           nested_blocksize);
     out[i] = __float2bfloat16_rn(__fmul_rn(NF4[nf4_code(packed, i)], s));
@@ -100,9 +153,7 @@ extern "C" __global__ void __launch_bounds__(128)
                      const uint8_t* __restrict__ q, const float* __restrict__ nested_absmax,
                      const float* __restrict__ nested_code, float offset, int nested_blocksize,
                      int blocksize_log2, int m, int64_t rows_out, int64_t k) {
-  __shared__ float lut[16];
-  if (threadIdx.x < 16) lut[threadIdx.x] = NF4[threadIdx.x];
-  __syncthreads();
+  NF4_SHARED_LUT(lut)
   const int lane = threadIdx.x & 31;
   const int64_t o0 = ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * GEMV_ROWS;
   if (o0 >= rows_out) return;

@@ -199,6 +199,22 @@ fn dequant_cublas_bf16_baseline_matches_the_cpu_spec() {
     let blas = cudarc::cublas::CudaBlas::new(dev.stream.clone()).unwrap();
     let mut scratch = Bf16Scratch::default();
     let mut rng = StdRng::seed_from_u64(6);
+    // bf16 dequantization, bit-exact, including sizes that are not a multiple of 8.
+    for (rows, cols, bs, dq) in NF4_CASES {
+        let t = quantize_nf4(&rvec(&mut rng, rows * cols, 0.7), &[rows, cols], bs, dq).unwrap();
+        let d = DeviceNf4::upload(dev, &t).unwrap();
+        let mut wd = dev.zeros::<u16>(rows * cols).unwrap();
+        d.dequantize_bf16(dev, &mut wd).unwrap();
+        let bits: Vec<u16> = qlora::backend::cpu::nf4_bf16_weights(&t)
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect();
+        assert_eq!(
+            dev.download(&wd).unwrap(),
+            bits,
+            "bf16 dequant [{rows},{cols}]"
+        );
+    }
     for (m, n, k, bs, dq) in GEMM_CASES {
         let w = rvec(&mut rng, n * k, 0.7);
         let x = rvec(&mut rng, m * k, 1.5);

@@ -99,8 +99,9 @@ impl DeviceNf4 {
         b.arg(out);
         self.push_args(&mut b, &dq);
         b.arg(&n64);
-        // SAFETY: matches nf4_dequant_bf16 in kernels/nf4.cu; `out` holds n values.
-        unsafe { b.launch(grid(n)) }
+        // SAFETY: matches nf4_dequant_bf16 in kernels/nf4.cu; `out` holds n values. One thread
+        // per run of 8 elements.
+        unsafe { b.launch(grid(n.div_ceil(8))) }
             .map_err(|e| Error::Backend(format!("nf4_dequant_bf16: {e}")))?;
         Ok(())
     }

@@ -64,6 +64,8 @@ pub struct CudaDevice {
     pub stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
+    /// Kernel handles already looked up (one `cuModuleGetFunction` per kernel, not per launch).
+    functions: std::sync::Mutex<HashMap<(String, String), CudaFunction>>,
     meter: Arc<Meter>,
 }
 
@@ -104,6 +106,10 @@ impl CudaDevice {
                 .map_err(|e| drv(&format!("loading kernels/{module}.cu"), e))?;
             modules.insert(*module, m);
         }
+        // SAFETY: qlora issues all work (kernels, copies, cuBLAS) on this one stream, so stream
+        // order alone keeps every use of a buffer after its allocation and before its free;
+        // cudarc's per-buffer events (for multi-stream use) would only add driver calls.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         Ok(CudaDevice {
             ordinal,
@@ -112,12 +118,24 @@ impl CudaDevice {
             stream,
             ctx,
             modules,
+            functions: Default::default(),
             meter: Arc::new(Meter::default()),
         })
     }
 
     /// Kernel `name` of module `kernels/<module>.cu`.
     pub fn function(&self, module: &str, name: &str) -> Result<CudaFunction> {
+        let key = (module.to_string(), name.to_string());
+        let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = cache.get(&key) {
+            return Ok(f.clone());
+        }
+        let f = self.load_function(module, name)?;
+        cache.insert(key, f.clone());
+        Ok(f)
+    }
+
+    fn load_function(&self, module: &str, name: &str) -> Result<CudaFunction> {
         let m = self
             .modules
             .get(module)
