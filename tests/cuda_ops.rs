@@ -488,13 +488,23 @@ fn backend_ops_match_the_cpu_spec() {
     close("lora_forward_add", &g.download(&yg).unwrap(), &yc, 1e-5);
 }
 
+/// The f32 fixture keeps dense weights in f32 on the device; the bf16 one (bf16 checkpoint)
+/// puts embeddings-sized dense weights (lm_head) in bf16 storage.
 #[test]
 fn tiny_model_on_cuda_matches_the_cpu() {
+    for fixture in ["gqa", "gqa-bf16"] {
+        tiny_model_matches(fixture);
+    }
+}
+
+fn tiny_model_matches(fixture: &str) {
     use qlora::backend::cpu::CpuBackend;
     use qlora::backend::cuda::backend::{CudaBackend, Prefill};
     use qlora::backend::Backend;
     use qlora::model::{BaseQuant, Logits};
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/gqa");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tiny")
+        .join(fixture);
     let cpu = qlora::loader::load_model_dir(&dir, CpuBackend::new(), BaseQuant::NF4)
         .unwrap()
         .model;
@@ -531,7 +541,7 @@ fn tiny_model_on_cuda_matches_the_cpu() {
             .unwrap();
         close(&format!("prefill logits ({mode:?})"), &lg, &lc, logit_tol);
         let got_loss = loss(&lg);
-        eprintln!("  {mode:?}: loss {got_loss:.6} vs CPU {want_loss:.6}");
+        eprintln!("  {fixture} {mode:?}: loss {got_loss:.6} vs CPU {want_loss:.6}");
         assert!(
             (got_loss - want_loss).abs() <= loss_tol * want_loss,
             "{mode:?}: loss {got_loss} vs {want_loss}"
@@ -553,5 +563,64 @@ fn tiny_model_on_cuda_matches_the_cpu() {
         }
         let peak = gpu.backend.device_memory_peak().unwrap();
         assert!(peak > 0 && peak >= gpu.backend.dev.live_bytes());
+    }
+}
+
+#[test]
+fn half_weights_are_lossless_and_match_the_cpu() {
+    use qlora::backend::cuda::backend::{CudaBackend, CudaLinear};
+    use qlora::backend::cuda::dense_half::DeviceHalf;
+    use qlora::backend::{Backend, HostLinear};
+    let Ok(g) = CudaBackend::new(0) else {
+        eprintln!("skipping half_weights_are_lossless_and_match_the_cpu: no usable CUDA device");
+        return;
+    };
+    let mut rng = StdRng::seed_from_u64(8);
+    let (n, k) = (37, 136);
+    let raw = rvec(&mut rng, n * k, 0.5);
+    let bf: Vec<f32> = raw
+        .iter()
+        .map(|v| half::bf16::from_f32(*v).to_f32())
+        .collect();
+    // f16-exact values that bf16 cannot hold (11 significant bits).
+    let hf: Vec<f32> = raw
+        .iter()
+        .map(|v| half::f16::from_f32(*v).to_f32())
+        .collect();
+    assert!(hf.iter().any(|v| half::bf16::from_f32(*v).to_f32() != *v));
+    for (data, want_kind) in [(&bf, Some(false)), (&hf, Some(true)), (&raw, None)] {
+        let h = DeviceHalf::lossless(&g.dev, n, k, data).unwrap();
+        assert_eq!(h.as_ref().map(|h| h.f16), want_kind);
+        let lin = g
+            .linear(HostLinear::Dense {
+                rows: n,
+                cols: k,
+                data: data.clone(),
+            })
+            .unwrap();
+        assert_eq!(matches!(lin, CudaLinear::Half(_)), want_kind.is_some());
+        for m in [1, 5, 8, 21] {
+            let x = rvec(&mut rng, m * k, 1.0);
+            let mut yg = g.zeros(m * n).unwrap();
+            g.matmul(&mut yg, &g.upload(&x).unwrap(), &lin, m).unwrap();
+            let got = g.download(&yg).unwrap();
+            // Decode (m ≤ 8) is exact f32 math; prefill rounds x to the weight's 16-bit format.
+            let xr: Vec<f32> = match (m > 8, want_kind) {
+                (true, Some(false)) => x
+                    .iter()
+                    .map(|v| half::bf16::from_f32(*v).to_f32())
+                    .collect(),
+                (true, Some(true)) => x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect(),
+                _ => x.clone(),
+            };
+            let mut want = vec![0f32; m * n];
+            qlora::backend::cpu::matmul_wt(&mut want, &xr, data, m, k, n);
+            close(
+                &format!("16-bit weight {want_kind:?} m {m}"),
+                &got,
+                &want,
+                1e-5,
+            );
+        }
     }
 }

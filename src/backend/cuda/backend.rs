@@ -4,6 +4,7 @@
 //! accumulation). [`Prefill`] switches the latter to one of the baselines it is measured
 //! against. The LoRA term is two sgemms (inference only: no dropout mask on this backend yet).
 
+use super::dense_half::{DeviceHalf, HALF_GEMV_MAX_M};
 use super::nf4::{DeviceNf4, GEMV_MAX_M};
 use super::nf4_gemm::Bf16Scratch;
 use super::ops;
@@ -46,6 +47,8 @@ pub enum CudaLinear {
         cols: usize,
         w: DevBuf<f32>,
     },
+    /// A dense weight whose values are exactly bf16 or f16 (see [`DeviceHalf`]).
+    Half(DeviceHalf),
     Nf4(Box<DeviceNf4>),
 }
 
@@ -128,11 +131,16 @@ impl Backend for CudaBackend {
 
     fn linear(&self, w: HostLinear) -> Result<CudaLinear> {
         Ok(match w {
-            HostLinear::Dense { rows, cols, data } => CudaLinear::Dense {
-                rows,
-                cols,
-                w: self.dev.upload(&data)?,
-            },
+            HostLinear::Dense { rows, cols, data } => {
+                match DeviceHalf::lossless(&self.dev, rows, cols, &data)? {
+                    Some(h) => CudaLinear::Half(h),
+                    None => CudaLinear::Dense {
+                        rows,
+                        cols,
+                        w: self.dev.upload(&data)?,
+                    },
+                }
+            }
             HostLinear::Nf4(t) => CudaLinear::Nf4(Box::new(DeviceNf4::upload(&self.dev, &t)?)),
         })
     }
@@ -140,6 +148,7 @@ impl Backend for CudaBackend {
     fn linear_shape(&self, w: &CudaLinear) -> (usize, usize) {
         match w {
             CudaLinear::Dense { rows, cols, .. } => (*rows, *cols),
+            CudaLinear::Half(h) => (h.rows, h.cols),
             CudaLinear::Nf4(t) => (t.rows, t.cols),
         }
     }
@@ -147,6 +156,7 @@ impl Backend for CudaBackend {
     fn linear_bytes(&self, w: &CudaLinear) -> usize {
         match w {
             CudaLinear::Dense { w, .. } => 4 * w.len(),
+            CudaLinear::Half(h) => h.nbytes(),
             CudaLinear::Nf4(t) => t.nbytes(),
         }
     }
@@ -212,6 +222,15 @@ impl Backend for CudaBackend {
             CudaLinear::Dense { rows: n, cols, w } => {
                 ops::gemm_wt(&self.blas, out, x, w, rows, *cols, *n, 1.0, 0.0)
             }
+            CudaLinear::Half(h) if rows <= HALF_GEMV_MAX_M => h.gemv(&self.dev, out, x, rows),
+            CudaLinear::Half(h) => h.gemm(
+                &self.dev,
+                &self.blas,
+                &mut self.bf16_scratch.lock().unwrap_or_else(|p| p.into_inner()),
+                out,
+                x,
+                rows,
+            ),
             CudaLinear::Nf4(t) if rows <= GEMV_MAX_M => t.gemv(&self.dev, out, x, rows),
             CudaLinear::Nf4(t) => match self.prefill {
                 Prefill::Fused if t.gemm_supported() => t.gemm(&self.dev, out, x, rows, false),

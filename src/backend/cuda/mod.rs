@@ -13,6 +13,8 @@ use crate::error::Error;
 #[cfg(feature = "cuda")]
 pub mod backend;
 #[cfg(feature = "cuda")]
+pub mod dense_half;
+#[cfg(feature = "cuda")]
 pub mod nf4;
 #[cfg(feature = "cuda")]
 pub mod nf4_gemm;

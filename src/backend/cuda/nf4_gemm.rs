@@ -151,6 +151,22 @@ pub fn gemm_bf16_cublas(
     k: usize,
     n: usize,
 ) -> Result<()> {
+    gemm_half_cublas(blas, stream, y, x, w, m, k, n, false)
+}
+
+/// [`gemm_bf16_cublas`] for 16-bit operands of either kind: bf16, or f16 when `f16`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_half_cublas(
+    blas: &CudaBlas,
+    stream: &cudarc::driver::CudaStream,
+    y: &mut CudaSlice<f32>,
+    x: &CudaSlice<u16>,
+    w: &CudaSlice<u16>,
+    m: usize,
+    k: usize,
+    n: usize,
+    f16: bool,
+) -> Result<()> {
     if y.len() < m * n || x.len() < m * k || w.len() < n * k {
         return Err(Error::Backend(format!(
             "cuBLAS bf16 gemm: buffers too small for [{m}, {k}] · [{n}, {k}]ᵀ"
@@ -165,6 +181,7 @@ pub fn gemm_bf16_cublas(
     let (yp, _ry) = y.device_ptr_mut(stream);
     use blas_sys::cublasOperation_t as Op;
     use blas_sys::cudaDataType_t as Ty;
+    let half = if f16 { Ty::CUDA_R_16F } else { Ty::CUDA_R_16BF };
     // SAFETY: the pointers come from live allocations holding the sizes checked above; the
     // handle is bound to `stream` (CudaBlas::new) and the guards keep the buffers' events
     // ordered until the call returns.
@@ -178,10 +195,10 @@ pub fn gemm_bf16_cublas(
             k as i32,
             (&alpha) as *const f32 as *const _,
             wp as *const _,
-            Ty::CUDA_R_16BF,
+            half,
             k as i32,
             xp as *const _,
-            Ty::CUDA_R_16BF,
+            half,
             k as i32,
             (&beta) as *const f32 as *const _,
             yp as *mut _,
@@ -191,7 +208,7 @@ pub fn gemm_bf16_cublas(
             blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }
-    .map_err(|e| Error::Backend(format!("cuBLAS bf16 gemm: {e}")))
+    .map_err(|e| Error::Backend(format!("cuBLAS 16-bit gemm: {e}")))
 }
 
 /// Scratch buffers of the dequantize + cuBLAS baseline, grown on demand and reused.
@@ -210,6 +227,12 @@ fn ensure(dev: &CudaDevice, buf: &mut Option<DevBuf<u16>>, len: usize) -> Result
 }
 
 impl Bf16Scratch {
+    /// The activation scratch, at least `len` values (16-bit).
+    pub fn x_scratch(&mut self, dev: &CudaDevice, len: usize) -> Result<&mut DevBuf<u16>> {
+        ensure(dev, &mut self.x, len)?;
+        Ok(self.x.as_mut().expect("allocated by ensure"))
+    }
+
     /// The baseline product: dequantize W to bf16, round x to bf16, cuBLAS bf16 GEMM (f32 out).
     pub fn gemm(
         &mut self,
