@@ -13,7 +13,8 @@
 //
 //   nf4_dequant_f32:  out[i] = w_i, i < n  (grid-stride over runs of 8 elements: one 4-byte load,
 //                     one scale, two float4 stores; grid sized for n / 8 threads)
-//   nf4_gemv_f32:     y[r, o] = Σ_j x[r, j] · w[o·k + j]  for r < m ≤ 8, o < rows_out
+//   nf4_gemv_f32:     y[r, o] = (accumulate ? y[r, o] : 0) + Σ_j x[r, j] · w[o·k + j]
+//                     for r < m ≤ 8, o < rows_out (accumulate fuses a residual add)
 //                     W is [rows_out, k] row-major; one warp per output row o; each lane walks
 //                     the row with stride 32 elements, decodes in registers and
 //                     accumulates all m inputs at once (the weight is read once for all rows);
@@ -89,7 +90,7 @@ extern "C" __global__ void nf4_gemv_f32(float* __restrict__ y, const float* __re
                                         const float* __restrict__ nested_absmax,
                                         const float* __restrict__ nested_code, float offset,
                                         int nested_blocksize, int blocksize_log2, int m,
-                                        int64_t rows_out, int64_t k) {
+                                        int64_t rows_out, int64_t k, int accumulate) {
   const int lane = threadIdx.x & 31;
   const int64_t o = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (o >= rows_out) return;
@@ -111,7 +112,10 @@ extern "C" __global__ void nf4_gemv_f32(float* __restrict__ y, const float* __re
   for (int r = 0; r < GEMV_MAX_M; r++) {
     float v = acc[r];
     for (int s = 16; s > 0; s >>= 1) v += __shfl_down_sync(0xffffffffu, v, s);
-    if (lane == 0 && r < m) y[(int64_t)r * rows_out + o] = v;
+    if (lane == 0 && r < m) {
+      float* dst = y + (int64_t)r * rows_out + o;
+      *dst = v + (accumulate ? *dst : 0.0f);
+    }
   }
 }
 
@@ -152,7 +156,7 @@ extern "C" __global__ void __launch_bounds__(128)
                      const uint8_t* __restrict__ packed, int dq, const float* __restrict__ absmax,
                      const uint8_t* __restrict__ q, const float* __restrict__ nested_absmax,
                      const float* __restrict__ nested_code, float offset, int nested_blocksize,
-                     int blocksize_log2, int m, int64_t rows_out, int64_t k) {
+                     int blocksize_log2, int m, int64_t rows_out, int64_t k, int accumulate) {
   NF4_SHARED_LUT(lut)
   const int lane = threadIdx.x & 31;
   const int64_t o0 = ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * GEMV_ROWS;
@@ -211,6 +215,9 @@ extern "C" __global__ void __launch_bounds__(128)
       float v = acc[r][i];
 #pragma unroll
       for (int sh = 16; sh > 0; sh >>= 1) v += __shfl_down_sync(0xffffffffu, v, sh);
-      if (lane == 0 && o0 + r < rows_out) y[(int64_t)i * rows_out + o0 + r] = v;
+      if (lane == 0 && o0 + r < rows_out) {
+        float* dst = y + (int64_t)i * rows_out + o0 + r;
+        *dst = v + (accumulate ? *dst : 0.0f);
+      }
     }
 }

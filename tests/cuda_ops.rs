@@ -97,7 +97,7 @@ fn nf4_gemv_matches_the_cpu_kernel() {
             let d = DeviceNf4::upload(&dev, &t).unwrap();
             let xd = dev.upload(&x).unwrap();
             let mut yd = dev.zeros::<f32>(m * rows).unwrap();
-            d.gemv(&dev, &mut yd, &xd, m).unwrap();
+            d.gemv(&dev, &mut yd, &xd, m, false).unwrap();
             let got = dev.download(&yd).unwrap();
             let scale = want.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
             let err = got
@@ -621,6 +621,77 @@ fn half_weights_are_lossless_and_match_the_cpu() {
                 &want,
                 1e-5,
             );
+        }
+    }
+}
+
+#[test]
+fn matmul_add_fuses_the_residual_on_every_path() {
+    use qlora::backend::cpu::CpuBackend;
+    use qlora::backend::cuda::backend::{CudaBackend, Prefill};
+    use qlora::backend::{Backend, HostLinear};
+    let Ok(mut g) = CudaBackend::new(0) else {
+        eprintln!("skipping matmul_add_fuses_the_residual_on_every_path: no usable CUDA device");
+        return;
+    };
+    let c = CpuBackend::new();
+    let mut rng = StdRng::seed_from_u64(9);
+    let (n, k) = (45, 128);
+    let w = rvec(&mut rng, n * k, 0.5);
+    let wb: Vec<f32> = w
+        .iter()
+        .map(|v| half::bf16::from_f32(*v).to_f32())
+        .collect();
+    let hosts = [
+        HostLinear::Dense {
+            rows: n,
+            cols: k,
+            data: w.clone(),
+        },
+        HostLinear::Dense {
+            rows: n,
+            cols: k,
+            data: wb,
+        },
+        HostLinear::Nf4(quantize_nf4(&w, &[n, k], 64, true).unwrap()),
+    ];
+    for host in hosts {
+        let lc = c.linear(host.clone()).unwrap();
+        let lg = g.linear(host).unwrap();
+        for mode in [
+            Prefill::Fused,
+            Prefill::DequantCublasBf16,
+            Prefill::DequantSgemm,
+        ] {
+            g.prefill = mode;
+            for m in [3, 8, 20, 70] {
+                let x = rvec(&mut rng, m * k, 1.0);
+                let y0 = rvec(&mut rng, m * n, 2.0);
+                // Reference: the same backend's plain matmul, plus y0 (so bf16 paths compare
+                // like with like), and the CPU's matmul_add (the default impl) at bf16 tolerance.
+                let xd = g.upload(&x).unwrap();
+                let mut plain = g.zeros(m * n).unwrap();
+                g.matmul(&mut plain, &xd, &lg, m).unwrap();
+                let want: Vec<f32> = g
+                    .download(&plain)
+                    .unwrap()
+                    .iter()
+                    .zip(&y0)
+                    .map(|(a, b)| a + b)
+                    .collect();
+                let mut yd = g.upload(&y0).unwrap();
+                g.matmul_add(&mut yd, &xd, &lg, m).unwrap();
+                let got = g.download(&yd).unwrap();
+                close(&format!("matmul_add {mode:?} m {m}"), &got, &want, 1e-6);
+                let mut yc = y0.clone();
+                c.matmul_add(&mut yc, &x, &lc, m).unwrap();
+                close(
+                    &format!("matmul_add vs cpu {mode:?} m {m}"),
+                    &got,
+                    &yc,
+                    2e-2,
+                );
+            }
         }
     }
 }

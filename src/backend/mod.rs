@@ -137,6 +137,22 @@ pub trait Backend: Send + Sync {
         rows: usize,
     ) -> Result<()>;
 
+    /// `out[rows, out_f] += x[rows, in_f] · Wᵀ`: a projection with the residual add fused (the
+    /// attention output and down projections). The default computes into a temporary and adds;
+    /// a device backend accumulates inside the product.
+    fn matmul_add(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Linear,
+        rows: usize,
+    ) -> Result<()> {
+        let n = self.linear_shape(w).0;
+        let mut tmp = self.zeros(rows * n)?;
+        self.matmul(&mut tmp, x, w, rows)?;
+        self.add_assign(out, &tmp, rows * n)
+    }
+
     /// In-place rotary embedding, transformers' rotate-half convention. `x` is `[rows, heads, head_dim]`
     /// with `rows = positions.len()`; for pair `i < head_dim/2` at position `p`, with
     /// `θ = p · inv_freq[i]` (f32 product): `(x_i, x_{i+d/2}) ← (x_i cosθ − x_{i+d/2} sinθ, x_{i+d/2} cosθ + x_i sinθ)`.

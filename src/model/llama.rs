@@ -254,7 +254,6 @@ struct Scratch<B: Backend> {
     k: B::Buf,
     v: B::Buf,
     att: B::Buf,
-    proj: B::Buf,
     gate: B::Buf,
     up: B::Buf,
     h: B::Buf,
@@ -275,7 +274,6 @@ impl<B: Backend> Scratch<B> {
             k: b.zeros(rows * kvd)?,
             v: b.zeros(rows * kvd)?,
             att: b.zeros(rows * qd)?,
-            proj: b.zeros(rows * c)?,
             gate: b.zeros(rows * f)?,
             up: b.zeros(rows * f)?,
             h: b.zeros(rows * f)?,
@@ -456,15 +454,13 @@ impl<B: Backend> Llama<B> {
             b.copy(&mut cache.k[l], pos0 * kvd, &s.k, 0, t * kvd)?;
             b.copy(&mut cache.v[l], pos0 * kvd, &s.v, 0, t * kvd)?;
             b.attention(&mut s.att, &s.q, &cache.k[l], &cache.v[l], shape)?;
-            self.project(&mut s.proj, &s.att, Some(l), LoraTarget::OProj, t)?;
-            b.add_assign(&mut s.x, &s.proj, t * c)?;
+            self.project_add(&mut s.x, &s.att, Some(l), LoraTarget::OProj, t)?;
             // MLP block.
             b.rmsnorm(&mut s.xn, &s.x, &w.mlp_norm, t, c, cfg.rms_norm_eps)?;
             self.project(&mut s.gate, &s.xn, Some(l), LoraTarget::GateProj, t)?;
             self.project(&mut s.up, &s.xn, Some(l), LoraTarget::UpProj, t)?;
             b.swiglu(&mut s.h, &s.gate, &s.up, t * f)?;
-            self.project(&mut s.proj, &s.h, Some(l), LoraTarget::DownProj, t)?;
-            b.add_assign(&mut s.x, &s.proj, t * c)?;
+            self.project_add(&mut s.x, &s.h, Some(l), LoraTarget::DownProj, t)?;
         }
         cache.len = pos0 + t;
         // Head: only the rows the caller wants.
@@ -503,8 +499,35 @@ impl<B: Backend> Llama<B> {
         target: LoraTarget,
         rows: usize,
     ) -> Result<()> {
+        self.backend
+            .matmul(out, x, self.base_weight(layer, target), rows)?;
+        self.lora_add(out, x, layer, target, rows)
+    }
+
+    /// `out += x · Wᵀ` (+ the adapter term): a projection with its residual add fused.
+    fn project_add(
+        &self,
+        out: &mut B::Buf,
+        x: &B::Buf,
+        layer: Option<usize>,
+        target: LoraTarget,
+        rows: usize,
+    ) -> Result<()> {
+        self.backend
+            .matmul_add(out, x, self.base_weight(layer, target), rows)?;
+        self.lora_add(out, x, layer, target, rows)
+    }
+
+    /// Adds the adapter's term of projection `target` to `out`, if the adapter has one.
+    fn lora_add(
+        &self,
+        out: &mut B::Buf,
+        x: &B::Buf,
+        layer: Option<usize>,
+        target: LoraTarget,
+        rows: usize,
+    ) -> Result<()> {
         let b = &self.backend;
-        b.matmul(out, x, self.base_weight(layer, target), rows)?;
         if let Some(lora) = &self.lora {
             if let Some(ad) = lora.params.get(layer, target) {
                 let rank = lora.params.rank;

@@ -287,3 +287,38 @@ impl Backend for CpuBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod matmul_add_tests {
+    use super::*;
+
+    #[test]
+    fn matmul_add_is_matmul_plus_the_residual() {
+        let b = CpuBackend::new();
+        let (m, k, n) = (3, 64, 5);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7 % 23) as f32 - 11.0) / 13.0)
+            .collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 5 % 17) as f32 - 8.0) / 9.0)
+            .collect();
+        let y0: Vec<f32> = (0..m * n).map(|i| i as f32 - 7.0).collect();
+        for host in [
+            HostLinear::Dense {
+                rows: n,
+                cols: k,
+                data: w.clone(),
+            },
+            HostLinear::Nf4(crate::quant::quantize_nf4(&w, &[n, k], 64, true).unwrap()),
+        ] {
+            let lin = b.linear(host).unwrap();
+            let mut plain = vec![0f32; m * n];
+            b.matmul(&mut plain, &x, &lin, m).unwrap();
+            let mut y = y0.clone();
+            b.matmul_add(&mut y, &x, &lin, m).unwrap();
+            for i in 0..m * n {
+                assert_eq!(y[i], y0[i] + plain[i]);
+            }
+        }
+    }
+}

@@ -231,7 +231,7 @@ impl Backend for CudaBackend {
                 x,
                 rows,
             ),
-            CudaLinear::Nf4(t) if rows <= GEMV_MAX_M => t.gemv(&self.dev, out, x, rows),
+            CudaLinear::Nf4(t) if rows <= GEMV_MAX_M => t.gemv(&self.dev, out, x, rows, false),
             CudaLinear::Nf4(t) => match self.prefill {
                 Prefill::Fused if t.gemm_supported() => t.gemm(&self.dev, out, x, rows, false),
                 Prefill::DequantCublasBf16 => self
@@ -241,6 +241,30 @@ impl Backend for CudaBackend {
                     .gemm(&self.dev, &self.blas, t, out, x, rows),
                 _ => self.nf4_dequant_sgemm(out, x, t, rows),
             },
+        }
+    }
+
+    fn matmul_add(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &CudaLinear,
+        rows: usize,
+    ) -> Result<()> {
+        match w {
+            CudaLinear::Dense { rows: n, cols, w } => {
+                ops::gemm_wt(&self.blas, out, x, w, rows, *cols, *n, 1.0, 1.0)
+            }
+            CudaLinear::Nf4(t) if rows <= GEMV_MAX_M => t.gemv(&self.dev, out, x, rows, true),
+            CudaLinear::Nf4(t) if self.prefill == Prefill::Fused && t.gemm_supported() => {
+                t.gemm(&self.dev, out, x, rows, true)
+            }
+            _ => {
+                let n = self.linear_shape(w).0;
+                let mut tmp = self.zeros(rows * n)?;
+                self.matmul(&mut tmp, x, w, rows)?;
+                self.add_assign(out, &tmp, rows * n)
+            }
         }
     }
 

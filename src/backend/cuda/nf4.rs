@@ -127,13 +127,15 @@ impl DeviceNf4 {
         Ok(())
     }
 
-    /// `y[m, rows] = x[m, cols] · dequant(W)ᵀ` for `m ≤ GEMV_MAX_M`.
+    /// `y[m, rows] (+)= x[m, cols] · dequant(W)ᵀ` for `m ≤ GEMV_MAX_M`; `accumulate` adds to
+    /// `y` (a fused residual add) instead of overwriting it.
     pub fn gemv(
         &self,
         dev: &CudaDevice,
         y: &mut CudaSlice<f32>,
         x: &CudaSlice<f32>,
         m: usize,
+        accumulate: bool,
     ) -> Result<()> {
         if m == 0 || m > GEMV_MAX_M {
             return Err(Error::Backend(format!(
@@ -154,7 +156,7 @@ impl DeviceNf4 {
             ("nf4_gemv_f32", 8, 256)
         };
         let f = dev.function("nf4", name)?;
-        let (dq, m32) = (self.dq_flag(), m as i32);
+        let (dq, m32, acc) = (self.dq_flag(), m as i32, accumulate as i32);
         let (rows, cols) = (self.rows as i64, self.cols as i64);
         let cfg = LaunchConfig {
             grid_dim: ((self.rows as u32).div_ceil(rows_per_block), 1, 1),
@@ -164,7 +166,7 @@ impl DeviceNf4 {
         let mut b = dev.stream.launch_builder(&f);
         b.arg(y).arg(x);
         self.push_args(&mut b, &dq);
-        b.arg(&m32).arg(&rows).arg(&cols);
+        b.arg(&m32).arg(&rows).arg(&cols).arg(&acc);
         // SAFETY: arguments match kernels/nf4.cu's nf4_gemv_f32 / nf4_gemv_f32_k32 (same
         // signature); sizes checked above; the k32 kernel's alignment needs hold when `fast`.
         unsafe { b.launch(cfg) }.map_err(|e| Error::Backend(format!("{name}: {e}")))?;
