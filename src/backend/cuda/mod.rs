@@ -1,12 +1,16 @@
 //! CUDA backend (feature `cuda`).
 //!
-//! Built so far: the device runtime (`runtime.rs`: driver check, capability check, embedded
-//! kernel modules, allocations with out-of-memory messages) and the first kernels with their
-//! launchers (`nf4.rs`: dequantize + fused GEMV; `rmsnorm.rs`), tested against the CPU spec in
-//! `tests/cuda_ops.rs` when a GPU is present; `backend.rs` implements [`crate::backend::Backend`]
-//! on top of them (attention, RoPE, embedding, cross-entropy kernels; cuBLAS for dense and
-//! dequantized-NF4 prefill products). Training (`TrainBackend`) is not implemented on CUDA yet.
-//! None of this has run on a GPU yet: no GPU was lent to the work that wrote it.
+//! - `runtime.rs`: driver check (before any cudarc call), device and capability checks, the
+//!   embedded kernel modules, metered allocations ([`runtime::DevBuf`]) with out-of-memory
+//!   messages that give the amount;
+//! - `nf4.rs` (dequantize to f32/bf16, decode GEMV), `nf4_gemm.rs` (fused tensor-core GEMM and
+//!   the dequantize + cuBLAS bf16 baseline), `dense_half.rs` (16-bit dense weights),
+//!   `rmsnorm.rs`, `ops.rs` (elementwise, RoPE, embedding, attention, cross-entropy, sgemm):
+//!   launchers of `kernels/*.cu`, each tested against its CPU spec in `tests/cuda_ops.rs`;
+//! - `backend.rs`: [`crate::backend::Backend`] on top of them (inference: `eval`, `generate`).
+//!
+//! Training (`TrainBackend`) is not implemented on CUDA yet. None of this has run on a GPU:
+//! no GPU was lent to the work that wrote it (see benches/RESULTS.md).
 
 use crate::error::Error;
 
