@@ -38,7 +38,7 @@
 //! ```
 //!
 //! [`quantize_checkpoint`] writes this layout byte for byte (checked against transformers' own
-//! save in `tests/bnb.rs`); [`load_prequantized`] reads it back into an [`Nf4Tensor`], validating
+//! save in `tests/bnb.rs`); [`load_prequantized`] reads it back into an [`Nf4Tensor`](crate::quant::Nf4Tensor), validating
 //! every part.
 
 mod read;

@@ -192,7 +192,7 @@ impl Default for QuantizeOptions {
 /// `*.rotary_emb.inv_freq` buffers are dropped, as transformers does. `config.json` gets the
 /// `quantization_config` transformers writes, with `bnb_4bit_compute_dtype` the source's
 /// `dtype`/`torch_dtype` when it is a float type (else `float32`). Tokenizer and generation files
-/// ([`COPIED_FILES`]) are copied.
+/// ([`COPIED_FILES`](crate::weights::write::COPIED_FILES)) are copied.
 ///
 /// Memory: the quantized tensors are kept until written (≈ the output size) plus one source tensor
 /// in f32; the source is read from its memory map and each tensor's pages are released after
