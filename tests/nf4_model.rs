@@ -88,3 +88,28 @@ fn transformers_saved_4bit_checkpoints_load_directly() {
         assert!(d <= 1e-3, "{name}: {d:e}");
     }
 }
+
+/// The benchmark model of `benches/cuda.rs` at a tiny size: double-quantized NF4 projections,
+/// bf16-valued dense tensors, and a forward pass that runs.
+#[test]
+fn random_nf4_model_is_double_quantized_and_runs() {
+    use qlora::backend::cpu::CpuWeight;
+    use qlora::model::Llama;
+    use qlora::quant::Absmax;
+    let cfg =
+        qlora::config::ModelConfig::from_file(&fixtures().join("tiny/gqa/config.json")).unwrap();
+    let model = Llama::random_nf4(CpuBackend::new(), &cfg, 3).unwrap();
+    match &model.layers[0].q_proj.weight {
+        CpuWeight::Nf4(t) => assert!(matches!(t.absmax, Absmax::Double { .. })),
+        CpuWeight::Dense(_) => panic!("q_proj should be NF4"),
+    }
+    let CpuWeight::Dense(head) = &model.lm_head.weight else {
+        panic!("lm_head stays dense");
+    };
+    assert!(head.iter().all(|v| half::bf16::from_f32(*v).to_f32() == *v));
+    let ids = [1u32, 5, 9, 2];
+    let mut cache = model.new_cache(ids.len()).unwrap();
+    let logits = model.forward(&ids, &mut cache, Logits::Last).unwrap();
+    assert_eq!(logits.len(), cfg.vocab_size);
+    assert!(logits.iter().all(|v| v.is_finite()));
+}

@@ -199,6 +199,13 @@ impl WeightSource for RandomSource {
             (0..n)
                 .map(|i| ((i * 2654435761) % 1000) as f32 * 1e-4 - 0.05)
                 .collect()
+        } else if self.1 {
+            // Dense tensors of the NF4 benchmark model hold bf16 values, as a real checkpoint's
+            // do (so a device backend may keep them in 16 bits, as it would a real lm_head).
+            self.uniform(n)
+                .into_iter()
+                .map(|v| half::bf16::from_f32(v).to_f32())
+                .collect()
         } else {
             self.uniform(n)
         })
@@ -210,14 +217,15 @@ impl WeightSource for RandomSource {
             let n = rows * cols;
             let mut packed = vec![0u8; n.div_ceil(2)];
             self.0.fill(&mut packed[..]);
-            let absmax = (0..n.div_ceil(64))
+            let absmax: Vec<f32> = (0..n.div_ceil(64))
                 .map(|_| self.0.random_range(0.01f32..0.05))
                 .collect();
+            // QLoRA's setting: blocksize 64 with double-quantized scales.
             return Ok(HostLinear::Nf4(crate::quant::Nf4Tensor {
                 shape: vec![rows, cols],
                 blocksize: 64,
                 packed,
-                absmax: crate::quant::Absmax::F32(absmax),
+                absmax: crate::quant::double_quant::compress_absmax(&absmax),
             }));
         }
         Ok(HostLinear::Dense {
