@@ -26,5 +26,6 @@ cargo build --release --features cuda --bin qlora 2>/dev/null
 cp "${CARGO_TARGET_DIR:-target}/release/qlora" .gpu/qlora
 strip .gpu/* 2>/dev/null || true
 git rev-parse --short HEAD > .gpu/commit
+pwd > .gpu/manifest_dir  # the binaries find tests/fixtures through this compile-time path
 ls -la .gpu
 du -sh .gpu

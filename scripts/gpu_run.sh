@@ -7,6 +7,11 @@ cd "$(dirname "$0")/.."
 out="${OUT:-gpu-logs}"; mkdir -p "$out"
 what="${1:-all}"
 echo "commit $(cat .gpu/commit)" | tee "$out/info.txt"
+# The test and bench binaries read fixtures under the repository path they were built in.
+built_in=$(cat .gpu/manifest_dir)
+if [[ ! -e $built_in/tests/fixtures ]]; then
+  mkdir -p "$(dirname "$built_in")" && ln -sfn "$PWD" "$built_in"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee -a "$out/info.txt"
 if [[ $what == tests || $what == all ]]; then
   ./.gpu/cuda_ops --nocapture --test-threads=1 2>&1 | tee "$out/tests.log"
