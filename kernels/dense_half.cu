@@ -12,10 +12,7 @@
 //                     cuBLAS prefill path (the bf16 twin is elementwise.cu's f32_to_bf16).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include "common.cuh"
-
-#define GEMV_MAX_M 8
-#define GEMV_ROWS 4
+#include "gemv.cuh"
 
 __device__ __forceinline__ void widen8(float* v, uint4 p, bool bf16) {
   const uint32_t w[4] = {p.x, p.y, p.z, p.w};
@@ -42,10 +39,7 @@ __device__ __forceinline__ void half_gemv(float* __restrict__ y, const float* __
   const int64_t o0 = ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * GEMV_ROWS;
   if (o0 >= n) return;
   float acc[GEMV_ROWS][GEMV_MAX_M];
-#pragma unroll
-  for (int r = 0; r < GEMV_ROWS; r++)
-#pragma unroll
-    for (int i = 0; i < GEMV_MAX_M; i++) acc[r][i] = 0.0f;
+  gemv_zero(acc);
   for (int64_t j = (int64_t)lane * 8; j < k; j += 32 * 8) {
     float wv[GEMV_ROWS][8];
 #pragma unroll
@@ -55,27 +49,9 @@ __device__ __forceinline__ void half_gemv(float* __restrict__ y, const float* __
                             : make_uint4(0u, 0u, 0u, 0u);
       widen8(wv[r], p, BF16);
     }
-#pragma unroll
-    for (int i = 0; i < GEMV_MAX_M; i++) {
-      if (i >= m) break;
-      const float4* xp = reinterpret_cast<const float4*>(x + (int64_t)i * k + j);
-      const float4 xa = __ldg(xp), xb = __ldg(xp + 1);
-#pragma unroll
-      for (int r = 0; r < GEMV_ROWS; r++)
-        acc[r][i] += xa.x * wv[r][0] + xa.y * wv[r][1] + xa.z * wv[r][2] + xa.w * wv[r][3] +
-                     xb.x * wv[r][4] + xb.y * wv[r][5] + xb.z * wv[r][6] + xb.w * wv[r][7];
-    }
+    gemv_fma8(acc, wv, x, k, j, m);
   }
-#pragma unroll
-  for (int r = 0; r < GEMV_ROWS; r++)
-#pragma unroll
-    for (int i = 0; i < GEMV_MAX_M; i++) {
-      if (i >= m) break;
-      float v = acc[r][i];
-#pragma unroll
-      for (int sh = 16; sh > 0; sh >>= 1) v += __shfl_down_sync(0xffffffffu, v, sh);
-      if (lane == 0 && o0 + r < n) y[(int64_t)i * n + o0 + r] = v;
-    }
+  gemv_store(acc, y, m, o0, n, lane, 0);
 }
 
 extern "C" __global__ void __launch_bounds__(128)

@@ -28,6 +28,7 @@
 //                     values (read through L1) are reused for all 4 weight rows.
 //                     Launch: blockDim 128 (4 warps, 16 output rows), grid ceil(rows_out/16).
 #include <cuda_bf16.h>
+#include "gemv.cuh"
 #include "nf4.cuh"
 
 // Dequantize 8 consecutive elements e0 = 8j .. 8j+7 (4 packed bytes, one block because
@@ -80,8 +81,6 @@ extern "C" __global__ void nf4_dequant_f32(float* __restrict__ out, const uint8_
     out[i] = __fmul_rn(NF4[nf4_code(packed, i)], s);
   }
 }
-
-#define GEMV_MAX_M 8
 
 extern "C" __global__ void nf4_gemv_f32(float* __restrict__ y, const float* __restrict__ x,
                                         const uint8_t* __restrict__ packed,
@@ -149,8 +148,6 @@ extern "C" __global__ void nf4_dequant_bf16(__nv_bfloat16* __restrict__ out,
   }
 }
 
-#define GEMV_ROWS 4
-
 extern "C" __global__ void __launch_bounds__(128)
     nf4_gemv_f32_k32(float* __restrict__ y, const float* __restrict__ x,
                      const uint8_t* __restrict__ packed, int dq, const float* __restrict__ absmax,
@@ -162,10 +159,7 @@ extern "C" __global__ void __launch_bounds__(128)
   const int64_t o0 = ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * GEMV_ROWS;
   if (o0 >= rows_out) return;
   float acc[GEMV_ROWS][GEMV_MAX_M];
-#pragma unroll
-  for (int r = 0; r < GEMV_ROWS; r++)
-#pragma unroll
-    for (int i = 0; i < GEMV_MAX_M; i++) acc[r][i] = 0.0f;
+  gemv_zero(acc);
 
   for (int64_t j = (int64_t)lane * 32; j < k; j += 32 * 32) {
     uint32_t wv[GEMV_ROWS][4];
@@ -195,29 +189,8 @@ extern "C" __global__ void __launch_bounds__(128)
           w[r][2 * b] = __fmul_rn(lut[byte >> 4], s[r]);
           w[r][2 * b + 1] = __fmul_rn(lut[byte & 0xfu], s[r]);
         }
-#pragma unroll
-      for (int i = 0; i < GEMV_MAX_M; i++) {
-        if (i >= m) break;
-        const float4* xp = reinterpret_cast<const float4*>(x + (int64_t)i * k + j + 8 * word);
-        const float4 xa = __ldg(xp), xb = __ldg(xp + 1);
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++)
-          acc[r][i] += xa.x * w[r][0] + xa.y * w[r][1] + xa.z * w[r][2] + xa.w * w[r][3] +
-                       xb.x * w[r][4] + xb.y * w[r][5] + xb.z * w[r][6] + xb.w * w[r][7];
-      }
+      gemv_fma8(acc, w, x, k, j + 8 * word, m);
     }
   }
-#pragma unroll
-  for (int r = 0; r < GEMV_ROWS; r++)
-#pragma unroll
-    for (int i = 0; i < GEMV_MAX_M; i++) {
-      if (i >= m) break;
-      float v = acc[r][i];
-#pragma unroll
-      for (int sh = 16; sh > 0; sh >>= 1) v += __shfl_down_sync(0xffffffffu, v, sh);
-      if (lane == 0 && o0 + r < rows_out) {
-        float* dst = y + (int64_t)i * rows_out + o0 + r;
-        *dst = v + (accumulate ? *dst : 0.0f);
-      }
-    }
+  gemv_store(acc, y, m, o0, rows_out, lane, accumulate);
 }
