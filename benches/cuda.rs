@@ -25,7 +25,8 @@ mod gpu {
     use qlora::backend::cpu::{nf4_bf16_weights, nf4_gemm_bf16};
     use qlora::backend::cuda::backend::CudaBackend;
     use qlora::backend::cuda::nf4::DeviceNf4;
-    use qlora::backend::cuda::nf4_gemm::{gemm_bf16_cublas, to_bf16, Bf16Scratch};
+    use qlora::backend::cuda::nf4_gemm::{gemm_bf16_cublas, Bf16Scratch};
+    use qlora::backend::cuda::ops::to_half;
     use qlora::backend::cuda::runtime::DevBuf;
     use qlora::backend::{Backend, HostLinear};
     use qlora::config::ModelConfig;
@@ -195,7 +196,7 @@ mod gpu {
             let x: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
             let xd = dev.upload(&x).unwrap();
             let mut xb = dev.zeros::<u16>(m * k).unwrap();
-            to_bf16(&dev, &mut xb, &xd, m * k).unwrap();
+            to_half(&dev, &mut xb, &xd, m * k, false).unwrap();
             let mut y = dev.zeros::<f32>(m * n).unwrap();
             // Validation on the first and last rows (the spec is row-independent).
             let check = |y: &DevBuf<f32>, what: &str, bf16: bool| {

@@ -147,10 +147,7 @@ pub trait Backend: Send + Sync {
         w: &Self::Linear,
         rows: usize,
     ) -> Result<()> {
-        let n = self.linear_shape(w).0;
-        let mut tmp = self.zeros(rows * n)?;
-        self.matmul(&mut tmp, x, w, rows)?;
-        self.add_assign(out, &tmp, rows * n)
+        matmul_then_add(self, out, x, w, rows)
     }
 
     /// In-place rotary embedding, transformers' rotate-half convention. `x` is `[rows, heads, head_dim]`
@@ -213,6 +210,20 @@ pub trait Backend: Send + Sync {
         targets: &[i32],
         vocab: usize,
     ) -> Result<()>;
+}
+
+/// [`Backend::matmul_add`] without a fused path: the product into a temporary, then the add.
+pub fn matmul_then_add<B: Backend + ?Sized>(
+    b: &B,
+    out: &mut B::Buf,
+    x: &B::Buf,
+    w: &B::Linear,
+    rows: usize,
+) -> Result<()> {
+    let n = b.linear_shape(w).0;
+    let mut tmp = b.zeros(rows * n)?;
+    b.matmul(&mut tmp, x, w, rows)?;
+    b.add_assign(out, &tmp, rows * n)
 }
 
 /// Which device the user asked for.

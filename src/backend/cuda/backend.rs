@@ -82,6 +82,45 @@ impl CudaBackend {
         ops::gemm_wt(&self.blas, y, x, w, m, k, n, 1.0, 0.0)
     }
 
+    /// `out (+)= x · Wᵀ` on the path the weight's format and `rows` choose (see the module doc);
+    /// `add` accumulates into `out` (fused in the GEMV/GEMM epilogues and sgemm's beta; the
+    /// 16-bit and baseline paths compute into a temporary and add).
+    fn product(
+        &self,
+        out: &mut DevBuf<f32>,
+        x: &DevBuf<f32>,
+        w: &CudaLinear,
+        rows: usize,
+        add: bool,
+    ) -> Result<()> {
+        match w {
+            CudaLinear::Dense { rows: n, cols, w } => {
+                let beta = if add { 1.0 } else { 0.0 };
+                ops::gemm_wt(&self.blas, out, x, w, rows, *cols, *n, 1.0, beta)
+            }
+            CudaLinear::Nf4(t) if rows <= GEMV_MAX_M => t.gemv(&self.dev, out, x, rows, add),
+            CudaLinear::Nf4(t) if self.prefill == Prefill::Fused && t.gemm_supported() => {
+                t.gemm(&self.dev, out, x, rows, add)
+            }
+            _ if add => crate::backend::matmul_then_add(self, out, x, w, rows),
+            CudaLinear::Half(h) if rows <= HALF_GEMV_MAX_M => h.gemv(&self.dev, out, x, rows),
+            CudaLinear::Half(h) => h.gemm(
+                &self.dev,
+                &self.blas,
+                &mut self.bf16_scratch.lock().unwrap_or_else(|p| p.into_inner()),
+                out,
+                x,
+                rows,
+            ),
+            CudaLinear::Nf4(t) if self.prefill == Prefill::DequantCublasBf16 => self
+                .bf16_scratch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .gemm(&self.dev, &self.blas, t, out, x, rows),
+            CudaLinear::Nf4(t) => self.nf4_dequant_sgemm(out, x, t, rows),
+        }
+    }
+
     /// `out = x · dequant(W)ᵀ` by dequantizing into a reused f32 scratch buffer, then sgemm.
     fn nf4_dequant_sgemm(
         &self,
@@ -91,12 +130,7 @@ impl CudaBackend {
         rows: usize,
     ) -> Result<()> {
         let mut guard = self.f32_scratch.lock().unwrap_or_else(|p| p.into_inner());
-        let need = t.rows * t.cols;
-        if guard.as_ref().is_none_or(|b| b.len() < need) {
-            *guard = None;
-            *guard = Some(self.dev.zeros::<f32>(need)?);
-        }
-        let scratch = guard.as_mut().expect("allocated above");
+        let scratch = self.dev.grown(&mut guard, t.rows * t.cols)?;
         t.dequantize(&self.dev, scratch)?;
         ops::gemm_wt(&self.blas, out, x, scratch, rows, t.cols, t.rows, 1.0, 0.0)
     }
@@ -218,30 +252,7 @@ impl Backend for CudaBackend {
         w: &CudaLinear,
         rows: usize,
     ) -> Result<()> {
-        match w {
-            CudaLinear::Dense { rows: n, cols, w } => {
-                ops::gemm_wt(&self.blas, out, x, w, rows, *cols, *n, 1.0, 0.0)
-            }
-            CudaLinear::Half(h) if rows <= HALF_GEMV_MAX_M => h.gemv(&self.dev, out, x, rows),
-            CudaLinear::Half(h) => h.gemm(
-                &self.dev,
-                &self.blas,
-                &mut self.bf16_scratch.lock().unwrap_or_else(|p| p.into_inner()),
-                out,
-                x,
-                rows,
-            ),
-            CudaLinear::Nf4(t) if rows <= GEMV_MAX_M => t.gemv(&self.dev, out, x, rows, false),
-            CudaLinear::Nf4(t) => match self.prefill {
-                Prefill::Fused if t.gemm_supported() => t.gemm(&self.dev, out, x, rows, false),
-                Prefill::DequantCublasBf16 => self
-                    .bf16_scratch
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .gemm(&self.dev, &self.blas, t, out, x, rows),
-                _ => self.nf4_dequant_sgemm(out, x, t, rows),
-            },
-        }
+        self.product(out, x, w, rows, false)
     }
 
     fn matmul_add(
@@ -251,21 +262,7 @@ impl Backend for CudaBackend {
         w: &CudaLinear,
         rows: usize,
     ) -> Result<()> {
-        match w {
-            CudaLinear::Dense { rows: n, cols, w } => {
-                ops::gemm_wt(&self.blas, out, x, w, rows, *cols, *n, 1.0, 1.0)
-            }
-            CudaLinear::Nf4(t) if rows <= GEMV_MAX_M => t.gemv(&self.dev, out, x, rows, true),
-            CudaLinear::Nf4(t) if self.prefill == Prefill::Fused && t.gemm_supported() => {
-                t.gemm(&self.dev, out, x, rows, true)
-            }
-            _ => {
-                let n = self.linear_shape(w).0;
-                let mut tmp = self.zeros(rows * n)?;
-                self.matmul(&mut tmp, x, w, rows)?;
-                self.add_assign(out, &tmp, rows * n)
-            }
-        }
+        self.product(out, x, w, rows, true)
     }
 
     fn rope(

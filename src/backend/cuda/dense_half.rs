@@ -5,7 +5,8 @@
 //! 16-bit-weight GEMV with f32 activations, so it is exact like the f32 path; prefill rounds
 //! the activations to the weight's format and calls `cublasGemmEx` (f32 accumulation).
 
-use super::nf4_gemm::{gemm_half_cublas, to_bf16, Bf16Scratch};
+use super::nf4_gemm::{gemm_half_cublas, Bf16Scratch};
+use super::ops::to_half;
 use super::runtime::{CudaDevice, DevBuf};
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
@@ -111,11 +112,7 @@ impl DeviceHalf {
         self.check(y.len(), x.len(), m)?;
         let n = m * self.cols;
         let xs = scratch.x_scratch(dev, n)?;
-        if self.f16 {
-            to_f16(dev, xs, x, n)?;
-        } else {
-            to_bf16(dev, xs, x, n)?;
-        }
+        to_half(dev, xs, x, n, self.f16)?;
         gemm_half_cublas(
             blas,
             &dev.stream,
@@ -138,32 +135,4 @@ impl DeviceHalf {
         }
         Ok(())
     }
-}
-
-/// `out[i] = f16(x[i])` for `i < n` (f16 bits in `u16`).
-pub fn to_f16(
-    dev: &CudaDevice,
-    out: &mut CudaSlice<u16>,
-    x: &CudaSlice<f32>,
-    n: usize,
-) -> Result<()> {
-    if out.len() < n || x.len() < n {
-        return Err(Error::Backend(format!(
-            "f32_to_f16: buffers hold {} and {} values, op needs {n}",
-            out.len(),
-            x.len()
-        )));
-    }
-    let f = dev.function("dense_half", "f32_to_f16")?;
-    let n64 = n as i64;
-    let cfg = LaunchConfig {
-        grid_dim: ((n as u64).div_ceil(256).clamp(1, 65_535 * 16) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut b = dev.stream.launch_builder(&f);
-    b.arg(out).arg(x).arg(&n64);
-    // SAFETY: matches f32_to_f16(__half*, const float*, int64_t); sizes checked.
-    unsafe { b.launch(cfg) }.map_err(|e| Error::Backend(format!("f32_to_f16: {e}")))?;
-    Ok(())
 }

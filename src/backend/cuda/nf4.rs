@@ -111,12 +111,7 @@ impl DeviceNf4 {
         let f = dev.function("nf4", "nf4_dequant_f32")?;
         let dq = self.dq_flag();
         // One thread per run of 8 elements (see kernels/nf4.cu).
-        let blocks = (n as u64).div_ceil(8 * 256).min(65_535 * 16) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks.max(1), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = super::ops::grid((n as usize).div_ceil(8));
         let mut b = dev.stream.launch_builder(&f);
         b.arg(out);
         self.push_args(&mut b, &dq);

@@ -5,6 +5,7 @@
 //! [`crate::backend::cpu::nf4_gemm_bf16`].
 
 use super::nf4::DeviceNf4;
+use super::ops::{grid, to_half};
 use super::runtime::{CudaDevice, DevBuf};
 use crate::error::{Error, Result};
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
@@ -107,37 +108,6 @@ impl DeviceNf4 {
     }
 }
 
-fn grid(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((n as u64).div_ceil(256).clamp(1, 65_535 * 16) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// `out[i] = bf16(x[i])` for `i < n` (round to nearest even; bf16 bits in `u16`).
-pub fn to_bf16(
-    dev: &CudaDevice,
-    out: &mut CudaSlice<u16>,
-    x: &CudaSlice<f32>,
-    n: usize,
-) -> Result<()> {
-    if out.len() < n || x.len() < n {
-        return Err(Error::Backend(format!(
-            "f32_to_bf16: buffers hold {} and {} values, op needs {n}",
-            out.len(),
-            x.len()
-        )));
-    }
-    let f = dev.function("elementwise", "f32_to_bf16")?;
-    let n64 = n as i64;
-    let mut b = dev.stream.launch_builder(&f);
-    b.arg(out).arg(x).arg(&n64);
-    // SAFETY: matches f32_to_bf16(__nv_bfloat16*, const float*, int64_t); sizes checked.
-    unsafe { b.launch(grid(n)) }.map_err(|e| Error::Backend(format!("f32_to_bf16: {e}")))?;
-    Ok(())
-}
-
 /// `y[m, n] = x_bf16[m, k] · w_bf16[n, k]ᵀ` with f32 output and f32 compute through
 /// `cublasGemmEx` (row-major operands mapped as in [`super::ops::gemm_wt`]).
 #[allow(clippy::too_many_arguments)]
@@ -218,19 +188,10 @@ pub struct Bf16Scratch {
     x: Option<DevBuf<u16>>,
 }
 
-fn ensure(dev: &CudaDevice, buf: &mut Option<DevBuf<u16>>, len: usize) -> Result<()> {
-    if buf.as_ref().is_none_or(|b| b.len() < len) {
-        *buf = None; // free the old one first
-        *buf = Some(dev.zeros::<u16>(len)?);
-    }
-    Ok(())
-}
-
 impl Bf16Scratch {
     /// The activation scratch, at least `len` values (16-bit).
     pub fn x_scratch(&mut self, dev: &CudaDevice, len: usize) -> Result<&mut DevBuf<u16>> {
-        ensure(dev, &mut self.x, len)?;
-        Ok(self.x.as_mut().expect("allocated by ensure"))
+        dev.grown(&mut self.x, len)
     }
 
     /// The baseline product: dequantize W to bf16, round x to bf16, cuBLAS bf16 GEMM (f32 out).
@@ -244,11 +205,11 @@ impl Bf16Scratch {
         m: usize,
     ) -> Result<()> {
         check_sizes(w, y.len(), x.len(), m, "nf4 dequant + cuBLAS")?;
-        ensure(dev, &mut self.w, w.rows * w.cols)?;
-        ensure(dev, &mut self.x, m * w.cols)?;
-        let (ws, xs) = (self.w.as_mut().unwrap(), self.x.as_mut().unwrap());
+        let ws = dev.grown(&mut self.w, w.rows * w.cols)?;
         w.dequantize_bf16(dev, ws)?;
-        to_bf16(dev, xs, x, m * w.cols)?;
+        let xs = dev.grown(&mut self.x, m * w.cols)?;
+        to_half(dev, xs, x, m * w.cols, false)?;
+        let ws = self.w.as_ref().expect("grown above");
         gemm_bf16_cublas(blas, &dev.stream, y, xs, ws, m, w.cols, w.rows)
     }
 }

@@ -13,7 +13,7 @@ fn launch_err(kernel: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '
 }
 
 /// A 1-D grid-stride launch over `n` items.
-fn grid(n: usize) -> LaunchConfig {
+pub(super) fn grid(n: usize) -> LaunchConfig {
     let blocks = (n as u64).div_ceil(256).clamp(1, 65_535 * 16) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
@@ -46,6 +46,31 @@ pub fn add_assign(
     b.arg(x).arg(y).arg(&n64);
     // SAFETY: matches add_assign_f32(float*, const float*, int64_t); sizes checked.
     unsafe { b.launch(grid(n)) }.map_err(launch_err("add_assign_f32"))?;
+    Ok(())
+}
+
+/// `out[i] = half(x[i])` for `i < n`, rounded to nearest even: f16 bits when `f16`
+/// (`dense_half.cu`'s `f32_to_f16`), else bf16 bits (`elementwise.cu`'s `f32_to_bf16`).
+pub fn to_half(
+    dev: &CudaDevice,
+    out: &mut CudaSlice<u16>,
+    x: &CudaSlice<f32>,
+    n: usize,
+    f16: bool,
+) -> Result<()> {
+    let (module, name) = if f16 {
+        ("dense_half", "f32_to_f16")
+    } else {
+        ("elementwise", "f32_to_bf16")
+    };
+    need(&format!("{name} out"), out.len(), n)?;
+    need(&format!("{name} x"), x.len(), n)?;
+    let f = dev.function(module, name)?;
+    let n64 = n as i64;
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(out).arg(x).arg(&n64);
+    // SAFETY: matches f32_to_{bf16,f16}(16-bit*, const float*, int64_t); sizes checked.
+    unsafe { b.launch(grid(n)) }.map_err(launch_err(name))?;
     Ok(())
 }
 

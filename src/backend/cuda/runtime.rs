@@ -188,6 +188,19 @@ impl CudaDevice {
         Ok(self.metered(s, bytes))
     }
 
+    /// The scratch buffer in `slot`, reallocated (old one freed first) when shorter than `len`.
+    pub fn grown<'a, T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        slot: &'a mut Option<DevBuf<T>>,
+        len: usize,
+    ) -> Result<&'a mut DevBuf<T>> {
+        if slot.as_ref().is_none_or(|b| b.len() < len) {
+            *slot = None;
+            *slot = Some(self.zeros::<T>(len)?);
+        }
+        Ok(slot.as_mut().expect("allocated above"))
+    }
+
     /// Copies host data into a new buffer.
     pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<DevBuf<T>> {
         let bytes = std::mem::size_of_val(data);
