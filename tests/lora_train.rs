@@ -2,35 +2,16 @@
 //! (`tests/fixtures/peft/gqa-lora`, written by `scripts/fixtures_peft.py`): adapter logits,
 //! loss, every lora_A / lora_B gradient; plus recompute modes and dropout determinism.
 
+mod common;
+
 use qlora::backend::cpu::CpuBackend;
 use qlora::config::ModelConfig;
 use qlora::lora::{load_adapter, peft_key, LoraConfig, LoraWeights};
 use qlora::model::{BaseQuant, Llama, Logits, Lora, LoraSet, Recompute};
 use qlora::weights::Checkpoint;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn golden_prompts() -> Vec<Vec<u32>> {
-    let g: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("tests/fixtures/tiny/gqa/golden.json")).unwrap(),
-    )
-    .unwrap();
-    g["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            p.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect()
-}
+use common::{golden_prompts, root};
 
 fn golden(name: &str) -> Vec<f32> {
     let bytes =

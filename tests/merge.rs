@@ -1,36 +1,17 @@
 //! `qlora merge` against PEFT's `merge_and_unload` and transformers: the merged folder loads in
 //! qlora and in transformers, and its logits equal PEFT's merged logits.
 
+mod common;
+
 use qlora::backend::cpu::CpuBackend;
 use qlora::lora::load_adapter;
 use qlora::merge::{merge, MergeOptions};
 use qlora::model::{BaseQuant, Llama, Logits, Lora};
 use qlora::weights::{Checkpoint, DType};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn prompts() -> Vec<Vec<u32>> {
-    let g: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("tests/fixtures/tiny/gqa/golden.json")).unwrap(),
-    )
-    .unwrap();
-    g["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            p.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect()
-}
+use common::{golden_prompts, root};
 
 fn st_f32(path: &Path, name: &str) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap();
@@ -87,7 +68,7 @@ fn f32_merge_matches_peft_merge_and_adapter_logits() {
     adapted.lora = Some(Lora::new(&adapted.backend, &c, &w, &adapted.cfg).unwrap());
     let golden = root().join("tests/fixtures/peft/gqa-lora/golden.safetensors");
     let (mut vs_peft, mut vs_adapter) = (0f32, 0f32);
-    for (i, ids) in prompts().iter().enumerate() {
+    for (i, ids) in golden_prompts().iter().enumerate() {
         let got = logits(&merged, ids);
         vs_peft = vs_peft.max(max_diff(&got, &st_f32(&golden, &format!("merged.{i}"))));
         vs_adapter = vs_adapter.max(max_diff(&got, &logits(&adapted, ids)));
@@ -121,7 +102,7 @@ fn bf16_merge_rounds_the_f32_merge_once() {
     assert!(n > 10);
     // It loads and runs; bf16 weights move logits by about the bf16 rounding of the weights.
     let m = load_dir(&b);
-    let l = logits(&m, &prompts()[0]);
+    let l = logits(&m, &golden_prompts()[0]);
     assert!(l.iter().all(|v| v.is_finite()));
 }
 
@@ -136,7 +117,7 @@ fn transformers_loads_the_merged_folder() {
     let m = load_dir(&out);
     let check = root().join("tests/fixtures/peft/merged_f16_check.safetensors");
     let mut worst = 0f32;
-    for (i, ids) in prompts().iter().enumerate() {
+    for (i, ids) in golden_prompts().iter().enumerate() {
         worst = worst.max(max_diff(
             &logits(&m, ids),
             &st_f32(&check, &format!("logits.{i}")),
@@ -274,7 +255,7 @@ fn adapted_lm_head_on_tied_embeddings_is_untied() {
     let mut adapted = load_dir(&tied);
     let (lc, w) = load_adapter(&c.output, &adapted.cfg).unwrap();
     adapted.lora = Some(Lora::new(&adapted.backend, &lc, &w, &adapted.cfg).unwrap());
-    let ids = &prompts()[0];
+    let ids = &golden_prompts()[0];
     let ids: Vec<u32> = ids
         .iter()
         .map(|&i| i % adapted.cfg.vocab_size as u32)
