@@ -9,6 +9,7 @@
 //! - [`backend`]: the op set of a Llama step (CPU spec, CUDA)
 //! - [`model`]: the Llama forward written once against [`backend::Backend`]
 //! - [`generate`], [`eval`], [`inspect`]: the user-facing jobs
+//! - [`check`]: the CUDA backend against its CPU specification (`qlora check`)
 //! - [`loader`]: model id → tokenizer + model on a backend, with progress
 //! - [`lora`]: LoRA adapters (config, weights, init, PEFT file I/O)
 //! - [`train`]: AdamW, gradient clipping, learning-rate schedules
@@ -17,6 +18,7 @@
 //! lives here.
 
 pub mod backend;
+pub mod check;
 pub mod config;
 pub mod data;
 pub mod error;

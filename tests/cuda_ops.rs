@@ -695,3 +695,56 @@ fn matmul_add_fuses_the_residual_on_every_path() {
         }
     }
 }
+
+// ---- Training ops: the checks `qlora check` runs (src/check/), one test per group. ----
+
+fn cuda_backend(test: &str) -> Option<qlora::backend::cuda::backend::CudaBackend> {
+    match qlora::backend::cuda::backend::CudaBackend::new(0) {
+        Ok(b) => {
+            eprintln!("{test}: running on {}", qlora::backend::Backend::name(&b));
+            Some(b)
+        }
+        Err(e) => {
+            eprintln!("skipping {test}: no usable CUDA device ({e})");
+            None
+        }
+    }
+}
+
+/// Prints the rows as `qlora check` does and fails on any row that is not ok (or on none).
+fn assert_checks(test: &str, rows: Vec<qlora::check::CheckRow>) {
+    assert!(!rows.is_empty(), "{test}: the check produced no rows");
+    for r in &rows {
+        eprintln!(
+            "{test}: {:<48} {:>10.3e} {:>10.3e} {}",
+            r.op,
+            r.max_err,
+            r.bound,
+            if r.ok { "ok" } else { "FAIL" }
+        );
+    }
+    let bad: Vec<_> = rows.iter().filter(|r| !r.ok).map(|r| &r.op).collect();
+    assert!(bad.is_empty(), "{test}: failing checks {bad:?}");
+}
+
+macro_rules! check_test {
+    ($name:ident, $module:ident) => {
+        #[test]
+        fn $name() {
+            let Some(be) = cuda_backend(stringify!($name)) else {
+                return;
+            };
+            let rows = qlora::check::rows_or_failure(stringify!($module), || {
+                qlora::check::$module::run(&be)
+            });
+            assert_checks(stringify!($name), rows);
+        }
+    };
+}
+
+check_test!(check_training_ops, ops);
+check_test!(check_lora, lora);
+check_test!(check_nf4_dx, nf4_dx);
+check_test!(check_flash_attention, attention);
+check_test!(check_adamw, adamw);
+check_test!(check_training_step, model);

@@ -30,11 +30,18 @@
 //!
 //! # Activation memory
 //! [`Recompute::Selective`] (default) keeps per layer what backward cannot get cheaply: the
-//! layer input `x`, `h`, the post-RoPE `q`, `k`, `v`, the attention output, `g`, `u`, and each
-//! adapter's `x·Aᵀ` (`[T, r]`); the norms `n₁`, `n₂`, the SwiGLU product `m` and the dropout
-//! masks are recomputed. That is `T·(2C + 2·q_dim + 2·kv_dim + 2F)` floats per layer.
-//! [`Recompute::Full`] keeps only each layer's input (`T·C` floats) and reruns the layer's
-//! forward during backward: about a third more compute for the smallest footprint.
+//! layer input `x`, `h`, the post-RoPE `q`, `k`, `v`, the attention output, `g`, `u`, the
+//! attention's per-row log-sum-exp (`[T, H]`) and each adapter's `x·Aᵀ` (`[T, r]`); the norms
+//! `n₁`, `n₂`, the SwiGLU product `m` and the dropout masks are recomputed. That is
+//! `T·(2C + 2·q_dim + 2·kv_dim + 2F)` values per layer, kept through [`TrainBackend::stash`]
+//! (f32 on the CPU, bf16 on CUDA). [`Recompute::Full`] keeps only each layer's input (`T·C`
+//! values) and reruns the layer's forward during backward: about a third more compute for the
+//! smallest footprint.
+//!
+//! The head never builds the `[T, vocab]` logits: [`CE_CHUNK`] tokens at a time it computes
+//! `z = P_head(n)`, the fused cross-entropy turns `z` into `dz` in place, and `dz·W_head` (plus
+//! the adapter's share) lands in that chunk's rows of `dn`. Chunks are independent (row-wise
+//! loss, row-wise dropout mask slices), so the result equals the unchunked computation.
 
 use super::lora::{LoraLinear, LoraSet};
 use super::Llama;
@@ -42,6 +49,10 @@ use crate::backend::cpu::dropout::splitmix64;
 use crate::backend::{AttnShape, TrainBackend};
 use crate::error::{Error, Result};
 use crate::lora::LoraTarget;
+
+/// Tokens per chunk of the fused head + cross-entropy (a `[CE_CHUNK, vocab]` f32 buffer: 32 MB
+/// for Llama-2's 32,000-token vocabulary).
+pub const CE_CHUNK: usize = 256;
 
 /// How much of the forward the backward recomputes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,15 +78,37 @@ const QKV: [LoraTarget; 3] = [LoraTarget::QProj, LoraTarget::KProj, LoraTarget::
 
 /// What one layer's backward needs from its forward (see the module docs).
 struct LayerActs<B: TrainBackend> {
-    h: B::Buf,
-    q: B::Buf,
-    k: B::Buf,
-    v: B::Buf,
-    att: B::Buf,
-    gate: B::Buf,
-    up: B::Buf,
+    h: B::Saved,
+    q: B::Saved,
+    k: B::Saved,
+    v: B::Saved,
+    att: B::Saved,
+    gate: B::Saved,
+    up: B::Saved,
+    /// The attention's per-row log-sum-exp, `[T, H]`.
+    lse: B::Buf,
     /// `x̃·Aᵀ` per adapted target, indexed like [`LoraSet::layers`].
     xa: [Option<B::Buf>; 7],
+}
+
+/// Where a projection sits: its layer (`None`: lm_head), its target, and the sequence position
+/// of its first row (non-zero for the head's chunks: dropout masks are sliced from the
+/// sequence's mask there).
+#[derive(Debug, Clone, Copy)]
+struct Site {
+    layer: Option<usize>,
+    target: LoraTarget,
+    row0: usize,
+}
+
+impl Site {
+    fn layer(l: usize, target: LoraTarget) -> Self {
+        Site {
+            layer: Some(l),
+            target,
+            row0: 0,
+        }
+    }
 }
 
 /// Dropout seed of module `target` of layer `layer` (`None`: lm_head) for sequence seed `seed`.
@@ -99,8 +132,7 @@ impl<B: TrainBackend> Llama<B> {
     fn dropout_keep(
         &self,
         ad: &LoraLinear<B>,
-        layer: Option<usize>,
-        target: LoraTarget,
+        site: Site,
         rows: usize,
         seed: Option<u64>,
     ) -> Result<Option<B::Buf>> {
@@ -109,8 +141,9 @@ impl<B: TrainBackend> Llama<B> {
             Some(seed) if p > 0.0 => {
                 let n = rows * ad.in_features;
                 let mut keep = self.backend.zeros(n)?;
-                self.backend
-                    .dropout_mask(&mut keep, n, p, module_seed(seed, layer, target))?;
+                let seed = module_seed(seed, site.layer, site.target);
+                let offset = (site.row0 * ad.in_features) as u64;
+                self.backend.dropout_mask(&mut keep, n, p, seed, offset)?;
                 Ok(Some(keep))
             }
             _ => Ok(None),
@@ -122,19 +155,18 @@ impl<B: TrainBackend> Llama<B> {
         &self,
         out: &mut B::Buf,
         x: &B::Buf,
-        layer: Option<usize>,
-        target: LoraTarget,
+        site: Site,
         rows: usize,
         seed: Option<u64>,
     ) -> Result<Option<B::Buf>> {
         let b = &self.backend;
-        b.matmul(out, x, self.base_weight(layer, target), rows)?;
+        b.matmul(out, x, self.base_weight(site.layer, site.target), rows)?;
         let lora = self.lora_or_err()?;
-        let Some(ad) = lora.params.get(layer, target) else {
+        let Some(ad) = lora.params.get(site.layer, site.target) else {
             return Ok(None);
         };
         let rank = lora.params.rank;
-        let keep = self.dropout_keep(ad, layer, target, rows, seed)?;
+        let keep = self.dropout_keep(ad, site, rows, seed)?;
         let mut xa = b.zeros(rows * rank)?;
         b.lora_forward_add(
             out,
@@ -158,17 +190,16 @@ impl<B: TrainBackend> Llama<B> {
         dy: &B::Buf,
         x: &B::Buf,
         xa: Option<&B::Buf>,
-        layer: Option<usize>,
-        target: LoraTarget,
+        site: Site,
         rows: usize,
         accumulate: bool,
         grads: &mut LoraSet<B>,
         seed: Option<u64>,
     ) -> Result<()> {
-        let w = self.base_weight(layer, target);
+        let w = self.base_weight(site.layer, site.target);
         self.backend.matmul_dx(dx, dy, w, rows, accumulate)?;
         match xa {
-            Some(xa) => self.lora_share(dx, dy, x, xa, layer, target, rows, grads, seed),
+            Some(xa) => self.lora_share(dx, dy, x, xa, site, rows, grads, seed),
             None => Ok(()),
         }
     }
@@ -182,20 +213,22 @@ impl<B: TrainBackend> Llama<B> {
         dy: &B::Buf,
         x: &B::Buf,
         xa: &B::Buf,
-        layer: Option<usize>,
-        target: LoraTarget,
+        site: Site,
         rows: usize,
         grads: &mut LoraSet<B>,
         seed: Option<u64>,
     ) -> Result<()> {
         let lora = self.lora_or_err()?;
-        let Some(ad) = lora.params.get(layer, target) else {
+        let Some(ad) = lora.params.get(site.layer, site.target) else {
             return Ok(());
         };
         let rank = lora.params.rank;
-        let keep = self.dropout_keep(ad, layer, target, rows, seed)?;
-        let g = grads.get_mut(layer, target).ok_or_else(|| {
-            Error::InvalidArg(format!("no gradient buffer for adapted module {target}"))
+        let keep = self.dropout_keep(ad, site, rows, seed)?;
+        let g = grads.get_mut(site.layer, site.target).ok_or_else(|| {
+            Error::InvalidArg(format!(
+                "no gradient buffer for adapted module {}",
+                site.target
+            ))
         })?;
         self.backend.lora_backward(
             dx,
@@ -247,7 +280,7 @@ impl<B: TrainBackend> Llama<B> {
         let mut k = b.zeros(t * kvd)?;
         let mut v = b.zeros(t * kvd)?;
         for (i, (out, target)) in [&mut q, &mut k, &mut v].into_iter().zip(QKV).enumerate() {
-            xa[i] = self.project_train(out, &n, Some(l), target, t, seed)?;
+            xa[i] = self.project_train(out, &n, Site::layer(l, target), t, seed)?;
         }
         let (heads, kv_heads, d) = (
             cfg.num_attention_heads,
@@ -257,31 +290,94 @@ impl<B: TrainBackend> Llama<B> {
         b.rope(&mut q, positions, &self.inv_freq, heads, d)?;
         b.rope(&mut k, positions, &self.inv_freq, kv_heads, d)?;
         let mut att = b.zeros(t * qd)?;
-        b.attention(&mut att, &q, &k, &v, self.attn_shape(t))?;
+        let mut lse = b.zeros(t * heads)?;
+        b.attention_train(&mut att, &mut lse, &q, &k, &v, self.attn_shape(t))?;
         let mut h = b.zeros(t * c)?;
-        xa[3] = self.project_train(&mut h, &att, Some(l), LoraTarget::OProj, t, seed)?;
+        xa[3] = self.project_train(&mut h, &att, Site::layer(l, LoraTarget::OProj), t, seed)?;
         b.add_assign(&mut h, x, t * c)?;
         b.rmsnorm(&mut n, &h, &w.mlp_norm, t, c, cfg.rms_norm_eps)?;
         let mut gate = b.zeros(t * f)?;
         let mut up = b.zeros(t * f)?;
-        xa[4] = self.project_train(&mut gate, &n, Some(l), LoraTarget::GateProj, t, seed)?;
-        xa[5] = self.project_train(&mut up, &n, Some(l), LoraTarget::UpProj, t, seed)?;
+        let (gp, upj) = (LoraTarget::GateProj, LoraTarget::UpProj);
+        xa[4] = self.project_train(&mut gate, &n, Site::layer(l, gp), t, seed)?;
+        xa[5] = self.project_train(&mut up, &n, Site::layer(l, upj), t, seed)?;
         let mut m = b.zeros(t * f)?;
         b.swiglu(&mut m, &gate, &up, t * f)?;
         let mut out = b.zeros(t * c)?;
-        xa[6] = self.project_train(&mut out, &m, Some(l), LoraTarget::DownProj, t, seed)?;
+        let down = Site::layer(l, LoraTarget::DownProj);
+        xa[6] = self.project_train(&mut out, &m, down, t, seed)?;
         b.add_assign(&mut out, &h, t * c)?;
         let acts = LayerActs {
-            h,
-            q,
-            k,
-            v,
-            att,
-            gate,
-            up,
+            h: b.stash(h, t * c)?,
+            q: b.stash(q, t * qd)?,
+            k: b.stash(k, t * kvd)?,
+            v: b.stash(v, t * kvd)?,
+            att: b.stash(att, t * qd)?,
+            gate: b.stash(gate, t * f)?,
+            up: b.stash(up, t * f)?,
+            lse,
             xa,
         };
         Ok((acts, out))
+    }
+
+    /// Backward of the MLP block `out = h + P_d(silu(g) ⊙ u)`, `g, u = P(rms(h))`: adds the
+    /// block's share to `dx` (the gradient of the layer output on entry, of `h` on exit).
+    fn mlp_backward(
+        &self,
+        l: usize,
+        a: &LayerActs<B>,
+        dx: &mut B::Buf,
+        t: usize,
+        grads: &mut LoraSet<B>,
+        seed: Option<u64>,
+    ) -> Result<()> {
+        let (cfg, b) = (&self.cfg, &self.backend);
+        let (c, f, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
+        let (gate, up) = (b.unstash(&a.gate, t * f)?, b.unstash(&a.up, t * f)?);
+        let mut m = b.zeros(t * f)?;
+        b.swiglu(&mut m, &gate, &up, t * f)?;
+        let mut dm = b.zeros(t * f)?;
+        let down = Site::layer(l, LoraTarget::DownProj);
+        let xa = a.xa[6].as_ref();
+        self.project_backward(&mut dm, dx, &m, xa, down, t, false, grads, seed)?;
+        drop(m);
+        let (mut dg, mut du) = (b.zeros(t * f)?, b.zeros(t * f)?);
+        b.swiglu_backward(&mut dg, &mut du, &dm, &gate, &up, t * f)?;
+        drop((dm, gate, up));
+        let h = b.unstash(&a.h, t * c)?;
+        let mut n = b.zeros(t * c)?;
+        b.rmsnorm(&mut n, &h, &self.layers[l].mlp_norm, t, c, eps)?;
+        let mut dn = b.zeros(t * c)?;
+        let (gp, upj) = (LoraTarget::GateProj, LoraTarget::UpProj);
+        let xa = a.xa[4].as_ref();
+        self.project_backward(
+            &mut dn,
+            &dg,
+            &n,
+            xa,
+            Site::layer(l, gp),
+            t,
+            false,
+            grads,
+            seed,
+        )?;
+        let xa = a.xa[5].as_ref();
+        self.project_backward(
+            &mut dn,
+            &du,
+            &n,
+            xa,
+            Site::layer(l, upj),
+            t,
+            true,
+            grads,
+            seed,
+        )?;
+        drop((dg, du, n));
+        let mut tmp = b.zeros(t * c)?;
+        b.rmsnorm_backward(&mut tmp, &dn, &h, &self.layers[l].mlp_norm, t, c, eps)?;
+        b.add_assign(dx, &tmp, t * c)
     }
 
     /// One decoder layer's backward. `dx` holds the gradient of the layer output on entry and
@@ -299,87 +395,29 @@ impl<B: TrainBackend> Llama<B> {
         need_dx: bool,
     ) -> Result<()> {
         let (cfg, b, t) = (&self.cfg, &self.backend, positions.len());
-        let (c, qd, kvd, f) = (
-            cfg.hidden_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.intermediate_size,
-        );
+        let (c, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
         let eps = cfg.rms_norm_eps;
-        let w = &self.layers[l];
-        let l_ = Some(l);
-        // MLP block: out = h + P_d(m), m = silu(g) ⊙ u, g/u = P(n₂).
-        let mut m = b.zeros(t * f)?;
-        b.swiglu(&mut m, &a.gate, &a.up, t * f)?;
-        let mut dm = b.zeros(t * f)?;
-        let down = LoraTarget::DownProj;
-        self.project_backward(
-            &mut dm,
-            dx,
-            &m,
-            a.xa[6].as_ref(),
-            l_,
-            down,
-            t,
-            false,
-            grads,
-            seed,
-        )?;
-        drop(m);
-        let (mut dg, mut du) = (b.zeros(t * f)?, b.zeros(t * f)?);
-        b.swiglu_backward(&mut dg, &mut du, &dm, &a.gate, &a.up, t * f)?;
-        drop(dm);
-        let mut n = b.zeros(t * c)?;
-        b.rmsnorm(&mut n, &a.h, &w.mlp_norm, t, c, eps)?;
-        let mut dn = b.zeros(t * c)?;
-        let (gp, upj) = (LoraTarget::GateProj, LoraTarget::UpProj);
-        self.project_backward(
-            &mut dn,
-            &dg,
-            &n,
-            a.xa[4].as_ref(),
-            l_,
-            gp,
-            t,
-            false,
-            grads,
-            seed,
-        )?;
-        self.project_backward(
-            &mut dn,
-            &du,
-            &n,
-            a.xa[5].as_ref(),
-            l_,
-            upj,
-            t,
-            true,
-            grads,
-            seed,
-        )?;
-        drop((dg, du));
-        let mut tmp = b.zeros(t * c)?;
-        b.rmsnorm_backward(&mut tmp, &dn, &a.h, &w.mlp_norm, t, c, eps)?;
-        b.add_assign(dx, &tmp, t * c)?; // dx is now dh
-                                        // Attention block: h = x + P_o(att), att = attn(rope(P_q(n₁)), rope(P_k(n₁)), P_v(n₁)).
+        self.mlp_backward(l, a, dx, t, grads, seed)?; // dx is now dh
+                                                      // Attention block: h = x + P_o(att), att = attn(rope(P_q(n₁)), rope(P_k(n₁)), P_v(n₁)).
+        let att = b.unstash(&a.att, t * qd)?;
         let mut datt = b.zeros(t * qd)?;
-        let o = LoraTarget::OProj;
-        self.project_backward(
-            &mut datt,
-            dx,
-            &a.att,
-            a.xa[3].as_ref(),
-            l_,
-            o,
-            t,
-            false,
-            grads,
-            seed,
-        )?;
+        let o = Site::layer(l, LoraTarget::OProj);
+        let xa = a.xa[3].as_ref();
+        self.project_backward(&mut datt, dx, &att, xa, o, t, false, grads, seed)?;
         let (mut dq, mut dk, mut dv) = (b.zeros(t * qd)?, b.zeros(t * kvd)?, b.zeros(t * kvd)?);
-        let shape = self.attn_shape(t);
-        b.attention_backward(&mut dq, &mut dk, &mut dv, &datt, &a.q, &a.k, &a.v, shape)?;
-        drop(datt);
+        {
+            let (q, k, v) = (
+                b.unstash(&a.q, t * qd)?,
+                b.unstash(&a.k, t * kvd)?,
+                b.unstash(&a.v, t * kvd)?,
+            );
+            let shape = self.attn_shape(t);
+            let (dqkv, qkv) = ((&mut dq, &mut dk, &mut dv), (&q, &k, &v));
+            b.attention_backward(
+                dqkv.0, dqkv.1, dqkv.2, &datt, qkv.0, qkv.1, qkv.2, &att, &a.lse, shape,
+            )?;
+        }
+        drop((datt, att));
         let (heads, kv_heads, d) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -387,21 +425,64 @@ impl<B: TrainBackend> Llama<B> {
         );
         b.rope_backward(&mut dq, positions, &self.inv_freq, heads, d)?;
         b.rope_backward(&mut dk, positions, &self.inv_freq, kv_heads, d)?;
-        b.rmsnorm(&mut n, x, &w.attn_norm, t, c, eps)?;
+        let mut n = b.zeros(t * c)?;
+        b.rmsnorm(&mut n, x, &self.layers[l].attn_norm, t, c, eps)?;
+        let mut dn = b.zeros(t * c)?;
         for (i, (dy, target)) in [&dq, &dk, &dv].into_iter().zip(QKV).enumerate() {
-            let xa = a.xa[i].as_ref();
+            let (xa, site) = (a.xa[i].as_ref(), Site::layer(l, target));
             if need_dx {
-                self.project_backward(&mut dn, dy, &n, xa, l_, target, t, i > 0, grads, seed)?;
+                self.project_backward(&mut dn, dy, &n, xa, site, t, i > 0, grads, seed)?;
             } else if let Some(xa) = xa {
                 // Layer 0: only the adapter's dA, dB are needed; skip the base share dy·W.
-                self.lora_share(&mut dn, dy, &n, xa, l_, target, t, grads, seed)?;
+                self.lora_share(&mut dn, dy, &n, xa, site, t, grads, seed)?;
             }
         }
         if need_dx {
-            b.rmsnorm_backward(&mut tmp, &dn, x, &w.attn_norm, t, c, eps)?;
+            let mut tmp = b.zeros(t * c)?;
+            b.rmsnorm_backward(&mut tmp, &dn, x, &self.layers[l].attn_norm, t, c, eps)?;
             b.add_assign(dx, &tmp, t * c)?;
         }
         Ok(())
+    }
+
+    /// The head and its loss, chunked over tokens (see the module docs): returns the summed
+    /// loss and writes `dx`, the gradient of the final hidden states `x` `[T, C]`.
+    fn head_backward(
+        &self,
+        x: &B::Buf,
+        targets: &[i32],
+        scale: f32,
+        grads: &mut LoraSet<B>,
+        seed: Option<u64>,
+        dx: &mut B::Buf,
+    ) -> Result<f64> {
+        let (cfg, b, t) = (&self.cfg, &self.backend, targets.len());
+        let (c, vocab, eps) = (cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps);
+        let mut n = b.zeros(t * c)?;
+        b.rmsnorm(&mut n, x, &self.norm, t, c, eps)?;
+        let mut dn = b.zeros(t * c)?;
+        let chunk = CE_CHUNK.min(t);
+        let (mut nc, mut dnc) = (b.zeros(chunk * c)?, b.zeros(chunk * c)?);
+        let mut z = b.zeros(chunk * vocab)?;
+        let (mut losses, mut lc) = (b.zeros(t)?, b.zeros(chunk)?);
+        for r0 in (0..t).step_by(chunk) {
+            let rows = chunk.min(t - r0);
+            let site = Site {
+                layer: None,
+                target: LoraTarget::LmHead,
+                row0: r0,
+            };
+            b.copy(&mut nc, 0, &n, r0 * c, rows * c)?;
+            let xa = self.project_train(&mut z, &nc, site, rows, seed)?;
+            b.cross_entropy_fused(&mut z, &mut lc, &targets[r0..r0 + rows], vocab, scale)?;
+            b.copy(&mut losses, r0, &lc, 0, rows)?;
+            let xa = xa.as_ref();
+            self.project_backward(&mut dnc, &z, &nc, xa, site, rows, false, grads, seed)?;
+            b.copy(&mut dn, r0 * c, &dnc, 0, rows * c)?;
+        }
+        drop((z, nc, dnc, n));
+        b.rmsnorm_backward(dx, &dn, x, &self.norm, t, c, eps)?;
+        Ok(b.download(&losses)?.iter().map(|&v| v as f64).sum())
     }
 
     /// Forward and backward of one sequence: `targets[t]` is the token position `t` must predict
@@ -424,7 +505,7 @@ impl<B: TrainBackend> Llama<B> {
                 targets.len()
             )));
         }
-        let (c, vocab, eps) = (cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps);
+        let c = cfg.hidden_size;
         let seed = dropout_seed;
         let positions: Vec<u32> = (0..t as u32).collect();
         let mut x = b.zeros(t * c)?;
@@ -436,36 +517,13 @@ impl<B: TrainBackend> Llama<B> {
             if recompute == Recompute::Selective {
                 saved.push(acts);
             }
-            inputs.push(std::mem::replace(&mut x, out));
+            inputs.push(b.stash(std::mem::replace(&mut x, out), t * c)?);
         }
-        // Head and loss; the logits buffer becomes its own gradient.
-        let mut n = b.zeros(t * c)?;
-        b.rmsnorm(&mut n, &x, &self.norm, t, c, eps)?;
-        let mut z = b.zeros(t * vocab)?;
-        let head = LoraTarget::LmHead;
-        let xa = self.project_train(&mut z, &n, None, head, t, seed)?;
-        let mut losses = b.zeros(t)?;
-        b.cross_entropy_fused(&mut z, &mut losses, targets, vocab, scale)?;
-        let loss_sum = b.download(&losses)?.iter().map(|&v| v as f64).sum();
-        let mut dn = b.zeros(t * c)?;
-        self.project_backward(
-            &mut dn,
-            &z,
-            &n,
-            xa.as_ref(),
-            None,
-            head,
-            t,
-            false,
-            grads,
-            seed,
-        )?;
-        drop(z);
         let mut dx = b.zeros(t * c)?;
-        b.rmsnorm_backward(&mut dx, &dn, &x, &self.norm, t, c, eps)?;
-        drop((n, dn));
+        let loss_sum = self.head_backward(&x, targets, scale, grads, seed, &mut dx)?;
+        drop(x);
         for l in (0..self.layers.len()).rev() {
-            let x_l = inputs.pop().expect("one input per layer");
+            let x_l = b.unstash(&inputs.pop().expect("one input per layer"), t * c)?;
             let acts = match recompute {
                 Recompute::Selective => saved.pop().expect("one activation set per layer"),
                 Recompute::Full => self.layer_forward_train(l, &x_l, &positions, seed)?.0,

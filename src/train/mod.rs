@@ -10,5 +10,5 @@ pub mod optim;
 pub mod schedule;
 pub mod trainer;
 
-pub use optim::{clip_grad_norm, grad_norm, AdamParamState, AdamW, AdamWState};
+pub use optim::{clip_grad_norm, grad_norm, AdamParamState, AdamW, AdamWState, OptimKind};
 pub use schedule::{warmup_from_ratio, LrSchedule, ScheduleKind};

@@ -13,6 +13,39 @@ use crate::error::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+/// Where and how the optimizer keeps its states (`--optim`, names as transformers' `optim`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OptimKind {
+    /// 32-bit AdamW states in memory the driver pages to host RAM under pressure instead of
+    /// failing (bitsandbytes' paged optimizers; CUDA managed memory). The default.
+    #[default]
+    PagedAdamW32bit,
+    /// 32-bit AdamW states in plain device memory.
+    AdamW,
+}
+
+impl OptimKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimKind::PagedAdamW32bit => "paged_adamw_32bit",
+            OptimKind::AdamW => "adamw",
+        }
+    }
+}
+
+impl std::str::FromStr for OptimKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "paged_adamw_32bit" => Ok(OptimKind::PagedAdamW32bit),
+            "adamw" | "adamw_torch" => Ok(OptimKind::AdamW),
+            _ => Err(format!(
+                "unknown optimizer {s:?}; use paged_adamw_32bit or adamw"
+            )),
+        }
+    }
+}
+
 /// AdamW hyper-parameters (`torch.optim.AdamW` names and meaning).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamW {

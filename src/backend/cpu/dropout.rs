@@ -1,6 +1,7 @@
 //! Inverted-dropout mask from a counter-based hash (the spec `kernels/dropout.cu` must match).
 //!
-//! For element `i` of a mask with seed `s`:
+//! For element `i` of a mask with seed `s` (a mask written from `offset` holds elements
+//! `offset..offset + len`, so any chunk of a mask equals the same slice of the whole):
 //! ```text
 //! z = splitmix64(s ⊕ (i · 0x9E3779B97F4A7C15))      (64-bit finalizer of SplitMix64)
 //! u = (z >> 40) / 2²⁴                               (24 uniform bits → [0, 1), exact in f32)
@@ -27,11 +28,12 @@ pub fn dropout_uniform(seed: u64, i: u64) -> f32 {
     (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 
-/// Fills `keep` with the mask for drop probability `p` (`0 ≤ p < 1`).
-pub fn dropout_mask(keep: &mut [f32], p: f32, seed: u64) {
+/// Fills `keep` with elements `offset..offset + keep.len()` of the mask for drop probability
+/// `p` (`0 ≤ p < 1`).
+pub fn dropout_mask(keep: &mut [f32], p: f32, seed: u64, offset: u64) {
     let scale = 1.0 / (1.0 - p);
     keep.par_iter_mut().enumerate().for_each(|(i, k)| {
-        *k = if dropout_uniform(seed, i as u64) < p {
+        *k = if dropout_uniform(seed, offset + i as u64) < p {
             0.0
         } else {
             scale
@@ -46,14 +48,17 @@ mod tests {
     #[test]
     fn mask_has_the_asked_rate_and_scale() {
         let mut keep = vec![0.0f32; 100_000];
-        dropout_mask(&mut keep, 0.1, 42);
+        dropout_mask(&mut keep, 0.1, 42, 0);
         let dropped = keep.iter().filter(|&&k| k == 0.0).count() as f64 / keep.len() as f64;
         assert!((dropped - 0.1).abs() < 0.005, "drop rate {dropped}");
         assert!(keep.iter().all(|&k| k == 0.0 || k == 1.0 / 0.9));
         let mut again = vec![0.0f32; 100_000];
-        dropout_mask(&mut again, 0.1, 42);
+        dropout_mask(&mut again, 0.1, 42, 0);
         assert_eq!(keep, again);
-        dropout_mask(&mut again, 0.1, 43);
+        let mut tail = vec![0.0f32; 1000];
+        dropout_mask(&mut tail, 0.1, 42, 99_000);
+        assert_eq!(tail, keep[99_000..]);
+        dropout_mask(&mut again, 0.1, 43, 0);
         assert_ne!(keep, again);
     }
 }

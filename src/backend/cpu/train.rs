@@ -3,12 +3,32 @@
 //! in f64 by `tests/gradcheck.rs`).
 
 use super::backward::{
-    attention_backward, cross_entropy_fused, lora_backward, matmul_dx, rmsnorm_backward,
-    rope_backward, swiglu_backward,
+    cross_entropy_fused, lora_backward, matmul_dx, rmsnorm_backward, rope_backward, swiglu_backward,
 };
+use super::flash_attention::{flash_attention_backward, flash_attention_forward};
 use super::{check_len, CpuBackend, CpuLinear, CpuWeight};
 use crate::backend::{AttnShape, LoraShape, TrainBackend};
 use crate::error::{Error, Result};
+use crate::train::{clip_grad_norm, grad_norm, AdamParamState, AdamW, OptimKind};
+
+/// Checks the buffers of a training attention call against its shape: `(query, key/value)`
+/// element counts.
+fn check_attention(s: AttnShape, q: &[(&str, usize)], kv: &[(&str, usize)]) -> Result<()> {
+    if s.pos0 + s.q_len > s.cache_cap || s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
+        return Err(Error::Backend(format!(
+            "cpu attention: inconsistent shape {s:?}"
+        )));
+    }
+    let q_n = s.batch * s.q_len * s.heads * s.head_dim;
+    let kv_n = s.batch * s.cache_cap * s.kv_heads * s.head_dim;
+    for (what, len) in q {
+        check_len(&format!("attention {what}"), *len, q_n)?;
+    }
+    for (what, len) in kv {
+        check_len(&format!("attention {what}"), *len, kv_n)?;
+    }
+    Ok(())
+}
 
 /// Checks the buffers of a LoRA op against its shape.
 pub(super) fn check_lora(
@@ -32,6 +52,19 @@ pub(super) fn check_lora(
 }
 
 impl TrainBackend for CpuBackend {
+    type Saved = Vec<f32>;
+    type OptState = Vec<AdamParamState>;
+
+    fn stash(&self, buf: Vec<f32>, len: usize) -> Result<Vec<f32>> {
+        check_len("stash", buf.len(), len)?;
+        Ok(buf)
+    }
+
+    fn unstash(&self, saved: &Vec<f32>, len: usize) -> Result<Vec<f32>> {
+        check_len("unstash", saved.len(), len)?;
+        Ok(saved[..len].to_vec())
+    }
+
     fn matmul_dx(
         &self,
         dx: &mut Vec<f32>,
@@ -94,6 +127,25 @@ impl TrainBackend for CpuBackend {
         Ok(())
     }
 
+    fn attention_train(
+        &self,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        s: AttnShape,
+    ) -> Result<()> {
+        check_attention(
+            s,
+            &[("out", out.len()), ("q", q.len())],
+            &[("k", k.len()), ("v", v.len())],
+        )?;
+        check_len("attention lse", lse.len(), s.batch * s.q_len * s.heads)?;
+        flash_attention_forward(out, lse, q, k, v, s);
+        Ok(())
+    }
+
     fn attention_backward(
         &self,
         dq: &mut Vec<f32>,
@@ -103,27 +155,27 @@ impl TrainBackend for CpuBackend {
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
         s: AttnShape,
     ) -> Result<()> {
-        if s.pos0 + s.q_len > s.cache_cap || s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
-            return Err(Error::Backend(format!(
-                "cpu attention_backward: inconsistent shape {s:?}"
-            )));
-        }
-        let q_n = s.batch * s.q_len * s.heads * s.head_dim;
-        let kv_n = s.batch * s.cache_cap * s.kv_heads * s.head_dim;
-        for (what, len) in [("dq", dq.len()), ("dout", dout.len()), ("q", q.len())] {
-            check_len(&format!("attention_backward {what}"), len, q_n)?;
-        }
-        for (what, len) in [
-            ("dk", dk.len()),
-            ("dv", dv.len()),
-            ("k", k.len()),
-            ("v", v.len()),
-        ] {
-            check_len(&format!("attention_backward {what}"), len, kv_n)?;
-        }
-        attention_backward(dq, dk, dv, dout, q, k, v, s);
+        check_attention(
+            s,
+            &[
+                ("dq", dq.len()),
+                ("dout", dout.len()),
+                ("q", q.len()),
+                ("out", out.len()),
+            ],
+            &[
+                ("dk", dk.len()),
+                ("dv", dv.len()),
+                ("k", k.len()),
+                ("v", v.len()),
+            ],
+        )?;
+        check_len("attention lse", lse.len(), s.batch * s.q_len * s.heads)?;
+        flash_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, s);
         Ok(())
     }
 
@@ -206,14 +258,90 @@ impl TrainBackend for CpuBackend {
         Ok(())
     }
 
-    fn dropout_mask(&self, keep: &mut Vec<f32>, len: usize, p: f32, seed: u64) -> Result<()> {
+    fn dropout_mask(
+        &self,
+        keep: &mut Vec<f32>,
+        len: usize,
+        p: f32,
+        seed: u64,
+        offset: u64,
+    ) -> Result<()> {
         check_len("dropout mask", keep.len(), len)?;
         if !(0.0..1.0).contains(&p) {
             return Err(Error::InvalidArg(format!(
                 "dropout probability {p} must be in [0, 1)"
             )));
         }
-        super::dropout::dropout_mask(&mut keep[..len], p, seed);
+        super::dropout::dropout_mask(&mut keep[..len], p, seed, offset);
+        Ok(())
+    }
+
+    fn adamw_init(
+        &self,
+        sizes: &[usize],
+        host: Option<Vec<AdamParamState>>,
+        _kind: OptimKind,
+    ) -> Result<Vec<AdamParamState>> {
+        let Some(states) = host else {
+            return Ok(sizes.iter().map(|&n| AdamParamState::new(n)).collect());
+        };
+        let lens: Vec<usize> = states.iter().map(AdamParamState::len).collect();
+        if lens != sizes {
+            return Err(Error::InvalidArg(format!(
+                "optimizer state holds tensors of sizes {lens:?}, the adapter has {sizes:?}"
+            )));
+        }
+        Ok(states)
+    }
+
+    fn adamw_download(&self, state: &Vec<AdamParamState>) -> Result<Vec<AdamParamState>> {
+        Ok(state.clone())
+    }
+
+    fn adamw_step(
+        &self,
+        state: &mut Vec<AdamParamState>,
+        params: &mut [&mut Vec<f32>],
+        grads: &mut [&mut Vec<f32>],
+        hyper: &AdamW,
+        lr: f64,
+        max_norm: f32,
+    ) -> Result<f32> {
+        if params.len() != grads.len() || params.len() != state.len() {
+            return Err(Error::InvalidArg(format!(
+                "adamw_step: {} parameters, {} gradients, {} states",
+                params.len(),
+                grads.len(),
+                state.len()
+            )));
+        }
+        for ((p, g), st) in params.iter().zip(grads.iter()).zip(state.iter()) {
+            check_len("adamw_step param", p.len(), st.len())?;
+            check_len("adamw_step grad", g.len(), st.len())?;
+        }
+        let mut slices: Vec<&mut [f32]> = grads
+            .iter_mut()
+            .zip(state.iter())
+            .map(|(g, st)| &mut g[..st.len()])
+            .collect();
+        let norm = if max_norm > 0.0 {
+            clip_grad_norm(&mut slices, max_norm)
+        } else {
+            grad_norm(slices.iter().map(|s| &**s))
+        };
+        if !norm.is_finite() {
+            return Ok(norm);
+        }
+        for ((p, g), st) in params.iter_mut().zip(slices).zip(state.iter_mut()) {
+            let n = st.len();
+            hyper.update(lr, &mut p[..n], g, st);
+        }
+        Ok(norm)
+    }
+
+    fn zero(&self, buf: &mut Vec<f32>, len: usize) -> Result<()> {
+        check_len("zero", buf.len(), len)?;
+        buf[..len].fill(0.0);
         Ok(())
     }
 }

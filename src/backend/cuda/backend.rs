@@ -1,10 +1,12 @@
 //! [`Backend`] on a CUDA device: buffers are metered device `f32` slices ([`DevBuf`]), dense
 //! projections go through cuBLAS sgemm, NF4 projections through the fused GEMV (≤ 8 rows,
 //! decoding) or, for prefill and evaluation, the fused tensor-core NF4 GEMM (bf16 inputs, f32
-//! accumulation). [`Prefill`] switches the latter to one of the baselines it is measured
-//! against. The LoRA term is two sgemms (inference only: no dropout mask on this backend yet).
+//! accumulation). [`Prefill`] switches the latter (and the backward's `dy·W`) to one of the
+//! baselines it is measured against. The LoRA term runs in bf16 on cuBLAS (`lora.rs`).
+//! Training ops (`TrainBackend`) are in `train.rs`.
 
 use super::dense_half::{DeviceHalf, HALF_GEMV_MAX_M};
+use super::lora::LoraScratch;
 use super::nf4::{DeviceNf4, GEMV_MAX_M};
 use super::nf4_gemm::Bf16Scratch;
 use super::ops;
@@ -30,11 +32,12 @@ pub enum Prefill {
 /// A CUDA device with cuBLAS, usable as a [`Backend`].
 pub struct CudaBackend {
     pub dev: Arc<CudaDevice>,
-    blas: CudaBlas,
+    pub(super) blas: CudaBlas,
     /// The NF4 prefill path (see [`Prefill`]).
     pub prefill: Prefill,
-    bf16_scratch: Mutex<Bf16Scratch>,
-    f32_scratch: Mutex<Option<DevBuf<f32>>>,
+    pub(super) bf16_scratch: Mutex<Bf16Scratch>,
+    pub(super) f32_scratch: Mutex<Option<DevBuf<f32>>>,
+    pub(super) lora_scratch: Mutex<LoraScratch>,
     /// The last RoPE positions uploaded: every layer of a forward pass rotates at the same
     /// positions, so they cross the bus once per pass instead of twice per layer.
     positions: Mutex<Option<(Vec<u32>, DevBuf<u32>)>>,
@@ -64,8 +67,38 @@ impl CudaBackend {
             prefill: Prefill::default(),
             bf16_scratch: Mutex::default(),
             f32_scratch: Mutex::default(),
+            lora_scratch: Mutex::default(),
             positions: Mutex::default(),
         })
+    }
+
+    /// The cuBLAS handle (bound to the device's stream).
+    pub fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
+    /// RoPE (`sign = 1`) or its transpose (`sign = −1`) at `positions`, uploaded once per
+    /// distinct position list.
+    pub(super) fn rope_signed(
+        &self,
+        x: &mut DevBuf<f32>,
+        positions: &[u32],
+        inv_freq: &DevBuf<f32>,
+        heads: usize,
+        head_dim: usize,
+        sign: f32,
+    ) -> Result<()> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let mut cached = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.as_ref().is_none_or(|(p, _)| p != positions) {
+            *cached = None;
+            *cached = Some((positions.to_vec(), self.dev.upload(positions)?));
+        }
+        let (_, pos) = cached.as_ref().expect("uploaded above");
+        let rows = positions.len();
+        ops::rope(&self.dev, x, pos, rows, inv_freq, heads, head_dim, sign)
     }
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ` through cuBLAS sgemm on a dense f32 device weight.
@@ -273,17 +306,7 @@ impl Backend for CudaBackend {
         heads: usize,
         head_dim: usize,
     ) -> Result<()> {
-        let mut cached = self.positions.lock().unwrap_or_else(|p| p.into_inner());
-        if cached.as_ref().is_none_or(|(p, _)| p != positions) {
-            *cached = None;
-            if positions.is_empty() {
-                return Ok(());
-            }
-            *cached = Some((positions.to_vec(), self.dev.upload(positions)?));
-        }
-        let (_, pos) = cached.as_ref().expect("uploaded above");
-        let rows = positions.len();
-        ops::rope(&self.dev, x, pos, rows, inv_freq, heads, head_dim, 1.0)
+        self.rope_signed(x, positions, inv_freq, heads, head_dim, 1.0)
     }
 
     fn attention(
@@ -322,14 +345,20 @@ impl Backend for CudaBackend {
         scale: f32,
         sh: LoraShape,
     ) -> Result<()> {
-        if keep.is_some() {
-            return Err(Error::Backend(
-                "LoRA dropout (training) is not implemented on the CUDA backend yet".into(),
-            ));
-        }
-        let (m, k, n, r) = (sh.rows, sh.in_features, sh.out_features, sh.rank);
-        ops::gemm_wt(&self.blas, xa, x, a, m, k, r, 1.0, 0.0)?;
-        ops::gemm_wt(&self.blas, y, xa, b, m, r, n, scale, 1.0)
+        let mut scratch = self.lora_scratch.lock().unwrap_or_else(|p| p.into_inner());
+        super::lora::lora_forward_add(
+            &self.dev,
+            &self.blas,
+            &mut scratch,
+            y,
+            xa,
+            x,
+            keep.map(|k| &**k),
+            a,
+            b,
+            scale,
+            sh,
+        )
     }
 
     fn cross_entropy(

@@ -15,19 +15,35 @@
 use crate::error::Error;
 
 #[cfg(feature = "cuda")]
+pub mod adamw;
+#[cfg(feature = "cuda")]
 pub mod backend;
 #[cfg(feature = "cuda")]
+pub mod blas;
+#[cfg(feature = "cuda")]
+pub mod cross_entropy;
+#[cfg(feature = "cuda")]
 pub mod dense_half;
+#[cfg(feature = "cuda")]
+pub mod dropout;
+#[cfg(feature = "cuda")]
+pub mod flash_attention;
+#[cfg(feature = "cuda")]
+pub mod lora;
 #[cfg(feature = "cuda")]
 pub mod nf4;
 #[cfg(feature = "cuda")]
 pub mod nf4_gemm;
+#[cfg(feature = "cuda")]
+pub mod nf4_gemm_dx;
 #[cfg(feature = "cuda")]
 pub mod ops;
 #[cfg(feature = "cuda")]
 pub mod rmsnorm;
 #[cfg(feature = "cuda")]
 pub mod runtime;
+#[cfg(feature = "cuda")]
+pub mod train;
 
 /// Why the CUDA backend cannot be used by this binary.
 pub fn unavailable() -> Error {

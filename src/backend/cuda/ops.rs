@@ -262,3 +262,27 @@ pub fn gemm_wt(
     // SAFETY: the sizes were checked above against m, n, k and the leading dimensions.
     unsafe { blas.gemm(cfg, w, x, y) }.map_err(|e| Error::Backend(format!("cuBLAS sgemm: {e}")))
 }
+
+/// SwiGLU backward over `n` values (CPU spec `cpu/backward/swiglu.rs`): writes `dgate`, `dup`.
+/// PLACEHOLDER: to be written.
+pub fn swiglu_backward(
+    _dev: &CudaDevice,
+    _dgate: &mut CudaSlice<f32>,
+    _dup: &mut CudaSlice<f32>,
+    _dh: &CudaSlice<f32>,
+    _gate: &CudaSlice<f32>,
+    _up: &CudaSlice<f32>,
+    _n: usize,
+) -> Result<()> {
+    Err(Error::Backend("swiglu backward: not written yet".into()))
+}
+
+/// `out[i] = f32(x[i])` for bf16 bits `x`, `i < n` (exact). PLACEHOLDER: to be written.
+pub fn bf16_to_f32(
+    _dev: &CudaDevice,
+    _out: &mut CudaSlice<f32>,
+    _x: &CudaSlice<u16>,
+    _n: usize,
+) -> Result<()> {
+    Err(Error::Backend("bf16_to_f32: not written yet".into()))
+}

@@ -35,3 +35,19 @@ pub fn rmsnorm(
     unsafe { b.launch(cfg) }.map_err(|e| Error::Backend(format!("rmsnorm_f32: {e}")))?;
     Ok(())
 }
+
+/// RMSNorm backward with a frozen weight (CPU spec `cpu/backward/rmsnorm.rs`): writes `dx`.
+/// PLACEHOLDER: to be written.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward(
+    _dev: &CudaDevice,
+    _dx: &mut CudaSlice<f32>,
+    _dy: &CudaSlice<f32>,
+    _x: &CudaSlice<f32>,
+    _weight: &CudaSlice<f32>,
+    _rows: usize,
+    _dim: usize,
+    _eps: f32,
+) -> Result<()> {
+    Err(Error::Backend("rmsnorm backward: not written yet".into()))
+}
