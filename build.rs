@@ -12,6 +12,13 @@ use std::process::Command;
 
 const ARCHS: &[&str] = &["80", "86", "89", "90"];
 
+/// Kernel files compiled without `--use_fast_math`: their results are specified bit for bit
+/// (NF4 decoding must equal the CPU's f32 arithmetic, subnormal scales included, which
+/// fast math's flush-to-zero would break). Every other file gets fast math (flush-to-zero,
+/// approximate division, square root and `expf`); kernels there that need exact rounding use the
+/// `__f*_rn` intrinsics, which no flag changes.
+const EXACT_MATH: &[&str] = &["nf4", "nf4_gemm", "nf4_gemm_dx"];
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
@@ -76,12 +83,14 @@ fn compile(nvcc: &Path, src: &Path, out_dir: &Path) -> (PathBuf, PathBuf, String
         "--fatbin",
         "-O3",
         "-std=c++17",
-        "--use_fast_math",
         "-lineinfo",
         "-Xptxas",
         "-v",
         "-Ikernels",
     ]);
+    if !EXACT_MATH.contains(&stem.as_str()) {
+        cmd.arg("--use_fast_math");
+    }
     for a in ARCHS {
         cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }
