@@ -77,6 +77,11 @@ pub struct TrainArgs {
     pub adam_beta2: f64,
     #[arg(long, default_value_t = 1e-8)]
     pub adam_epsilon: f64,
+    /// Optimizer: paged_adamw_32bit (AdamW with 32-bit states in GPU memory the driver may page
+    /// to host RAM under pressure, as bitsandbytes' paged optimizers) or adamw (plain device
+    /// memory). On the CPU both are the same host AdamW.
+    #[arg(long, default_value = "paged_adamw_32bit", value_parser = parse_optim)]
+    pub optim: qlora::train::OptimKind,
     /// Clip the global gradient 2-norm to this (0: no clipping).
     #[arg(long, default_value_t = 0.3)]
     pub max_grad_norm: f32,
@@ -151,6 +156,10 @@ pub struct TrainArgs {
     pub recompute: RecomputeArg,
 }
 
+fn parse_optim(s: &str) -> std::result::Result<qlora::train::OptimKind, String> {
+    s.parse()
+}
+
 impl TrainArgs {
     /// The validated run settings.
     pub fn to_config(&self) -> Result<TrainConfig> {
@@ -168,6 +177,7 @@ impl TrainArgs {
         c.optim.beta1 = self.adam_beta1;
         c.optim.beta2 = self.adam_beta2;
         c.optim.eps = self.adam_epsilon;
+        c.optim_kind = self.optim;
         c.max_grad_norm = self.max_grad_norm;
         c.scheduler = match self.lr_scheduler {
             Sched::Constant => ScheduleKind::Constant,
@@ -307,21 +317,10 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             eprintln!("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)");
         });
     }
-    // Training needs the backward kernels, which the CUDA backend does not have yet: `auto`
-    // trains on the CPU; an explicit `cuda` is refused below.
-    let device = match a.base.device {
-        qlora::backend::DeviceRequest::Auto => qlora::backend::DeviceRequest::Cpu,
-        d => d,
-    };
-    let summary = match backend::select(device)? {
+    let summary = match backend::select_for_training(a.base.device)? {
         AnyBackend::Cpu(b) => run_on(b, &cfg, &stop)?,
         #[cfg(feature = "cuda")]
-        AnyBackend::Cuda(b) => {
-            bail!(
-                "training on CUDA ({}) arrives with the CUDA part-2 issue (backward kernels); use --device cpu",
-                qlora::backend::Backend::name(&*b)
-            )
-        }
+        AnyBackend::Cuda(b) => run_on(*b, &cfg, &stop)?,
     };
     print_summary(&summary);
     Ok(())
@@ -341,8 +340,10 @@ fn run_on<B: qlora::backend::TrainBackend>(
             eval_examples,
             stats,
             trainable,
+            device,
         } => {
             eprintln!("{trainable}");
+            eprintln!("training on {device}");
             eprintln!(
                 "{train_examples} training examples, {eval_examples} held out; {} rows read, {} truncated, {} skipped; {total_steps} optimizer steps",
                 stats.rows,
@@ -377,6 +378,7 @@ fn run_on<B: qlora::backend::TrainBackend>(
                 grad_norm = format!("{:.3}", r.grad_norm),
                 tokens_per_s = format!("{:.0}", r.tokens_per_s),
                 peak_rss_mib = format!("{:.0}", r.peak_rss_mib),
+                peak_device_mib = r.peak_device_mib.map(|m| format!("{m:.0}")),
                 "train"
             )
         }),
@@ -390,11 +392,15 @@ fn run_on<B: qlora::backend::TrainBackend>(
 fn print_summary(s: &TrainSummary) {
     let last = s.losses.last().map(|l| l.1);
     let first = s.losses.first().map(|l| l.1);
+    let device_mem = s.peak_device_mib.map_or(String::new(), |m| {
+        format!(", peak device memory {m:.0} MiB")
+    });
     eprintln!(
-        "{} after {}/{} steps: {} target tokens in {:.1} s ({:.0} tok/s), loss {} → {}{}, peak RSS {:.0} MiB",
+        "{} after {}/{} steps on {}: {} target tokens in {:.1} s ({:.0} tok/s), loss {} → {}{}, peak RSS {:.0} MiB{device_mem}",
         if s.interrupted { "stopped" } else { "done" },
         s.steps,
         s.total_steps,
+        s.device,
         s.target_tokens,
         s.elapsed_s,
         s.tokens_per_s,

@@ -748,3 +748,43 @@ check_test!(check_nf4_dx, nf4_dx);
 check_test!(check_flash_attention, attention);
 check_test!(check_adamw, adamw);
 check_test!(check_training_step, model);
+
+/// Zero-row calls succeed on the CPU, so they must on the GPU (an empty batch, an empty prompt).
+#[test]
+fn zero_row_calls_match_the_cpu() {
+    use qlora::backend::{Backend, HostLinear};
+    let Some(be) = cuda_backend("zero_row_calls_match_the_cpu") else {
+        return;
+    };
+    let (n, k) = (64, 96);
+    let w = (0..n * k)
+        .map(|i| (i as f32 * 0.01).sin())
+        .collect::<Vec<_>>();
+    let nf4 = quantize_nf4(&w, &[n, k], 64, true).unwrap();
+    let dense = HostLinear::Dense {
+        rows: n,
+        cols: k,
+        data: w.clone(),
+    };
+    let half: Vec<f32> = w
+        .iter()
+        .map(|&v| qlora::backend::cpu::bf16_round(v))
+        .collect();
+    let half = HostLinear::Dense {
+        rows: n,
+        cols: k,
+        data: half,
+    };
+    let x = be.zeros(k).unwrap();
+    for lin in [HostLinear::Nf4(nf4), dense, half] {
+        let l = be.linear(lin).unwrap();
+        let mut y = be.zeros(n).unwrap();
+        be.matmul(&mut y, &x, &l, 0).unwrap();
+        be.matmul_add(&mut y, &x, &l, 0).unwrap();
+    }
+    let table = be.upload(&w).unwrap();
+    let mut out = be.zeros(k).unwrap();
+    be.embedding(&mut out, &table, &[], k).unwrap();
+    let mut losses = be.zeros(1).unwrap();
+    be.cross_entropy(&mut losses, &x, &[], k).unwrap();
+}

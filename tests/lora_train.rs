@@ -229,3 +229,43 @@ fn qlora_trained_adapter_reproduces_in_peft() {
     println!("qlora-written adapter in PEFT: max |Δlogit| = {worst:.2e}");
     assert!(worst < 1e-4);
 }
+
+#[test]
+fn chunked_head_equals_unchunked() {
+    // The head runs `ce_chunk` tokens at a time (never a [T, vocab] logits buffer); chunks are
+    // independent rows, dropout masks included (lm_head adapted, p = 0.2), so any chunking gives
+    // the loss and gradients of one pass over all tokens.
+    let mut m = load_model(&root().join("tests/fixtures/tiny/gqa"), BaseQuant::None);
+    let mut cfg = LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "down_proj", "lm_head"]).unwrap();
+    cfg.lora_dropout = 0.2;
+    let mut w = LoraWeights::init(&cfg, &m.cfg, 3).unwrap();
+    for p in w.modules.values_mut() {
+        for (i, b) in p.b.iter_mut().enumerate() {
+            *b = (i as f32 * 0.37).sin() * 0.05; // non-zero B: every A gets a gradient
+        }
+    }
+    m.lora = Some(Lora::new(&m.backend, &cfg, &w, &m.cfg).unwrap());
+    let ids: Vec<u32> = golden_prompts().concat().into_iter().take(45).collect();
+    assert!(ids.len() > 20, "need a sequence longer than the chunks");
+    m.ce_chunk = usize::MAX;
+    let (l1, g1) = grads_of(&m, &ids, Recompute::Selective, Some(5));
+    for chunk in [1, 7, 16] {
+        m.ce_chunk = chunk;
+        let (l2, g2) = grads_of(&m, &ids, Recompute::Selective, Some(5));
+        assert!(
+            (l1 - l2).abs() <= 1e-6 * l1.abs(),
+            "chunk {chunk}: loss {l2} vs {l1}"
+        );
+        for (k, p) in &g1.modules {
+            let q = &g2.modules[k];
+            for (is_a, a, b) in [(true, &q.a, &p.a), (false, &q.b, &p.b)] {
+                let e = rel(a, b);
+                assert!(
+                    e <= 1e-6,
+                    "chunk {chunk}: {} err {e:.2e}",
+                    peft_key(k, is_a)
+                );
+            }
+        }
+    }
+}

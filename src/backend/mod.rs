@@ -252,6 +252,35 @@ impl std::str::FromStr for DeviceRequest {
     }
 }
 
+/// Picks the backend for training. Like [`select`], but with `auto` a GPU that is present and
+/// cannot be used (a library missing, a driver too old, a card below sm_80) is an error that says
+/// why and what to install, never a silent fall-back to the CPU (where a 7B step takes minutes).
+pub fn select_for_training(req: DeviceRequest) -> Result<AnyBackend> {
+    if req != DeviceRequest::Auto {
+        return select(req);
+    }
+    #[cfg(feature = "cuda")]
+    if cuda::driver_present() && cuda::runtime::device_count()? > 0 {
+        return match cuda::backend::CudaBackend::new(0) {
+            Ok(b) => {
+                tracing::info!("device auto: training on {}", b.name());
+                Ok(AnyBackend::Cuda(Box::new(b)))
+            }
+            Err(e) => Err(crate::Error::Backend(format!(
+                "{e}\n(a GPU is present but cannot be used; fix the above, or pass --device cpu to train on the CPU)"
+            ))),
+        };
+    }
+    if cfg!(feature = "cuda") {
+        tracing::info!("device auto: no GPU found, training on the CPU");
+    } else {
+        tracing::info!(
+            "device auto: this qlora was built without CUDA (--features cuda), training on the CPU"
+        );
+    }
+    select(DeviceRequest::Cpu)
+}
+
 /// A backend chosen at run time.
 pub enum AnyBackend {
     Cpu(cpu::CpuBackend),

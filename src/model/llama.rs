@@ -61,6 +61,9 @@ pub struct Llama<B: Backend> {
     pub inv_freq: B::Buf,
     /// A LoRA adapter applied on top of the frozen projections, if attached.
     pub lora: Option<Lora<B>>,
+    /// Tokens per chunk of the training head's fused lm_head + cross-entropy
+    /// ([`crate::model::train::CE_CHUNK`] by default; the result does not depend on it).
+    pub ce_chunk: usize,
 }
 
 /// How the decoder's linear projections are held in memory.
@@ -378,6 +381,7 @@ impl<B: Backend> Llama<B> {
             lm_head,
             inv_freq,
             lora: None,
+            ce_chunk: super::train::CE_CHUNK,
         })
     }
 
@@ -592,6 +596,7 @@ impl Llama<crate::backend::cpu::CpuBackend> {
             lm_head: self.lm_head.clone(),
             inv_freq: self.inv_freq.clone(),
             lora: None,
+            ce_chunk: self.ce_chunk,
         }
     }
 }

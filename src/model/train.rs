@@ -461,7 +461,7 @@ impl<B: TrainBackend> Llama<B> {
         let mut n = b.zeros(t * c)?;
         b.rmsnorm(&mut n, x, &self.norm, t, c, eps)?;
         let mut dn = b.zeros(t * c)?;
-        let chunk = CE_CHUNK.min(t);
+        let chunk = self.ce_chunk.clamp(1, t);
         let (mut nc, mut dnc) = (b.zeros(chunk * c)?, b.zeros(chunk * c)?);
         let mut z = b.zeros(chunk * vocab)?;
         let (mut losses, mut lc) = (b.zeros(t)?, b.zeros(chunk)?);

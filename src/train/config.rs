@@ -8,7 +8,7 @@
 use crate::error::{Error, Result};
 use crate::model::{BaseQuant, Recompute};
 use crate::train::data::{BatchOptions, SftOptions};
-use crate::train::{AdamW, ScheduleKind};
+use crate::train::{AdamW, OptimKind, ScheduleKind};
 use std::path::PathBuf;
 
 /// Warmup length: a fraction of all optimizer steps, or a count (which wins, as in transformers).
@@ -58,6 +58,8 @@ pub struct TrainConfig {
     /// Continue from an existing PEFT adapter (its rank, alpha and targets are used).
     pub init_adapter: Option<PathBuf>,
     pub optim: AdamW,
+    /// Where the optimizer states live (`--optim`; the CPU backend keeps host vectors either way).
+    pub optim_kind: OptimKind,
     /// Global gradient-norm clip; 0 disables clipping.
     pub max_grad_norm: f32,
     pub scheduler: ScheduleKind,
@@ -102,6 +104,7 @@ impl TrainConfig {
                 weight_decay: 0.001,
                 ..AdamW::default()
             },
+            optim_kind: OptimKind::PagedAdamW32bit,
             max_grad_norm: 0.3,
             scheduler: ScheduleKind::Constant,
             warmup: Warmup::Ratio(0.03),

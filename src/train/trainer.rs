@@ -12,25 +12,26 @@
 //!   Everything a step does is therefore a pure function of the step number, and resuming from
 //!   `checkpoint-N` reproduces the uninterrupted run bit for bit.
 //! - The learning rate of step `s` is `schedule(s − 1)`; clipping uses the global 2-norm.
-//! - The master copy of the LoRA matrices and the AdamW states stay on the host in f32 (the
-//!   optimizer runs there; only the adapter, a few MB, is uploaded after each step).
+//! - The LoRA matrices (f32 master copies), their gradients and the AdamW states live where the
+//!   backend computes ([`TrainBackend::adamw_step`]: the host on the CPU, paged device memory on
+//!   CUDA); a step returns only the loss sum and the gradient norm to the host. Checkpoints hold
+//!   host copies in one device-independent format, so a run resumes on either device.
+//!
+//! The loop itself is [`train`]; the per-step work (micro-batches, forward/backward, optimizer,
+//! logging, checkpoints) is in `run.rs`.
 
-use crate::backend::cpu::dropout::splitmix64;
 use crate::backend::{Backend, TrainBackend};
 use crate::error::{Error, Result};
-use crate::lora::{peft_key, trainable_report, LoraConfig, LoraWeights};
-use crate::model::{Llama, Logits, Lora, LoraSet};
-use crate::train::checkpoint::{
-    checkpoint_dir, list_checkpoints, load_checkpoint, prepare_output, save_checkpoint,
-    TrainerState,
-};
-use crate::train::config::{EvalData, Resume, TrainConfig, Warmup};
-use crate::train::data::{build_examples, epoch_batches, split_eval, Batch, DataStats, Example};
-use crate::train::metrics::{loss_curve_svg, MetricsLog, MetricsRecord};
-use crate::train::{clip_grad_norm, grad_norm, warmup_from_ratio, AdamWState, LrSchedule};
+use crate::lora::{peft_key, LoraConfig, LoraWeights};
+use crate::model::{Llama, Logits};
+use crate::train::checkpoint::{checkpoint_dir, list_checkpoints, load_checkpoint, TrainerState};
+use crate::train::config::{EvalData, Resume, TrainConfig};
+use crate::train::data::{build_examples, split_eval, DataStats, Example};
+use crate::train::metrics::MetricsRecord;
+use crate::train::run::{Clock, Run};
+use crate::train::{clip_grad_norm, grad_norm, AdamWState};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 /// What the loop reports to its caller (progress bars, logs).
 #[derive(Debug)]
@@ -43,6 +44,8 @@ pub enum Event<'a> {
         eval_examples: usize,
         stats: &'a DataStats,
         trainable: &'a str,
+        /// The backend's name, e.g. `cuda:0 (NVIDIA H100, sm_90)`.
+        device: &'a str,
     },
     /// An optimizer step finished.
     Step(&'a StepInfo),
@@ -79,6 +82,10 @@ pub struct TrainSummary {
     pub elapsed_s: f64,
     pub tokens_per_s: f64,
     pub peak_rss_mib: f64,
+    /// The backend the run trained on.
+    pub device: String,
+    /// High-water mark of the device buffers (accelerators only).
+    pub peak_device_mib: Option<f64>,
 }
 
 /// Targets of a causal LM from transformers-style labels: position `t` predicts `labels[t+1]`.
@@ -142,13 +149,13 @@ pub fn adamw_update(
 }
 
 /// Tokenized train and eval sets of a run.
-struct Data {
-    train: Vec<Example>,
-    eval: Vec<Example>,
-    stats: DataStats,
+pub(crate) struct Data {
+    pub train: Vec<Example>,
+    pub eval: Vec<Example>,
+    pub stats: DataStats,
 }
 
-fn load_data(cfg: &TrainConfig, tok: &crate::tokenizer::Tokenizer) -> Result<Data> {
+pub(crate) fn load_data(cfg: &TrainConfig, tok: &crate::tokenizer::Tokenizer) -> Result<Data> {
     let tokenize = |spec: &str| -> Result<(Vec<Example>, DataStats)> {
         let path = crate::hub::resolve_dataset(spec)?;
         let rows = crate::data::load_rows(&path, cfg.max_rows)?;
@@ -184,14 +191,17 @@ fn load_data(cfg: &TrainConfig, tok: &crate::tokenizer::Tokenizer) -> Result<Dat
 }
 
 /// The adapter a run starts from: a checkpoint, an existing adapter, or a fresh PEFT init.
-struct Start {
-    lora_cfg: LoraConfig,
-    weights: LoraWeights,
-    optim: AdamWState,
-    state: Option<TrainerState>,
+pub(crate) struct Start {
+    pub lora_cfg: LoraConfig,
+    pub weights: LoraWeights,
+    pub optim: AdamWState,
+    pub state: Option<TrainerState>,
 }
 
-fn starting_point(cfg: &TrainConfig, model: &crate::config::ModelConfig) -> Result<Start> {
+pub(crate) fn starting_point(
+    cfg: &TrainConfig,
+    model: &crate::config::ModelConfig,
+) -> Result<Start> {
     if let Some(resume) = &cfg.resume {
         let dir = match resume {
             Resume::Path(p) => p.clone(),
@@ -237,7 +247,7 @@ fn starting_point(cfg: &TrainConfig, model: &crate::config::ModelConfig) -> Resu
 }
 
 /// Checks that a resumed run uses the settings that determine the data order and schedule.
-fn check_resume(state: &TrainerState, fresh: &TrainerState) -> Result<()> {
+pub(crate) fn check_resume(state: &TrainerState, fresh: &TrainerState) -> Result<()> {
     let pairs = [
         ("seed", state.seed, fresh.seed),
         (
@@ -284,239 +294,41 @@ pub fn train<B: TrainBackend>(
     stop: &AtomicBool,
     on: &mut dyn FnMut(Event),
 ) -> Result<TrainSummary> {
-    cfg.validate()?;
-    if cfg.resume.is_none() {
-        prepare_output(&cfg.output, cfg.overwrite)?;
-    } else if !cfg.output.is_dir() {
-        return Err(Error::NotFound(format!(
-            "{}: output folder to resume in does not exist",
-            cfg.output.display()
-        )));
-    }
-    // Tokenizer and data first: bad data fails before the slow model load.
-    let model_dir = crate::hub::resolve_model(&cfg.model)?;
-    let tokenizer = crate::tokenizer::Tokenizer::from_dir(&model_dir)?;
-    let data = load_data(cfg, &tokenizer)?;
-    let mut model = crate::loader::load_model_dir(&model_dir, backend, cfg.quant)?.model;
-    let start = starting_point(cfg, &model.cfg)?;
-    let Start {
-        lora_cfg,
-        mut weights,
-        mut optim,
-        state: resumed,
-    } = start;
-    model.lora = Some(Lora::new(&model.backend, &lora_cfg, &weights, &model.cfg)?);
-    let trainable = trainable_report(&lora_cfg, &model.cfg);
-
-    let lengths: Vec<usize> = data.train.iter().map(Example::len).collect();
-    let mut batch_opts = cfg.batch.clone();
-    batch_opts.max_seq_len = cfg.data.max_seq_len;
-    let per_epoch = epoch_batches(&lengths, &batch_opts, 0).len();
-    let ga = cfg.grad_accum;
-    let steps_per_epoch = per_epoch.div_ceil(ga).max(1);
-    let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
-    let warmup_steps = match cfg.warmup {
-        Warmup::Steps(n) => n,
-        Warmup::Ratio(r) => warmup_from_ratio(r, total_steps)?,
-    };
-    let schedule = LrSchedule {
-        kind: cfg.scheduler,
-        base_lr: cfg.optim.lr,
-        warmup_steps,
-        total_steps,
-    };
-    let fresh = TrainerState {
-        step: 0,
-        total_steps,
-        steps_per_epoch,
-        warmup_steps,
-        seed: cfg.seed,
-        batch_size: cfg.batch.batch_size,
-        grad_accum: ga,
-        max_seq_len: cfg.data.max_seq_len,
-        tokens: 0,
-        elapsed_s: 0.0,
-        losses: Vec::new(),
-        eval_losses: Vec::new(),
-    };
-    let mut state = match resumed {
-        Some(s) => {
-            check_resume(&s, &fresh)?;
-            s
-        }
-        None => fresh,
-    };
-    let start_step = state.step;
-    let metrics_path = cfg.output.join("metrics.jsonl");
-    let mut metrics = MetricsLog::open(&metrics_path, start_step)?;
+    let (mut run, data, trainable) = Run::setup(cfg, backend)?;
     on(Event::Started {
-        start_step,
-        total_steps,
+        start_step: run.state.step,
+        total_steps: run.total_steps,
         train_examples: data.train.len(),
         eval_examples: data.eval.len(),
         stats: &data.stats,
         trainable: &trainable,
+        device: &run.model.backend.name(),
     });
-
-    if start_step == 0 && !data.eval.is_empty() {
+    if run.state.step == 0 && !data.eval.is_empty() {
         // The baseline the eval curve starts from.
-        let e = eval_loss(&model, &data.eval)?;
+        let e = eval_loss(&run.model, &data.eval)?;
         tracing::info!(
             eval_loss = format!("{e:.4}"),
             "held-out loss before training"
         );
-        state.eval_losses.push((0, e));
+        run.state.eval_losses.push((0, e));
     }
-    let t0 = Instant::now();
-    let elapsed_before = state.elapsed_s;
-    let mut session_tokens = 0u64;
-    let mut epoch_cache: Option<(usize, Vec<Batch>)> = None;
-    let mut window: Vec<f64> = Vec::new();
+    let mut clock = Clock::start(&run.state);
     let mut interrupted = false;
-    for step in start_step + 1..=total_steps {
-        let epoch = (step - 1) / steps_per_epoch;
-        let j = (step - 1) % steps_per_epoch;
-        if epoch_cache.as_ref().map(|c| c.0) != Some(epoch) {
-            epoch_cache = Some((epoch, epoch_batches(&lengths, &batch_opts, epoch)));
-        }
-        let batches = &epoch_cache.as_ref().expect("filled above").1;
-        let micro = &batches[(j * ga).min(batches.len())..((j + 1) * ga).min(batches.len())];
-        let seqs: Vec<usize> = micro.iter().flatten().flatten().copied().collect();
-        let n_targets: usize = seqs.iter().map(|&i| data.train[i].num_targets()).sum();
-
-        // Forward + backward of every sequence of the step, gradients summed with 1/N each.
-        let lora = model.lora.as_ref().expect("attached above");
-        let mut grads: LoraSet<B> = lora.params.zeros_like(&model.backend)?;
-        let scale = if n_targets == 0 {
-            0.0
-        } else {
-            1.0 / n_targets as f32
-        };
-        let mut loss_sum = 0.0;
-        for (k, &i) in seqs.iter().enumerate() {
-            let ex = &data.train[i];
-            let seed = (lora.dropout > 0.0)
-                .then(|| splitmix64(cfg.seed ^ splitmix64(((step as u64) << 24) | k as u64)));
-            let targets = shift_labels(&ex.labels);
-            let st = model.forward_backward(
-                &ex.ids,
-                &targets,
-                scale,
-                &mut grads,
-                cfg.recompute,
-                seed,
-            )?;
-            loss_sum += st.loss_sum;
-            session_tokens += ex.ids.len() as u64;
-        }
-        let loss = loss_sum / n_targets.max(1) as f64;
-        let diverged = |what: String| {
-            let last = list_checkpoints(&cfg.output)
-                .ok()
-                .and_then(|v| v.last().copied());
-            Error::Training(format!(
-                "step {step}: {what}; stopping. {}",
-                match last {
-                    Some(n) => format!(
-                        "The last good checkpoint is {} (resume with --resume, e.g. at a lower --learning-rate)",
-                        checkpoint_dir(&cfg.output, n).display()
-                    ),
-                    None => "No checkpoint was saved yet.".to_string(),
-                }
-            ))
-        };
-        if !loss.is_finite() {
-            return Err(diverged(format!("the loss is {loss}")));
-        }
-
-        // Optimizer step on the host master copy.
-        let mut g = grads.download(&model.backend)?;
-        drop(grads);
-        let norm = clip_gradients(&mut g, cfg.max_grad_norm);
-        if !norm.is_finite() {
-            return Err(diverged(format!("the gradient norm is {norm}")));
-        }
-        let lr = schedule.lr_at(step - 1);
-        adamw_update(&mut weights, &g, &mut optim, &cfg.optim, lr);
-        let lora = model.lora.as_mut().expect("attached above");
-        lora.params = LoraSet::upload(&model.backend, &weights, model.cfg.num_hidden_layers)?;
-
-        state.step = step;
-        state.tokens += n_targets as u64;
-        state.losses.push((step, loss));
-        let elapsed = t0.elapsed().as_secs_f64();
-        state.elapsed_s = elapsed_before + elapsed;
-        let tokens_per_s = session_tokens as f64 / elapsed.max(1e-9);
-        window.push(loss);
-        on(Event::Step(&StepInfo {
-            step,
-            total_steps,
-            loss,
-            lr,
-            grad_norm: norm,
-            tokens_per_s,
-        }));
-
-        let last = step == total_steps;
-        let eval_now =
-            !data.eval.is_empty() && (last || cfg.eval_steps.is_some_and(|n| step % n == 0));
-        let eval = if eval_now {
-            let e = eval_loss(&model, &data.eval)?;
-            state.eval_losses.push((step, e));
-            Some(e)
-        } else {
-            None
-        };
-        if step % cfg.logging_steps == 0 || last || eval.is_some() {
-            let rec = MetricsRecord {
-                step,
-                epoch: step as f64 / steps_per_epoch as f64,
-                loss: window.iter().sum::<f64>() / window.len().max(1) as f64,
-                eval_loss: eval,
-                lr,
-                grad_norm: norm as f64,
-                tokens: state.tokens,
-                tokens_per_s,
-                peak_rss_mib: crate::sys::peak_rss_mib(),
-                peak_device_mib: None,
-                elapsed_s: state.elapsed_s,
-            };
-            metrics.write(&rec)?;
-            window.clear();
-            on(Event::Logged(&rec));
-        }
-        let stopping = stop.load(Ordering::SeqCst);
-        if step % cfg.save_steps == 0 || (stopping && !last) {
-            let dir = save_checkpoint(&cfg.output, &lora_cfg, &weights, &optim, &state)?;
+    for step in run.state.step + 1..=run.total_steps {
+        let info = run.step(cfg, &data, step, &mut clock)?;
+        on(Event::Step(&info));
+        let last = step == run.total_steps;
+        run.log_and_evaluate(cfg, &data, &info, &clock, on)?;
+        let stopping = stop.load(Ordering::SeqCst) && !last;
+        if step % cfg.save_steps == 0 || stopping {
+            let dir = run.save_checkpoint(cfg)?;
             on(Event::Saved(&dir));
         }
-        if stopping && !last {
+        if stopping {
             interrupted = true;
             break;
         }
     }
-    if !interrupted {
-        crate::lora::save_adapter(
-            &cfg.output,
-            &lora_cfg,
-            &weights,
-            crate::weights::DType::F32,
-            true,
-        )?;
-    }
-    let svg = loss_curve_svg(&state.losses, &state.eval_losses, "qlora training loss");
-    crate::train::metrics::write_atomic(&cfg.output.join("loss_curve.svg"), svg.as_bytes())?;
-    let elapsed = t0.elapsed().as_secs_f64();
-    Ok(TrainSummary {
-        output: cfg.output.clone(),
-        steps: state.step,
-        total_steps,
-        interrupted,
-        losses: state.losses.clone(),
-        eval_losses: state.eval_losses.clone(),
-        target_tokens: state.tokens,
-        elapsed_s: state.elapsed_s,
-        tokens_per_s: session_tokens as f64 / elapsed.max(1e-9),
-        peak_rss_mib: crate::sys::peak_rss_mib(),
-    })
+    run.finish(cfg, interrupted, &clock)
 }

@@ -59,6 +59,8 @@ impl CudaBackend {
     /// Opens CUDA device `ordinal` (see [`CudaDevice::new`] for the checks).
     pub fn new(ordinal: usize) -> Result<Self> {
         let dev = Arc::new(CudaDevice::new(ordinal)?);
+        // cudarc panics when libcublas cannot be loaded: check (and find it) first.
+        super::libs::ensure_cublas()?;
         let blas = CudaBlas::new(dev.stream.clone())
             .map_err(|e| Error::Backend(format!("cuBLAS: {e}")))?;
         Ok(CudaBackend {

@@ -73,12 +73,15 @@ impl DeviceHalf {
         x: &CudaSlice<f32>,
         m: usize,
     ) -> Result<()> {
-        if m == 0 || m > HALF_GEMV_MAX_M {
+        if m > HALF_GEMV_MAX_M {
             return Err(Error::Backend(format!(
-                "16-bit gemv takes 1..={HALF_GEMV_MAX_M} rows, got {m}"
+                "16-bit gemv takes 0..={HALF_GEMV_MAX_M} rows, got {m}"
             )));
         }
         self.check(y.len(), x.len(), m)?;
+        if m == 0 || self.rows == 0 {
+            return Ok(()); // nothing to compute, as on the CPU
+        }
         let name = if self.f16 {
             "gemv_f16w_f32"
         } else {

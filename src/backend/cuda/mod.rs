@@ -29,6 +29,8 @@ pub mod dropout;
 #[cfg(feature = "cuda")]
 pub mod flash_attention;
 #[cfg(feature = "cuda")]
+pub mod libs;
+#[cfg(feature = "cuda")]
 pub mod lora;
 #[cfg(feature = "cuda")]
 pub mod nf4;

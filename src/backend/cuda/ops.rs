@@ -103,6 +103,9 @@ pub fn embedding(
     dim: usize,
 ) -> Result<()> {
     need("embedding out", out.len(), ids.len() * dim)?;
+    if ids.is_empty() || dim == 0 {
+        return Ok(()); // no rows, as on the CPU
+    }
     let idd = dev.upload(ids)?;
     let f = dev.function("elementwise", "embedding_f32")?;
     let (d64, r64) = (dim as i64, ids.len() as i64);

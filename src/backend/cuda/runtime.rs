@@ -53,6 +53,20 @@ impl<T> Drop for DevBuf<T> {
     }
 }
 
+/// Number of CUDA devices (0 when the driver reports none). Call only after
+/// [`super::driver_present`] said the driver library exists (cudarc panics otherwise).
+pub fn device_count() -> Result<usize> {
+    use cudarc::driver::sys::cudaError_enum as E;
+    match CudaContext::device_count() {
+        Ok(n) => Ok(n.max(0) as usize),
+        Err(cudarc::driver::DriverError(E::CUDA_ERROR_NO_DEVICE)) => Ok(0),
+        Err(e) => Err(drv(
+            "device count (is the NVIDIA driver 580 or newer installed?)",
+            e,
+        )),
+    }
+}
+
 /// Lowest supported compute capability: Ampere (sm_80), for bf16 tensor cores and cp.async.
 pub const MIN_CAPABILITY: (i32, i32) = (8, 0);
 
