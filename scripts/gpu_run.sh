@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (device tool) what scripts/gpu_bundle.sh built: the CUDA tests
-# against the CPU spec, then the CUDA benches, then eval/generate end to end on the fixture
-# model, CPU vs CUDA. Logs go to $OUT (or ./gpu-logs). Usage: bash scripts/gpu_run.sh [tests|bench|e2e|all]
+# Runs on the GPU machine (device tool) what scripts/gpu_bundle.sh built: `qlora check`, the CUDA
+# tests (then the kernel checks once under compute-sanitizer memcheck and racecheck), a 30-step
+# training run on GPU and CPU with the same seed and data (per-step losses compared, checkpoints
+# resumed across devices), eval/generate CPU vs CUDA, and the benches. Each section has a time
+# limit; `check tests sanitize train e2e` fits one device call of about 8 minutes, `bench` is a
+# second one. Logs go to $OUT (or ./gpu-logs); summary.txt holds one verdict per section.
+#
+#   bash scripts/gpu_run.sh [all|check|tests|sanitize|train|e2e|bench]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-logs}"; mkdir -p "$out"
-what="${1:-all}"
+sections=("${@:-all}")
+want() { [[ " ${sections[*]} " == *" all "* || " ${sections[*]} " == *" $1 "* ]]; }
+verdict() { echo "$1: $2" | tee -a "$out/summary.txt"; }
+q=./.gpu/qlora
+
 echo "commit $(cat .gpu/commit)" | tee "$out/info.txt"
 # The test and bench binaries read fixtures under the repository path they were built in.
 built_in=$(cat .gpu/manifest_dir)
@@ -13,17 +22,93 @@ if [[ ! -e $built_in/tests/fixtures ]]; then
   mkdir -p "$(dirname "$built_in")" && ln -sfn "$PWD" "$built_in"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee -a "$out/info.txt"
-if [[ $what == tests || $what == all ]]; then
-  ./.gpu/cuda_ops --nocapture --test-threads=1 2>&1 | tee "$out/tests.log"
+# cuBLAS: the machine has no ~/.cache/qlora/cublas-13.0; torch's environment ships nvidia-cublas.
+if [[ -z ${QLORA_CUDA_LIB_DIR:-} ]]; then
+  for sp in $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
+    lib=$(ls "$sp"/nvidia/cu13/lib/libcublas.so.13 "$sp"/nvidia/cublas/lib/libcublas.so.* 2>/dev/null | head -n 1)
+    if [[ -n $lib ]]; then export QLORA_CUDA_LIB_DIR=$(dirname "$lib"); break; fi
+  done
 fi
-if [[ $what == e2e || $what == all ]]; then
+echo "QLORA_CUDA_LIB_DIR=${QLORA_CUDA_LIB_DIR:-<unset>}" | tee -a "$out/info.txt"
+
+if want check; then
+  timeout 90 $q check 2>&1 | tee "$out/check.log"
+  verdict check "$([[ ${PIPESTATUS[0]} == 0 ]] && echo ok || echo FAIL)"
+fi
+
+if want tests; then
+  timeout 180 ./.gpu/cuda_ops --nocapture --test-threads=1 2>&1 | tee "$out/tests.log"
+  verdict tests "$([[ ${PIPESTATUS[0]} == 0 ]] && echo ok || echo FAIL) ($(grep -c '^test .* ok$' "$out/tests.log") passed)"
+fi
+
+if want sanitize; then
+  cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -n 1)
+  if [[ -z $cs ]]; then
+    verdict sanitize "SKIPPED (no compute-sanitizer)"
+  else
+    # memcheck over the kernel-level checks and the zero-row calls; racecheck (slower) over the
+    # kernels that share memory between threads (tiles, reductions).
+    timeout 150 "$cs" --tool memcheck --error-exitcode 99 ./.gpu/cuda_ops --test-threads=1 check_ zero_row 2>&1 | tail -n 40 > "$out/memcheck.log"
+    m=${PIPESTATUS[0]}
+    timeout 100 "$cs" --tool racecheck --error-exitcode 99 ./.gpu/cuda_ops --test-threads=1 check_flash check_nf4 check_training_ops check_adamw 2>&1 | tail -n 40 > "$out/racecheck.log"
+    r=${PIPESTATUS[0]}
+    verdict sanitize "memcheck exit $m, racecheck exit $r ($([[ $m == 0 && $r == 0 ]] && echo ok || echo FAIL))"
+  fi
+fi
+
+if want train; then
+  # 30 steps on GPU and CPU with the same seed and data; then each device's checkpoint-10
+  # resumed on the other device. Every step's loss must agree within 2 %.
+  w=$(mktemp -d)
+  models=(tests/fixtures/tiny/gqa)
+  if python3 scripts/make_tiny_d64.py "$w/tiny-d64" > "$out/make_d64.log" 2>&1; then models+=("$w/tiny-d64"); fi
+  {
+    for m in "${models[@]}"; do
+      tag=$(basename "$m")
+      common=(--model "$m" --dataset tests/fixtures/guanaco-llama2-1k --max-rows 240 --max-seq-len 128
+              --max-steps 30 --save-steps 10 --logging-steps 1 --seed 7 --lora-dropout 0.1
+              --target-modules all-linear --learning-rate 1e-3 --warmup-steps 0)
+      for dev in cuda cpu; do
+        $q train "${common[@]}" --device $dev --output "$w/$tag-$dev" 2>&1 | tail -n 3
+      done
+      for pair in cuda:cpu cpu:cuda; do
+        from=${pair%%:*}; to=${pair##*:}; d="$w/$tag-$from-then-$to"
+        cp -r "$w/$tag-$from" "$d"
+        rm -rf "$d/checkpoint-20" "$d/checkpoint-30" "$d/adapter_config.json" "$d/adapter_model.safetensors"
+        $q train "${common[@]}" --device "$to" --output "$d" --resume 2>&1 | tail -n 2
+      done
+      python3 - "$w" "$tag" <<'PY'
+import json, sys
+w, tag = sys.argv[1], sys.argv[2]
+def losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(f"{w}/{tag}-{run}/metrics.jsonl"))}
+ref = {d: losses(d) for d in ("cuda", "cpu")}
+ok = len(ref["cuda"]) == 30 and len(ref["cpu"]) == 30
+worst = max(abs(ref["cuda"][s] - ref["cpu"][s]) / ref["cpu"][s] for s in ref["cpu"])
+print(f"{tag}: 30 steps, loss step 1 cpu {ref['cpu'][1]:.4f} cuda {ref['cuda'][1]:.4f}, "
+      f"step 30 cpu {ref['cpu'][30]:.4f} cuda {ref['cuda'][30]:.4f}; worst per-step rel diff {worst:.2e}")
+ok &= worst <= 0.02
+for run in ("cuda-then-cpu", "cpu-then-cuda"):
+    r = losses(run)
+    wr = max(abs(r[s] - ref["cpu"][s]) / ref["cpu"][s] for s in range(11, 31))
+    print(f"{tag}: {run} resumed at 10, steps 11-30 vs cpu: worst rel diff {wr:.2e}")
+    ok &= len(r) == 30 and wr <= 0.02
+print(f"{tag}: {'ok' if ok else 'FAIL'}")
+PY
+    done
+  } 2>&1 | tee "$out/train30.log"
+  verdict train "$(grep -E ': (ok|FAIL)$' "$out/train30.log" | tr '\n' ' ')"
+  rm -rf "$w"
+fi
+
+if want e2e; then
   # eval and greedy generate on the fixture model, CPU vs CUDA: identical text, loss within
   # bf16 tolerance (the CUDA prefill multiplies in bf16).
   m=tests/fixtures/tiny/gqa
   {
     for dev in cpu cuda; do
-      ./.gpu/qlora eval --model $m --dataset tests/fixtures/tiny/eval.jsonl --device $dev --json > "$out/eval-$dev.json"
-      ./.gpu/qlora generate --model $m --prompt "Hello" --max-new-tokens 24 --temperature 0 --device $dev > "$out/gen-$dev.txt"
+      $q eval --model $m --dataset tests/fixtures/tiny/eval.jsonl --device $dev --json > "$out/eval-$dev.json"
+      $q generate --model $m --prompt "Hello" --max-new-tokens 24 --temperature 0 --device $dev > "$out/gen-$dev.txt"
       echo "== $dev: $(cat "$out/eval-$dev.json")"
     done
     python3 - "$out" <<'PY'
@@ -37,7 +122,11 @@ print(f"greedy generate identical: {same} ({'ok' if same else 'FAIL'})")
 print(f"peak device memory {g.get('peak_device_mib')} MiB")
 PY
   } 2>&1 | tee "$out/e2e.log"
+  verdict e2e "$(grep -c FAIL "$out/e2e.log") failures"
 fi
-if [[ $what == bench || $what == all ]]; then
-  ./.gpu/bench_cuda --bench --noplot 2>&1 | tee "$out/bench.log"
+
+if want bench; then
+  timeout 150 ./.gpu/bench_cuda --bench --noplot --warm-up-time 1 --measurement-time 2 2>&1 | tee "$out/bench.log"
+  verdict bench "exit ${PIPESTATUS[0]}"
 fi
+cat "$out/summary.txt"

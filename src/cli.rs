@@ -42,6 +42,9 @@ pub enum Command {
     Train(Box<crate::train_cli::TrainArgs>),
     /// Merge a LoRA adapter into its (dequantized) base and write a plain model folder.
     Merge(MergeArgs),
+    /// Self-test of the GPU backend: every CUDA kernel and a training step against the CPU
+    /// specification, as a table; non-zero exit on any failure.
+    Check(crate::check_cli::CheckArgs),
 }
 
 /// Output dtype of `merge`.
@@ -222,6 +225,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Quantize(a) => quantize(&a),
         Command::Train(a) => crate::train_cli::run(&a),
         Command::Merge(a) => merge(&a),
+        Command::Check(a) => crate::check_cli::run(&a),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The `qlora` binary: parse arguments, run the job, report the error chain.
 
+mod check_cli;
 mod cli;
 mod train_cli;
 

@@ -358,3 +358,21 @@ fn fp4_checkpoints_are_reported_clearly() {
     std::fs::write(&p, cfg.to_string()).unwrap();
     eval_fails(&dir, EVAL, &["config.json", "fp4"]);
 }
+
+#[test]
+fn check_without_a_usable_gpu_fails_clearly() {
+    // On a machine with a GPU this runs the real self-test; here (CI: no GPU) it must say why it
+    // cannot and exit non-zero.
+    let (code, out, err) = qlora(&["check"]);
+    if code == 0 {
+        assert!(out.contains("checks, 0 failed"), "{out}");
+        return;
+    }
+    assert!(
+        err.contains("nothing to check") || err.contains("without CUDA") || err.contains("failed"),
+        "{err}"
+    );
+    let (code, _, err) = qlora(&["check", "--device", "cpu"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("check tests a GPU"), "{err}");
+}

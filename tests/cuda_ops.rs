@@ -788,3 +788,41 @@ fn zero_row_calls_match_the_cpu() {
     let mut losses = be.zeros(1).unwrap();
     be.cross_entropy(&mut losses, &x, &[], k).unwrap();
 }
+
+/// The whole training step on the tiny fixtures (f32, bf16 and NF4 bases; dropout 0 and 0.1)
+/// against the CPU, with the bounds of `qlora::check::model`.
+#[test]
+fn training_step_on_fixtures_matches_cpu() {
+    use qlora::backend::cpu::CpuBackend;
+    use qlora::check::model::{compare_step, full_adapter, test_ids};
+    use qlora::model::BaseQuant;
+    let Some(be) = cuda_backend("training_step_on_fixtures_matches_cpu") else {
+        return;
+    };
+    drop(be);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let nf4 = BaseQuant::NF4;
+    let cases = [
+        ("tiny/gqa", BaseQuant::None),
+        ("tiny/gqa-bf16", BaseQuant::None),
+        ("tiny/gqa", nf4),
+        ("bnb/gqa-qlora-nf4", BaseQuant::None),
+        ("tiny/tied", nf4),
+    ];
+    let mut rows = Vec::new();
+    for (dir, quant) in cases {
+        for dropout in [0.0, 0.1] {
+            let load = |b| qlora::loader::load_model_dir(&root.join(dir), b, quant);
+            let mut cpu = load(CpuBackend::new()).unwrap().model;
+            let gpu_be = qlora::backend::cuda::backend::CudaBackend::new(0).unwrap();
+            let mut gpu = qlora::loader::load_model_dir(&root.join(dir), gpu_be, quant)
+                .unwrap()
+                .model;
+            let (lc, w) = full_adapter(&cpu.cfg, dropout, 4).unwrap();
+            let ids = test_ids(61, cpu.cfg.vocab_size, 8);
+            let tag = format!("{dir} {quant:?} p{dropout}");
+            rows.extend(compare_step(&mut cpu, &mut gpu, &lc, &w, &ids, &tag).unwrap());
+        }
+    }
+    assert_checks("training_step_on_fixtures_matches_cpu", rows);
+}

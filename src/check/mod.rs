@@ -133,6 +133,37 @@ pub fn rows_or_failure(
     }
 }
 
+/// The device facts `qlora check` prints first.
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    /// e.g. `cuda:0 (NVIDIA H100 80GB HBM3, sm_90)`.
+    pub name: String,
+    /// The CUDA version the installed driver supports, e.g. `(13, 0)`.
+    pub driver_cuda: (i32, i32),
+    pub total_bytes: usize,
+    pub free_bytes: usize,
+}
+
+/// Name, capability, driver and memory of the backend's device.
+#[cfg(feature = "cuda")]
+pub fn device_info(be: &crate::backend::cuda::backend::CudaBackend) -> crate::Result<DeviceInfo> {
+    use crate::backend::Backend;
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: writes one int; the driver is loaded (the backend exists).
+    let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    if r != cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS {
+        return Err(crate::Error::Backend(format!("cuDriverGetVersion: {r:?}")));
+    }
+    let (free_bytes, total_bytes) = be.dev.mem_info()?;
+    Ok(DeviceInfo {
+        name: be.name(),
+        driver_cuda: (v / 1000, (v % 1000) / 10),
+        total_bytes,
+        free_bytes,
+    })
+}
+
 /// Every check, in the order `qlora check` prints them.
 #[cfg(feature = "cuda")]
 pub fn run_all(be: &crate::backend::cuda::backend::CudaBackend) -> Vec<CheckRow> {
