@@ -133,10 +133,10 @@ pub fn compare_step(
             let q = &g_gpu.modules[m];
             for (is_a, got, want) in [(true, &q.a, &p.a), (false, &q.b, &p.b)] {
                 let (c, e) = (1.0 - cosine(got, want), rel_l2(got, want));
-                if !(c <= worst_cos.0) {
+                if c.is_nan() || c > worst_cos.0 {
                     worst_cos = (c, peft_key(m, is_a));
                 }
-                if !(e <= worst_l2.0) {
+                if e.is_nan() || e > worst_l2.0 {
                     worst_l2 = (e, peft_key(m, is_a));
                 }
             }
