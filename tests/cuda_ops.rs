@@ -485,7 +485,10 @@ fn backend_ops_match_the_cpu_spec() {
     );
     g.lora_forward_add(&mut yg, &mut xag, &xd, None, &ad, &bd, 2.0, sh)
         .unwrap();
-    close("lora_forward_add", &g.download(&yg).unwrap(), &yc, 1e-5);
+    // The device rounds the LoRA operands to bf16 (2⁻⁹ relative each; the README's mixed-precision
+    // policy): the added term is off by ~3e-3 of y's scale. `check_lora` bounds it tightly
+    // against a bf16 emulation.
+    close("lora_forward_add", &g.download(&yg).unwrap(), &yc, 1e-2);
 }
 
 /// The f32 fixture keeps dense weights in f32 on the device; the bf16 one (bf16 checkpoint)
