@@ -167,6 +167,8 @@ struct Managed {
     stream: Arc<CudaStream>,
     /// `CUdevice` of the stream's context (prefetch target).
     device: sys::CUdevice,
+    /// Counts the allocation in the device's peak-memory meter while it lives.
+    _metered: super::runtime::MeteredBytes,
 }
 
 impl Managed {
@@ -201,6 +203,7 @@ impl Managed {
             bytes,
             stream: dev.stream.clone(),
             device: ctx.cu_device(),
+            _metered: dev.meter_external(bytes),
         };
         // SAFETY: the range is exactly the allocation made above.
         unsafe {

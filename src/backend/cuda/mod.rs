@@ -7,10 +7,14 @@
 //!   the dequantize + cuBLAS bf16 baseline), `dense_half.rs` (16-bit dense weights),
 //!   `rmsnorm.rs`, `ops.rs` (elementwise, RoPE, embedding, attention, cross-entropy, sgemm):
 //!   launchers of `kernels/*.cu`, each tested against its CPU spec in `tests/cuda_ops.rs`;
-//! - `backend.rs`: [`crate::backend::Backend`] on top of them (inference: `eval`, `generate`).
+//! - `backend.rs`: [`crate::backend::Backend`] on top of them (`eval`, `generate`, the forward);
+//! - `train.rs`: [`crate::backend::TrainBackend`] (the training step's backward ops, bf16
+//!   activation stash, the device optimizer) over `flash_attention.rs`, `nf4_gemm_dx.rs`,
+//!   `lora.rs`, `cross_entropy.rs`, `dropout.rs`, `adamw.rs` (paged AdamW); `blas.rs` wraps cuBLAS
+//!   for row-major products; `libs.rs` finds cuBLAS at run time.
 //!
-//! Training (`TrainBackend`) is not implemented on CUDA yet. None of this has run on a GPU:
-//! no GPU was lent to the work that wrote it (see benches/RESULTS.md).
+//! None of this has run on a GPU yet: no GPU was lent to the work that wrote it (see
+//! benches/RESULTS.md); `qlora check` and `tests/cuda_ops.rs` verify it on the first one.
 
 use crate::error::Error;
 

@@ -67,6 +67,20 @@ pub fn device_count() -> Result<usize> {
     }
 }
 
+/// Bytes of an allocation made outside [`CudaDevice::zeros`] (managed memory, say), counted in
+/// the device's meter while this guard lives.
+#[derive(Debug)]
+pub struct MeteredBytes {
+    bytes: usize,
+    meter: Arc<Meter>,
+}
+
+impl Drop for MeteredBytes {
+    fn drop(&mut self) {
+        self.meter.live.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 /// Lowest supported compute capability: Ampere (sm_80), for bf16 tensor cores and cp.async.
 pub const MIN_CAPABILITY: (i32, i32) = (8, 0);
 
@@ -168,6 +182,17 @@ impl CudaDevice {
         self.meter.peak.fetch_max(now, Ordering::Relaxed);
         DevBuf {
             slice,
+            bytes,
+            meter: self.meter.clone(),
+        }
+    }
+
+    /// Counts `bytes` of an allocation the caller made itself into the meter (peak included)
+    /// until the returned guard is dropped.
+    pub fn meter_external(&self, bytes: usize) -> MeteredBytes {
+        let now = self.meter.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.meter.peak.fetch_max(now, Ordering::Relaxed);
+        MeteredBytes {
             bytes,
             meter: self.meter.clone(),
         }
