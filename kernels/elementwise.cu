@@ -1,7 +1,18 @@
-// Elementwise ops of a Llama step; CPU spec in src/backend/cpu/elementwise.rs.
-//   add_assign_f32: x[i] += y[i]                       (residual connection), i < n
-//   swiglu_f32:     out[i] = silu(gate[i]) * up[i],    silu(g) = g / (1 + exp(-g)), i < n
-//   f32_to_bf16:    out[i] = bf16(x[i]) (round to nearest even), i < n
+// Elementwise ops of a Llama step; CPU spec in src/backend/cpu/elementwise.rs (forward),
+// src/backend/cpu/backward/swiglu.rs (swiglu_backward_f32) and bf16_round in
+// src/backend/cpu/nf4_gemm.rs (the bf16 pair); launchers in src/backend/cuda/ops.rs.
+//   add_assign_f32:      x[i] += y[i]                       (residual connection), i < n
+//   swiglu_f32:          out[i] = silu(gate[i]) * up[i],    silu(g) = g / (1 + exp(-g)), i < n
+//   f32_to_bf16:         out[i] = bf16(x[i]) (round to nearest even), i < n
+//   bf16_to_f32:         out[i] = f32(x[i]) for bf16 bits x (exact widening: the bits shifted
+//                        up by 16, subnormals, infinities and NaN payloads included), i < n;
+//                        bf16_to_f32(f32_to_bf16(v)) = bf16_round(v), the activation stash
+//   swiglu_backward_f32: s = σ(gate[i]) = 1 / (1 + exp(-gate[i])),                     i < n
+//                        dgate[i] = dh[i] * up[i] * s * (1 + gate[i] * (1 - s))   (silu')
+//                        dup[i]   = dh[i] * gate[i] * s                           (silu)
+//                        (written; outputs must not alias inputs). Fast math: __expf and the
+//                        approximate reciprocal give ~1e-6 relative; exp overflow (gate < −88)
+//                        gives s = 0 and finite zero gradients, as on the CPU.
 // Launch: any 1-D grid; each kernel is a grid-stride loop.
 #include <cuda_bf16.h>
 #include "common.cuh"
@@ -9,6 +20,11 @@
 extern "C" __global__ void f32_to_bf16(__nv_bfloat16* __restrict__ out, const float* __restrict__ x,
                                        int64_t n) {
   GRID_STRIDE(i, n) { out[i] = __float2bfloat16_rn(x[i]); }
+}
+
+extern "C" __global__ void bf16_to_f32(float* __restrict__ out, const uint16_t* __restrict__ x,
+                                       int64_t n) {
+  GRID_STRIDE(i, n) { out[i] = __uint_as_float((uint32_t)x[i] << 16); }
 }
 
 extern "C" __global__ void add_assign_f32(float* __restrict__ x, const float* __restrict__ y, int64_t n) {
@@ -20,6 +36,18 @@ extern "C" __global__ void swiglu_f32(float* __restrict__ out, const float* __re
   GRID_STRIDE(i, n) {
     float g = gate[i];
     out[i] = g / (1.0f + __expf(-g)) * up[i];
+  }
+}
+
+extern "C" __global__ void swiglu_backward_f32(float* __restrict__ dgate, float* __restrict__ dup,
+                                               const float* __restrict__ dh,
+                                               const float* __restrict__ gate,
+                                               const float* __restrict__ up, int64_t n) {
+  GRID_STRIDE(i, n) {
+    const float g = gate[i], d = dh[i];
+    const float s = 1.0f / (1.0f + __expf(-g));
+    dgate[i] = d * up[i] * s * (1.0f + g * (1.0f - s));
+    dup[i] = d * g * s;
   }
 }
 

@@ -1,5 +1,5 @@
-//! Launchers of the elementwise, RoPE, embedding, attention and cross-entropy kernels
-//! (`kernels/elementwise.cu`, `kernels/rope.cu`, `kernels/attention.cu`), and the cuBLAS
+//! Launchers of the elementwise (SwiGLU backward and the bf16 activation stash included), RoPE,
+//! embedding, attention and cross-entropy kernels (`kernels/elementwise.cu`, `kernels/rope.cu`, `kernels/attention.cu`), and the cuBLAS
 //! products (`y = x·Wᵀ` for dense f32 weights, row-major, through column-major sgemm).
 
 use super::runtime::CudaDevice;
@@ -266,26 +266,57 @@ pub fn gemm_wt(
     unsafe { blas.gemm(cfg, w, x, y) }.map_err(|e| Error::Backend(format!("cuBLAS sgemm: {e}")))
 }
 
-/// SwiGLU backward over `n` values (CPU spec `cpu/backward/swiglu.rs`): writes `dgate`, `dup`.
-/// PLACEHOLDER: to be written.
+/// SwiGLU backward over `n` values (CPU spec `cpu/backward/swiglu.rs`): writes
+/// `dgate = dh·up·σ(g)·(1 + g·(1 − σ(g)))` and `dup = dh·g·σ(g)` (`swiglu_backward_f32`).
 pub fn swiglu_backward(
-    _dev: &CudaDevice,
-    _dgate: &mut CudaSlice<f32>,
-    _dup: &mut CudaSlice<f32>,
-    _dh: &CudaSlice<f32>,
-    _gate: &CudaSlice<f32>,
-    _up: &CudaSlice<f32>,
-    _n: usize,
+    dev: &CudaDevice,
+    dgate: &mut CudaSlice<f32>,
+    dup: &mut CudaSlice<f32>,
+    dh: &CudaSlice<f32>,
+    gate: &CudaSlice<f32>,
+    up: &CudaSlice<f32>,
+    n: usize,
 ) -> Result<()> {
-    Err(Error::Backend("swiglu backward: not written yet".into()))
+    for (w, l) in [
+        ("dgate", dgate.len()),
+        ("dup", dup.len()),
+        ("dh", dh.len()),
+        ("gate", gate.len()),
+        ("up", up.len()),
+    ] {
+        need(&format!("swiglu backward {w}"), l, n)?;
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.function("elementwise", "swiglu_backward_f32")?;
+    let n64 = n as i64;
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(dgate).arg(dup).arg(dh).arg(gate).arg(up).arg(&n64);
+    // SAFETY: matches swiglu_backward_f32(float*, float*, const float*×3, int64_t); every buffer
+    // holds n values (checked); the two outputs are distinct &mut, so nothing aliases.
+    unsafe { b.launch(grid(n)) }.map_err(launch_err("swiglu_backward_f32"))?;
+    Ok(())
 }
 
-/// `out[i] = f32(x[i])` for bf16 bits `x`, `i < n` (exact). PLACEHOLDER: to be written.
+/// `out[i] = f32(x[i])` for bf16 bits `x`, `i < n`: the exact widening (bits shifted up by 16)
+/// that undoes [`to_half`]`(.., false)` up to its rounding (`bf16_to_f32` in `elementwise.cu`).
 pub fn bf16_to_f32(
-    _dev: &CudaDevice,
-    _out: &mut CudaSlice<f32>,
-    _x: &CudaSlice<u16>,
-    _n: usize,
+    dev: &CudaDevice,
+    out: &mut CudaSlice<f32>,
+    x: &CudaSlice<u16>,
+    n: usize,
 ) -> Result<()> {
-    Err(Error::Backend("bf16_to_f32: not written yet".into()))
+    need("bf16_to_f32 out", out.len(), n)?;
+    need("bf16_to_f32 x", x.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.function("elementwise", "bf16_to_f32")?;
+    let n64 = n as i64;
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(out).arg(x).arg(&n64);
+    // SAFETY: matches bf16_to_f32(float*, const uint16_t*, int64_t); both buffers hold n values.
+    unsafe { b.launch(grid(n)) }.map_err(launch_err("bf16_to_f32"))?;
+    Ok(())
 }
