@@ -28,10 +28,17 @@ pub fn dropout_uniform(seed: u64, i: u64) -> f32 {
     (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 
+/// The value kept elements get: `1 / (1 − p)` in f32, as PyTorch's inverted dropout scales.
+/// The CUDA launcher (`cuda/dropout.rs`) takes it from here.
+#[inline]
+pub fn dropout_scale(p: f32) -> f32 {
+    1.0 / (1.0 - p)
+}
+
 /// Fills `keep` with elements `offset..offset + keep.len()` of the mask for drop probability
 /// `p` (`0 ≤ p < 1`).
 pub fn dropout_mask(keep: &mut [f32], p: f32, seed: u64, offset: u64) {
-    let scale = 1.0 / (1.0 - p);
+    let scale = dropout_scale(p);
     keep.par_iter_mut().enumerate().for_each(|(i, k)| {
         *k = if dropout_uniform(seed, offset + i as u64) < p {
             0.0

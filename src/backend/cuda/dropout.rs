@@ -20,7 +20,7 @@ use cudarc::driver::{CudaSlice, PushKernelArg};
 pub fn mask_params(p: f32) -> (u32, f32) {
     // p < 1 so p·2²⁴ < 2²⁴: the product is exact in f64 and the ceiling fits a u32.
     let threshold = (p as f64 * (1u64 << 24) as f64).ceil() as u32;
-    let scale = 1.0f32 / (1.0 - p); // the expression of cpu::dropout::dropout_mask
+    let scale = crate::backend::cpu::dropout::dropout_scale(p);
     (threshold, scale)
 }
 
