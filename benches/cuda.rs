@@ -12,6 +12,12 @@
 //!   baseline the fused kernel must beat), `cublas_bf16` (the GEMM alone on an already
 //!   dequantized bf16 weight: the ceiling), `dequant_sgemm` (the f32 path).
 //!   Each is validated against the CPU spec (`nf4_gemm_bf16`, on the first and last rows).
+//! - `gemm_dx/*`: the backward product `dx = dy · W` (W `[N, K]` as stored, the sum over its rows)
+//!   on the same shapes at M = 512, 2048 (training), FLOP/s as above: `fused`
+//!   (kernels/nf4_gemm_dx.cu), `dequant_cublas_bf16` (the baseline it must beat),
+//!   `cublas_bf16` (on a dense bf16 copy and bf16 dy: the ceiling), `dequant_sgemm` (f32).
+//!   Validated against the CPU spec (`nf4_gemm_dx_bf16`; the f32 path against the unrounded
+//!   operands) on the first 3 rows and the last, relative to Σ|terms| (bound 1e-4).
 //! - `decode/llama2-7b-shape`: one decode step of a random NF4 model with Llama-2-7B's shapes,
 //!   generated on the host directly in NF4 (tokens/s = 1 / step time); `prefill/…`: a 512-token
 //!   prompt through the same model.
@@ -22,8 +28,11 @@ use criterion::{criterion_group, criterion_main, Criterion};
 mod gpu {
     use criterion::{BenchmarkId, Criterion, Throughput};
     use cudarc::cublas::CudaBlas;
+    use qlora::backend::cpu::bf16_round;
+    use qlora::backend::cpu::nf4_gemm_dx::gemm_dx_rounded;
     use qlora::backend::cpu::{nf4_bf16_weights, nf4_gemm_bf16};
     use qlora::backend::cuda::backend::CudaBackend;
+    use qlora::backend::cuda::blas::{gemm_f32, gemm_half, RowMajor};
     use qlora::backend::cuda::nf4::DeviceNf4;
     use qlora::backend::cuda::nf4_gemm::{gemm_bf16_cublas, Bf16Scratch};
     use qlora::backend::cuda::ops::to_half;
@@ -127,6 +136,7 @@ mod gpu {
         for (n, k) in SHAPES {
             let t = quantize_nf4(&weights(n, k), &[n, k], 64, true).unwrap();
             gemm_shape(c, &g, &t, n, k);
+            gemm_dx_shape(c, &g, &t, n, k);
         }
 
         // Decode tokens/s, Llama-2-7B shapes, random NF4 weights.
@@ -253,6 +263,108 @@ mod gpu {
                 b.iter(|| {
                     d.dequantize(&dev, &mut wf).unwrap();
                     g.matmul_dense_f32(&mut y, &xd, &wf, m, k, n).unwrap();
+                    sync();
+                })
+            });
+        }
+        grp.finish();
+    }
+
+    /// The backward products `dx[m, k] = dy[m, n] · W[n, k]` of one weight shape at M = 512, 2048
+    /// (see the file header).
+    fn gemm_dx_shape(c: &mut Criterion, g: &CudaBackend, t: &Nf4Tensor, n: usize, k: usize) {
+        let dev = g.dev.clone();
+        let sync = || dev.synchronize().expect("synchronize");
+        let d = DeviceNf4::upload(&dev, t).unwrap();
+        assert!(d.gemm_dx_supported(), "{n}x{k} takes the fused dx kernel");
+        let wb = nf4_bf16_weights(t);
+        let wbits: Vec<u16> = wb
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect();
+        let wd = dev.upload(&wbits).unwrap();
+        let w32 = dequantize_nf4(t);
+        let mut wf = dev.zeros::<f32>(n * k).unwrap();
+        d.dequantize(&dev, &mut wf).unwrap();
+        let blas = CudaBlas::new(dev.stream.clone()).unwrap();
+        let mut scratch = Bf16Scratch::default();
+        let mut grp = c.benchmark_group("gemm_dx");
+        grp.sample_size(10).measurement_time(Duration::from_secs(2));
+        for m in [512usize, 2048] {
+            let dy: Vec<f32> = (0..m * n).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
+            let dyd = dev.upload(&dy).unwrap();
+            let mut dyb = dev.zeros::<u16>(m * n).unwrap();
+            to_half(&dev, &mut dyb, &dyd, m * n, false).unwrap();
+            let mut dx = dev.zeros::<f32>(m * k).unwrap();
+            // The spec of the validated rows (the full [m, k] spec at this size is far too slow),
+            // with Σ|terms| per output as the error scale: (want, scale) for bf16 and f32 operands.
+            let rows = [0, 1, 2, m - 1];
+            let spec = |w: &[f32], round: fn(f32) -> f32| {
+                let dyr: Vec<f32> = rows
+                    .iter()
+                    .flat_map(|&r| dy[r * n..(r + 1) * n].iter().copied())
+                    .collect();
+                let absr: Vec<f32> = dyr.iter().map(|v| round(*v).abs()).collect();
+                let absw: Vec<f32> = w.iter().map(|v| v.abs()).collect();
+                let (mut want, mut scale) =
+                    (vec![0f32; rows.len() * k], vec![0f32; rows.len() * k]);
+                gemm_dx_rounded(&mut want, &dyr, w, rows.len(), n, k, round, false);
+                gemm_dx_rounded(&mut scale, &absr, &absw, rows.len(), n, k, |v| v, false);
+                (want, scale)
+            };
+            let spec_bf16 = spec(&wb, bf16_round);
+            let spec_f32 = spec(&w32, |v| v);
+            let check = |dx: &DevBuf<f32>, what: &str, bf16: bool| {
+                let got = dev.download(dx).unwrap();
+                let (want, scale) = if bf16 { &spec_bf16 } else { &spec_f32 };
+                for (i, &r) in rows.iter().enumerate() {
+                    for j in 0..k {
+                        let (p, q) = (got[r * k + j], want[i * k + j]);
+                        let err = (p - q).abs() / (scale[i * k + j] + 1e-6);
+                        assert!(
+                            err < 1e-4,
+                            "{what} dx {n}x{k} m {m} at ({r}, {j}): {p} vs {q}"
+                        );
+                    }
+                }
+            };
+            let xw = RowMajor::xw(m, n, k);
+            d.gemm_dx(&dev, &mut dx, &dyd, m, false).unwrap();
+            check(&dx, "fused", true);
+            scratch
+                .gemm_dx(&dev, &blas, &d, &mut dx, &dyd, m, false)
+                .unwrap();
+            check(&dx, "dequant_cublas_bf16", true);
+            gemm_half(&blas, &dev.stream, &mut dx, &dyb, &wd, xw, false).unwrap();
+            check(&dx, "cublas_bf16", true);
+            gemm_f32(&blas, &mut dx, &dyd, &wf, xw).unwrap();
+            check(&dx, "sgemm", false);
+            grp.throughput(Throughput::Elements((2 * m * n * k) as u64));
+            let id = |name: &str| BenchmarkId::new(format!("{name}/{n}x{k}"), m);
+            grp.bench_function(id("fused"), |b| {
+                b.iter(|| {
+                    d.gemm_dx(&dev, &mut dx, &dyd, m, false).unwrap();
+                    sync();
+                })
+            });
+            grp.bench_function(id("dequant_cublas_bf16"), |b| {
+                b.iter(|| {
+                    scratch
+                        .gemm_dx(&dev, &blas, &d, &mut dx, &dyd, m, false)
+                        .unwrap();
+                    sync();
+                })
+            });
+            grp.bench_function(id("cublas_bf16"), |b| {
+                b.iter(|| {
+                    gemm_half(&blas, &dev.stream, &mut dx, &dyb, &wd, xw, false).unwrap();
+                    sync();
+                })
+            });
+            grp.bench_function(id("dequant_sgemm"), |b| {
+                b.iter(|| {
+                    d.dequantize(&dev, &mut wf).unwrap();
+                    gemm_f32(&blas, &mut dx, &dyd, &wf, xw).unwrap();
                     sync();
                 })
             });

@@ -22,7 +22,7 @@ pub struct DeviceHalf {
     pub cols: usize,
     /// f16 storage (else bf16).
     pub f16: bool,
-    w: DevBuf<u16>,
+    pub(super) w: DevBuf<u16>,
 }
 
 impl DeviceHalf {

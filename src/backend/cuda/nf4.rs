@@ -25,7 +25,7 @@ pub struct DeviceNf4 {
     nested_absmax: DevBuf<f32>,
     nested_code: DevBuf<f32>,
     offset: f32,
-    nested_blocksize: i32,
+    pub(super) nested_blocksize: i32,
 }
 
 impl DeviceNf4 {

@@ -184,8 +184,8 @@ pub fn gemm_half_cublas(
 /// Scratch buffers of the dequantize + cuBLAS baseline, grown on demand and reused.
 #[derive(Default)]
 pub struct Bf16Scratch {
-    w: Option<DevBuf<u16>>,
-    x: Option<DevBuf<u16>>,
+    pub(super) w: Option<DevBuf<u16>>,
+    pub(super) x: Option<DevBuf<u16>>,
 }
 
 impl Bf16Scratch {
