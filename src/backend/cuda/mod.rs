@@ -93,10 +93,16 @@ mod tests {
     fn every_kernel_is_embedded() {
         let names: Vec<&str> = super::kernel_modules().iter().map(|(n, _)| *n).collect();
         for m in [
+            "adamw",
             "attention",
+            "cross_entropy",
+            "dense_half",
+            "dropout",
             "elementwise",
+            "lora",
             "nf4",
             "nf4_gemm",
+            "nf4_gemm_dx",
             "rmsnorm",
             "rope",
         ] {
