@@ -152,10 +152,11 @@ fn forward_tile<T: Float>(
     let mut m = vec![T::NEG_INFINITY; n_q]; // running max of the scores
     let mut l = vec![T::ZERO; n_q]; // running Σ e^{s − m}
     let mut o = vec![T::ZERO; n_q * d]; // running Σ e^{s − m} v
-                                        // Keys 0..end can be seen by some row of the tile; key tile 0 holds key 0, which every row
-                                        // sees, so m is finite after the first tile.
+
+    // Keys 0..end can be seen by some row of the tile; key tile 0 holds key 0, which every row
+    // sees, so m is finite after the first tile.
     let end = s.pos0 + t0 + n_q;
-    let mut p = vec![T::ZERO; TILE_K];
+    let mut p = [T::ZERO; TILE_K]; // one row of the S tile
     for j0 in (0..end).step_by(TILE_K) {
         let n_k = TILE_K.min(end - j0);
         for r in 0..n_q {
@@ -277,7 +278,7 @@ fn backward_group<T: Float>(
         dv: vec![T::ZERO; s.cache_cap * d],
     };
     let n_keys = s.pos0 + s.q_len;
-    let mut p = vec![T::ZERO; TILE_Q * TILE_K]; // P, then dS, [query, key]
+    let mut p = [T::ZERO; TILE_Q * TILE_K]; // P, then dS, [query, key]
     for j0 in (0..n_keys).step_by(TILE_K) {
         // One CTA: key tile j0..j0 + n_k; its dK, dV stay resident (here: in gr.dk, gr.dv).
         let n_k = TILE_K.min(n_keys - j0);
