@@ -1,31 +1,17 @@
-// Helpers of kernels/flash_attention.cu (see its header for the math and the layouts): bf16
-// packing, mma.sync / ldmatrix fragment loads, the f32 → bf16 tile loader, quad and warp
-// reductions, and the per-lane vectors of the f32 kernels.
+// Helpers of kernels/flash_attention.cu (see its header for the math and the layouts): fragment
+// loads from shared tiles (the mma / ldmatrix instructions are in mma.cuh), the f32 → bf16 tile
+// loader, quad and warp reductions, and the per-lane vectors of the f32 kernels.
 #pragma once
-#include <cuda_bf16.h>
 #include "common.cuh"
+#include "mma.cuh"
 
 #define FA_THREADS 128
 #define FA_MAX_D 256   // the f32 path's limit
 
 typedef __nv_bfloat16 bf16;
 
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo (low 16 bits), .y = hi
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
 __device__ __forceinline__ uint32_t lds32(const bf16* p) {
   return *reinterpret_cast<const uint32_t*>(p);
-}
-
-__device__ __forceinline__ void mma_bf16_16x8x16(float* c, const uint32_t* a, uint32_t b0,
-                                                 uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // B fragments of n-tiles n0 and n0 + 8 for the k16 step at row k0 of a [k][n] tile with row
@@ -33,11 +19,7 @@ __device__ __forceinline__ void mma_bf16_16x8x16(float* c, const uint32_t* a, ui
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, const bf16* tile, int ld, int k0,
                                               int n0) {
   const int lane = threadIdx.x & 31;
-  const bf16* p = tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8;
-  const uint32_t addr = (uint32_t)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+  ldmatrix_x4_trans(r, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
 }
 
 // A fragment of the 16-row block at `row` (k16 step at column k0) of a row-major tile.

@@ -24,25 +24,11 @@
 // k in the low half): A (16×16, row-major) a0 = A[g][2t..], a1 = A[g+8][2t..], a2 = A[g][2t+8..],
 // a3 = A[g+8][2t+8..]; B (16×8, "col" = W rows) b0 = W[g][2t..], b1 = W[g][2t+8..];
 // C (16×8) c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1].
-#include <cuda_bf16.h>
+#include "mma.cuh"
 #include "nf4.cuh"
 
 #define BK 32
 #define SROW 40  // shared row length in bf16: BK plus 8 padding
-
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo (low 16 bits), .y = hi
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-__device__ __forceinline__ void mma_bf16_16x8x16(float* c, const uint32_t* a, uint32_t b0,
-                                                 uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 template <int BM, int BN, int WM, int WN>
 __device__ __forceinline__ void nf4_gemm_body(
