@@ -259,9 +259,12 @@ fn chunked_head_equals_unchunked() {
         for (k, p) in &g1.modules {
             let q = &g2.modules[k];
             for (is_a, a, b) in [(true, &q.a, &p.a), (false, &q.b, &p.b)] {
+                // Equal in exact arithmetic; in f32 the head's products over 1, 7 or 16 rows sum
+                // in another order than over all 45 (the gemm crate's row blocking), and the
+                // backward carries that last-bit noise through every layer: ~1e-6 at layer 0.
                 let e = rel(a, b);
                 assert!(
-                    e <= 1e-6,
+                    e <= 5e-6,
                     "chunk {chunk}: {} err {e:.2e}",
                     peft_key(k, is_a)
                 );
