@@ -125,7 +125,8 @@ fn training_lowers_held_out_loss() {
 #[test]
 fn gradient_accumulation_equals_the_larger_batch() {
     // Batch 4 vs batch 2 × 2 accumulation over the same shuffled order: the same sequences in
-    // the same order with the same 1/N scale, so the same losses.
+    // the same order with the same 1/N scale, so the same losses — up to f32 summation order,
+    // since a micro-batch's sequences are packed into one product (4 sequences' rows vs 2).
     let dir = tempfile::tempdir().unwrap();
     let mut a = config(&dir.path().join("a"));
     a.batch.group_by_length = false;
@@ -138,7 +139,7 @@ fn gradient_accumulation_equals_the_larger_batch() {
     for ((sa, la), (sb, lb)) in ra.losses.iter().zip(&rb.losses) {
         assert_eq!(sa, sb);
         assert!(
-            (la - lb).abs() <= 1e-12 * la.abs(),
+            (la - lb).abs() <= 1e-6 * la.abs(),
             "step {sa}: {la} vs {lb}"
         );
     }

@@ -69,6 +69,48 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// A packed batch of causal sequences, as training attention sees it (FlashAttention's varlen
+/// layout): sequence `i` holds `lens[i]` tokens at rows `start_i..start_i + lens[i]`
+/// (`start_i = Σ_{j<i} lens[j]`) of `q`, `out` `[rows, heads, head_dim]`, `k`, `v`
+/// `[rows, kv_heads, head_dim]` and `lse` `[rows, heads]`. Each sequence attends causally within
+/// itself from position 0; no token sees another sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Packed<'a> {
+    pub lens: &'a [usize],
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Packed<'_> {
+    /// Total rows (tokens) of the batch.
+    pub fn rows(&self) -> usize {
+        self.lens.iter().sum()
+    }
+
+    /// `(first row, length)` of every sequence, in order.
+    pub fn spans(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.lens.iter().scan(0usize, |start, &len| {
+            let s = *start;
+            *start += len;
+            Some((s, len))
+        })
+    }
+
+    /// The single-sequence [`AttnShape`] of a sequence of `len` tokens.
+    pub fn seq(&self, len: usize) -> AttnShape {
+        AttnShape {
+            batch: 1,
+            q_len: len,
+            pos0: 0,
+            cache_cap: len,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
 /// The op set of a Llama forward step. Every op writes its full output region.
 pub trait Backend: Send + Sync {
     /// An f32 buffer in the backend's memory.

@@ -14,7 +14,7 @@
 //! backend may store saved activations in 16 bits ([`TrainBackend::stash`]) and multiply in bf16
 //! with f32 accumulation; the README's "Mixed precision" section states the CUDA policy.
 
-use super::{AttnShape, Backend};
+use super::{Backend, Packed};
 use crate::error::Result;
 use crate::train::{AdamParamState, AdamW, OptimKind};
 
@@ -72,10 +72,11 @@ pub trait TrainBackend: Backend {
         head_dim: usize,
     ) -> Result<()>;
 
-    /// Causal GQA attention for training (layouts of [`AttnShape`]; training uses `pos0 = 0`,
-    /// `cache_cap = q_len`): writes `out` as [`Backend::attention`] does, and the log-sum-exp of
-    /// every query row's scaled scores, `lse[b, t, h] = ln Σ_j exp(q·k_j / √D)`
-    /// (`[batch, q_len, heads]`), the only statistic the backward needs.
+    /// Causal GQA attention for training over a packed batch ([`Packed`]: sequences
+    /// concatenated along the rows, each attending within itself): writes `out` as
+    /// [`Backend::attention`] does per sequence, and the log-sum-exp of every query row's scaled
+    /// scores, `lse[r, h] = ln Σ_j exp(q·k_j / √D)` (`[rows, heads]`), the only statistic the
+    /// backward needs.
     fn attention_train(
         &self,
         out: &mut Self::Buf,
@@ -83,7 +84,7 @@ pub trait TrainBackend: Backend {
         q: &Self::Buf,
         k: &Self::Buf,
         v: &Self::Buf,
-        shape: AttnShape,
+        p: Packed,
     ) -> Result<()>;
 
     /// Causal GQA attention backward from the forward's `out` and `lse`: probabilities are
@@ -101,7 +102,7 @@ pub trait TrainBackend: Backend {
         v: &Self::Buf,
         out: &Self::Buf,
         lse: &Self::Buf,
-        shape: AttnShape,
+        p: Packed,
     ) -> Result<()>;
 
     /// SwiGLU backward over `len` values: writes `dgate`, `dup` from `dh` and the forward inputs.

@@ -6,4 +6,4 @@ pub mod train;
 
 pub use llama::{BaseQuant, KvCache, LayerWeights, Llama, Logits};
 pub use lora::{Lora, LoraLinear, LoraSet};
-pub use train::{Recompute, StepStats};
+pub use train::{Recompute, SeqInput, StepStats};

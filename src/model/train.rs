@@ -1,7 +1,15 @@
 //! LoRA training step of a Llama: forward with saved activations, then a hand-written backward
 //! through every layer, producing gradients for the LoRA matrices only.
 //!
-//! # Forward (one sequence of `T` tokens, positions `0..T`)
+//! # Packed micro-batches
+//! A step runs a whole micro-batch at once: its sequences are concatenated along the token axis
+//! (`T = Σ T_i` rows, no padding), so every projection is one product over all rows and every
+//! norm and elementwise op one pass; RoPE positions restart at 0 per sequence and attention stays
+//! within each sequence ([`Packed`], FlashAttention's varlen layout); each sequence keeps its own
+//! dropout masks (seeded per sequence, sliced per row range). The result equals running the
+//! sequences one at a time. Below, `T` rows and "positions" are those of the packed batch.
+//!
+//! # Forward
 //! ```text
 //! x₀ = embed[ids]
 //! layer l:  n₁ = rms(x)·w₁           q, k, v = P_q(n₁), P_k(n₁), P_v(n₁);  q, k ← rope(q), rope(k)
@@ -46,7 +54,7 @@
 use super::lora::{LoraLinear, LoraSet};
 use super::Llama;
 use crate::backend::cpu::dropout::splitmix64;
-use crate::backend::{AttnShape, TrainBackend};
+use crate::backend::{Packed, TrainBackend};
 use crate::error::{Error, Result};
 use crate::lora::LoraTarget;
 
@@ -128,26 +136,39 @@ impl<B: TrainBackend> Llama<B> {
             .ok_or_else(|| Error::InvalidArg("training needs a LoRA adapter attached".into()))
     }
 
-    /// The dropout mask of an adapted module for `rows` tokens, or `None` without dropout.
+    /// The dropout mask of an adapted module for the `rows` packed rows from `site.row0`, or
+    /// `None` without dropout. Each sequence's rows get that sequence's mask (seeded by its own
+    /// seed, element offsets counted from its first row), so packing never changes a mask.
     fn dropout_keep(
         &self,
         ad: &LoraLinear<B>,
         site: Site,
         rows: usize,
-        seed: Option<u64>,
+        batch: &StepBatch,
     ) -> Result<Option<B::Buf>> {
         let p = self.lora_or_err()?.dropout;
-        match seed {
-            Some(seed) if p > 0.0 => {
-                let n = rows * ad.in_features;
-                let mut keep = self.backend.zeros(n)?;
-                let seed = module_seed(seed, site.layer, site.target);
-                let offset = (site.row0 * ad.in_features) as u64;
-                self.backend.dropout_mask(&mut keep, n, p, seed, offset)?;
-                Ok(Some(keep))
+        let Some(seeds) = batch.seeds.as_deref().filter(|_| p > 0.0) else {
+            return Ok(None);
+        };
+        let (b, width) = (&self.backend, ad.in_features);
+        let mut keep = b.zeros(rows * width)?;
+        let (lo, hi) = (site.row0, site.row0 + rows);
+        for ((start, len), &seed) in batch.spans().zip(seeds) {
+            let (a, e) = (start.max(lo), (start + len).min(hi));
+            if a >= e {
+                continue;
             }
-            _ => Ok(None),
+            let seed = module_seed(seed, site.layer, site.target);
+            let (n, offset) = ((e - a) * width, ((a - start) * width) as u64);
+            if a == lo && e == hi {
+                b.dropout_mask(&mut keep, n, p, seed, offset)?;
+            } else {
+                let mut part = b.zeros(n)?;
+                b.dropout_mask(&mut part, n, p, seed, offset)?;
+                b.copy(&mut keep, (a - lo) * width, &part, 0, n)?;
+            }
         }
+        Ok(Some(keep))
     }
 
     /// `out = P(x)` for a projection during training; returns the adapter's `x̃·Aᵀ` if adapted.
@@ -157,7 +178,7 @@ impl<B: TrainBackend> Llama<B> {
         x: &B::Buf,
         site: Site,
         rows: usize,
-        seed: Option<u64>,
+        batch: &StepBatch,
     ) -> Result<Option<B::Buf>> {
         let b = &self.backend;
         b.matmul(out, x, self.base_weight(site.layer, site.target), rows)?;
@@ -166,7 +187,7 @@ impl<B: TrainBackend> Llama<B> {
             return Ok(None);
         };
         let rank = lora.params.rank;
-        let keep = self.dropout_keep(ad, site, rows, seed)?;
+        let keep = self.dropout_keep(ad, site, rows, batch)?;
         let mut xa = b.zeros(rows * rank)?;
         b.lora_forward_add(
             out,
@@ -194,12 +215,12 @@ impl<B: TrainBackend> Llama<B> {
         rows: usize,
         accumulate: bool,
         grads: &mut LoraSet<B>,
-        seed: Option<u64>,
+        batch: &StepBatch,
     ) -> Result<()> {
         let w = self.base_weight(site.layer, site.target);
         self.backend.matmul_dx(dx, dy, w, rows, accumulate)?;
         match xa {
-            Some(xa) => self.lora_share(dx, dy, x, xa, site, rows, grads, seed),
+            Some(xa) => self.lora_share(dx, dy, x, xa, site, rows, grads, batch),
             None => Ok(()),
         }
     }
@@ -216,14 +237,14 @@ impl<B: TrainBackend> Llama<B> {
         site: Site,
         rows: usize,
         grads: &mut LoraSet<B>,
-        seed: Option<u64>,
+        batch: &StepBatch,
     ) -> Result<()> {
         let lora = self.lora_or_err()?;
         let Some(ad) = lora.params.get(site.layer, site.target) else {
             return Ok(());
         };
         let rank = lora.params.rank;
-        let keep = self.dropout_keep(ad, site, rows, seed)?;
+        let keep = self.dropout_keep(ad, site, rows, batch)?;
         let g = grads.get_mut(site.layer, site.target).ok_or_else(|| {
             Error::InvalidArg(format!(
                 "no gradient buffer for adapted module {}",
@@ -245,12 +266,9 @@ impl<B: TrainBackend> Llama<B> {
         )
     }
 
-    fn attn_shape(&self, t: usize) -> AttnShape {
-        AttnShape {
-            batch: 1,
-            q_len: t,
-            pos0: 0,
-            cache_cap: t,
+    fn packed<'a>(&self, lens: &'a [usize]) -> Packed<'a> {
+        Packed {
+            lens,
             heads: self.cfg.num_attention_heads,
             kv_heads: self.cfg.num_key_value_heads,
             head_dim: self.cfg.head_dim,
@@ -262,10 +280,10 @@ impl<B: TrainBackend> Llama<B> {
         &self,
         l: usize,
         x: &B::Buf,
-        positions: &[u32],
-        seed: Option<u64>,
+        batch: &StepBatch,
     ) -> Result<(LayerActs<B>, B::Buf)> {
-        let (cfg, b, t) = (&self.cfg, &self.backend, positions.len());
+        let (cfg, b, t) = (&self.cfg, &self.backend, batch.rows());
+        let positions = &batch.positions;
         let (c, qd, kvd, f) = (
             cfg.hidden_size,
             cfg.q_dim(),
@@ -280,7 +298,7 @@ impl<B: TrainBackend> Llama<B> {
         let mut k = b.zeros(t * kvd)?;
         let mut v = b.zeros(t * kvd)?;
         for (i, (out, target)) in [&mut q, &mut k, &mut v].into_iter().zip(QKV).enumerate() {
-            xa[i] = self.project_train(out, &n, Site::layer(l, target), t, seed)?;
+            xa[i] = self.project_train(out, &n, Site::layer(l, target), t, batch)?;
         }
         let (heads, kv_heads, d) = (
             cfg.num_attention_heads,
@@ -291,21 +309,21 @@ impl<B: TrainBackend> Llama<B> {
         b.rope(&mut k, positions, &self.inv_freq, kv_heads, d)?;
         let mut att = b.zeros(t * qd)?;
         let mut lse = b.zeros(t * heads)?;
-        b.attention_train(&mut att, &mut lse, &q, &k, &v, self.attn_shape(t))?;
+        b.attention_train(&mut att, &mut lse, &q, &k, &v, self.packed(&batch.lens))?;
         let mut h = b.zeros(t * c)?;
-        xa[3] = self.project_train(&mut h, &att, Site::layer(l, LoraTarget::OProj), t, seed)?;
+        xa[3] = self.project_train(&mut h, &att, Site::layer(l, LoraTarget::OProj), t, batch)?;
         b.add_assign(&mut h, x, t * c)?;
         b.rmsnorm(&mut n, &h, &w.mlp_norm, t, c, cfg.rms_norm_eps)?;
         let mut gate = b.zeros(t * f)?;
         let mut up = b.zeros(t * f)?;
         let (gp, upj) = (LoraTarget::GateProj, LoraTarget::UpProj);
-        xa[4] = self.project_train(&mut gate, &n, Site::layer(l, gp), t, seed)?;
-        xa[5] = self.project_train(&mut up, &n, Site::layer(l, upj), t, seed)?;
+        xa[4] = self.project_train(&mut gate, &n, Site::layer(l, gp), t, batch)?;
+        xa[5] = self.project_train(&mut up, &n, Site::layer(l, upj), t, batch)?;
         let mut m = b.zeros(t * f)?;
         b.swiglu(&mut m, &gate, &up, t * f)?;
         let mut out = b.zeros(t * c)?;
         let down = Site::layer(l, LoraTarget::DownProj);
-        xa[6] = self.project_train(&mut out, &m, down, t, seed)?;
+        xa[6] = self.project_train(&mut out, &m, down, t, batch)?;
         b.add_assign(&mut out, &h, t * c)?;
         let acts = LayerActs {
             h: b.stash(h, t * c)?,
@@ -330,7 +348,7 @@ impl<B: TrainBackend> Llama<B> {
         dx: &mut B::Buf,
         t: usize,
         grads: &mut LoraSet<B>,
-        seed: Option<u64>,
+        batch: &StepBatch,
     ) -> Result<()> {
         let (cfg, b) = (&self.cfg, &self.backend);
         let (c, f, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
@@ -340,7 +358,7 @@ impl<B: TrainBackend> Llama<B> {
         let mut dm = b.zeros(t * f)?;
         let down = Site::layer(l, LoraTarget::DownProj);
         let xa = a.xa[6].as_ref();
-        self.project_backward(&mut dm, dx, &m, xa, down, t, false, grads, seed)?;
+        self.project_backward(&mut dm, dx, &m, xa, down, t, false, grads, batch)?;
         drop(m);
         let (mut dg, mut du) = (b.zeros(t * f)?, b.zeros(t * f)?);
         b.swiglu_backward(&mut dg, &mut du, &dm, &gate, &up, t * f)?;
@@ -360,7 +378,7 @@ impl<B: TrainBackend> Llama<B> {
             t,
             false,
             grads,
-            seed,
+            batch,
         )?;
         let xa = a.xa[5].as_ref();
         self.project_backward(
@@ -372,7 +390,7 @@ impl<B: TrainBackend> Llama<B> {
             t,
             true,
             grads,
-            seed,
+            batch,
         )?;
         drop((dg, du, n));
         let mut tmp = b.zeros(t * c)?;
@@ -389,21 +407,21 @@ impl<B: TrainBackend> Llama<B> {
         x: &B::Buf,
         a: &LayerActs<B>,
         dx: &mut B::Buf,
-        positions: &[u32],
         grads: &mut LoraSet<B>,
-        seed: Option<u64>,
+        batch: &StepBatch,
         need_dx: bool,
     ) -> Result<()> {
-        let (cfg, b, t) = (&self.cfg, &self.backend, positions.len());
+        let (cfg, b, t) = (&self.cfg, &self.backend, batch.rows());
+        let positions = &batch.positions;
         let (c, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
         let eps = cfg.rms_norm_eps;
-        self.mlp_backward(l, a, dx, t, grads, seed)?; // dx is now dh
-                                                      // Attention block: h = x + P_o(att), att = attn(rope(P_q(n₁)), rope(P_k(n₁)), P_v(n₁)).
+        self.mlp_backward(l, a, dx, t, grads, batch)?; // dx is now dh
+                                                       // Attention block: h = x + P_o(att), att = attn(rope(P_q(n₁)), rope(P_k(n₁)), P_v(n₁)).
         let att = b.unstash(&a.att, t * qd)?;
         let mut datt = b.zeros(t * qd)?;
         let o = Site::layer(l, LoraTarget::OProj);
         let xa = a.xa[3].as_ref();
-        self.project_backward(&mut datt, dx, &att, xa, o, t, false, grads, seed)?;
+        self.project_backward(&mut datt, dx, &att, xa, o, t, false, grads, batch)?;
         let (mut dq, mut dk, mut dv) = (b.zeros(t * qd)?, b.zeros(t * kvd)?, b.zeros(t * kvd)?);
         {
             let (q, k, v) = (
@@ -411,7 +429,7 @@ impl<B: TrainBackend> Llama<B> {
                 b.unstash(&a.k, t * kvd)?,
                 b.unstash(&a.v, t * kvd)?,
             );
-            let shape = self.attn_shape(t);
+            let shape = self.packed(&batch.lens);
             let (dqkv, qkv) = ((&mut dq, &mut dk, &mut dv), (&q, &k, &v));
             b.attention_backward(
                 dqkv.0, dqkv.1, dqkv.2, &datt, qkv.0, qkv.1, qkv.2, &att, &a.lse, shape,
@@ -431,10 +449,10 @@ impl<B: TrainBackend> Llama<B> {
         for (i, (dy, target)) in [&dq, &dk, &dv].into_iter().zip(QKV).enumerate() {
             let (xa, site) = (a.xa[i].as_ref(), Site::layer(l, target));
             if need_dx {
-                self.project_backward(&mut dn, dy, &n, xa, site, t, i > 0, grads, seed)?;
+                self.project_backward(&mut dn, dy, &n, xa, site, t, i > 0, grads, batch)?;
             } else if let Some(xa) = xa {
                 // Layer 0: only the adapter's dA, dB are needed; skip the base share dy·W.
-                self.lora_share(&mut dn, dy, &n, xa, site, t, grads, seed)?;
+                self.lora_share(&mut dn, dy, &n, xa, site, t, grads, batch)?;
             }
         }
         if need_dx {
@@ -453,7 +471,7 @@ impl<B: TrainBackend> Llama<B> {
         targets: &[i32],
         scale: f32,
         grads: &mut LoraSet<B>,
-        seed: Option<u64>,
+        batch: &StepBatch,
         dx: &mut B::Buf,
     ) -> Result<f64> {
         let (cfg, b, t) = (&self.cfg, &self.backend, targets.len());
@@ -473,11 +491,11 @@ impl<B: TrainBackend> Llama<B> {
                 row0: r0,
             };
             b.copy(&mut nc, 0, &n, r0 * c, rows * c)?;
-            let xa = self.project_train(&mut z, &nc, site, rows, seed)?;
+            let xa = self.project_train(&mut z, &nc, site, rows, batch)?;
             b.cross_entropy_fused(&mut z, &mut lc, &targets[r0..r0 + rows], vocab, scale)?;
             b.copy(&mut losses, r0, &lc, 0, rows)?;
             let xa = xa.as_ref();
-            self.project_backward(&mut dnc, &z, &nc, xa, site, rows, false, grads, seed)?;
+            self.project_backward(&mut dnc, &z, &nc, xa, site, rows, false, grads, batch)?;
             b.copy(&mut dn, r0 * c, &dnc, 0, rows * c)?;
         }
         drop((z, nc, dnc, n));
@@ -498,41 +516,120 @@ impl<B: TrainBackend> Llama<B> {
         recompute: Recompute,
         dropout_seed: Option<u64>,
     ) -> Result<StepStats> {
-        let (cfg, b, t) = (&self.cfg, &self.backend, ids.len());
-        if t == 0 || targets.len() != t {
-            return Err(Error::InvalidArg(format!(
-                "forward_backward: {t} tokens with {} targets",
-                targets.len()
-            )));
-        }
-        let c = cfg.hidden_size;
-        let seed = dropout_seed;
-        let positions: Vec<u32> = (0..t as u32).collect();
+        let seq = SeqInput {
+            ids,
+            targets,
+            dropout_seed,
+        };
+        self.forward_backward_packed(&[seq], scale, grads, recompute)
+    }
+
+    /// Forward and backward of a micro-batch, its sequences packed along the token axis (see
+    /// the module docs): every projection, norm and elementwise op runs once over all `Σ T_i`
+    /// rows, attention and RoPE positions restart per sequence, each sequence keeps its own
+    /// dropout masks. Equals calling [`Llama::forward_backward`] once per sequence (up to f32
+    /// summation order). Dropout is on for all sequences or for none.
+    pub fn forward_backward_packed(
+        &self,
+        seqs: &[SeqInput],
+        scale: f32,
+        grads: &mut LoraSet<B>,
+        recompute: Recompute,
+    ) -> Result<StepStats> {
+        let batch = StepBatch::new(seqs)?;
+        let (b, t, c) = (&self.backend, batch.rows(), self.cfg.hidden_size);
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.ids.iter().copied()).collect();
+        let targets: Vec<i32> = seqs
+            .iter()
+            .flat_map(|s| s.targets.iter().copied())
+            .collect();
         let mut x = b.zeros(t * c)?;
-        b.embedding(&mut x, &self.embed, ids, c)?;
+        b.embedding(&mut x, &self.embed, &ids, c)?;
         let mut inputs = Vec::with_capacity(self.layers.len());
         let mut saved = Vec::new();
         for l in 0..self.layers.len() {
-            let (acts, out) = self.layer_forward_train(l, &x, &positions, seed)?;
+            let (acts, out) = self.layer_forward_train(l, &x, &batch)?;
             if recompute == Recompute::Selective {
                 saved.push(acts);
             }
             inputs.push(b.stash(std::mem::replace(&mut x, out), t * c)?);
         }
         let mut dx = b.zeros(t * c)?;
-        let loss_sum = self.head_backward(&x, targets, scale, grads, seed, &mut dx)?;
+        let loss_sum = self.head_backward(&x, &targets, scale, grads, &batch, &mut dx)?;
         drop(x);
         for l in (0..self.layers.len()).rev() {
             let x_l = b.unstash(&inputs.pop().expect("one input per layer"), t * c)?;
             let acts = match recompute {
                 Recompute::Selective => saved.pop().expect("one activation set per layer"),
-                Recompute::Full => self.layer_forward_train(l, &x_l, &positions, seed)?.0,
+                Recompute::Full => self.layer_forward_train(l, &x_l, &batch)?.0,
             };
-            self.layer_backward(l, &x_l, &acts, &mut dx, &positions, grads, seed, l > 0)?;
+            self.layer_backward(l, &x_l, &acts, &mut dx, grads, &batch, l > 0)?;
         }
         Ok(StepStats {
             loss_sum,
             targets: targets.iter().filter(|&&t| t >= 0).count(),
+        })
+    }
+}
+
+/// One sequence of a training micro-batch: token ids, next-token targets (`-100`: no loss) and
+/// the seed of its dropout masks (`None`: no dropout).
+#[derive(Debug, Clone, Copy)]
+pub struct SeqInput<'a> {
+    pub ids: &'a [u32],
+    pub targets: &'a [i32],
+    pub dropout_seed: Option<u64>,
+}
+
+/// The packed layout of a micro-batch: sequence lengths, each row's position (restarting at 0
+/// per sequence), and the sequences' dropout seeds.
+struct StepBatch {
+    lens: Vec<usize>,
+    positions: Vec<u32>,
+    seeds: Option<Vec<u64>>,
+}
+
+impl StepBatch {
+    fn new(seqs: &[SeqInput]) -> Result<Self> {
+        if seqs.is_empty() {
+            return Err(Error::InvalidArg("forward_backward: no sequences".into()));
+        }
+        for s in seqs {
+            if s.ids.is_empty() || s.targets.len() != s.ids.len() {
+                return Err(Error::InvalidArg(format!(
+                    "forward_backward: {} tokens with {} targets",
+                    s.ids.len(),
+                    s.targets.len()
+                )));
+            }
+        }
+        let seeds: Vec<Option<u64>> = seqs.iter().map(|s| s.dropout_seed).collect();
+        let seeds = match seeds.iter().all(Option::is_some) {
+            true => Some(seeds.into_iter().flatten().collect()),
+            false if seeds.iter().all(Option::is_none) => None,
+            false => {
+                return Err(Error::InvalidArg(
+                    "forward_backward: dropout seeds for some sequences of a batch only".into(),
+                ))
+            }
+        };
+        Ok(StepBatch {
+            lens: seqs.iter().map(|s| s.ids.len()).collect(),
+            positions: seqs.iter().flat_map(|s| 0..s.ids.len() as u32).collect(),
+            seeds,
+        })
+    }
+
+    fn rows(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// `(first row, length)` of every sequence.
+    fn spans(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.lens.iter().scan(0usize, |start, &len| {
+            let s = *start;
+            *start += len;
+            Some((s, len))
         })
     }
 }

@@ -10,7 +10,7 @@ use crate::backend::cpu::dropout::splitmix64;
 use crate::backend::{Backend, TrainBackend};
 use crate::error::{Error, Result};
 use crate::lora::{peft_key, trainable_report, LoraConfig, LoraWeights};
-use crate::model::{Llama, Lora, LoraSet};
+use crate::model::{Llama, Lora, LoraSet, SeqInput};
 use crate::train::checkpoint::{
     checkpoint_dir, list_checkpoints, prepare_output, save_checkpoint, TrainerState,
 };
@@ -193,9 +193,9 @@ impl<B: TrainBackend> Run<B> {
         Ok((run, data, trainable))
     }
 
-    /// The training examples of optimizer step `step` (1-based): batches `[(s−1)·ga, s·ga)` of
-    /// its epoch, flattened.
-    fn step_examples(&mut self, cfg: &TrainConfig, step: usize) -> Vec<usize> {
+    /// The micro-batches of optimizer step `step` (1-based): batches `[(s−1)·ga, s·ga)` of its
+    /// epoch, each flattened to its examples (a packed row holds several).
+    fn step_batches(&mut self, cfg: &TrainConfig, step: usize) -> Vec<Vec<usize>> {
         let epoch = (step - 1) / self.steps_per_epoch;
         let j = (step - 1) % self.steps_per_epoch;
         if self.epoch_cache.as_ref().map(|c| c.0) != Some(epoch) {
@@ -205,7 +205,10 @@ impl<B: TrainBackend> Run<B> {
         let batches = &self.epoch_cache.as_ref().expect("filled above").1;
         let ga = cfg.grad_accum;
         let micro = &batches[(j * ga).min(batches.len())..((j + 1) * ga).min(batches.len())];
-        micro.iter().flatten().flatten().copied().collect()
+        micro
+            .iter()
+            .map(|b| b.iter().flatten().copied().collect())
+            .collect()
     }
 
     /// The error that stops a diverged run, naming the last good checkpoint.
@@ -225,8 +228,9 @@ impl<B: TrainBackend> Run<B> {
         ))
     }
 
-    /// One optimizer step: forward + backward of every sequence of its micro-batches (gradients
-    /// summed with weight `1/N`, `N` the step's target tokens), then clip + AdamW.
+    /// One optimizer step: forward + backward of each of its micro-batches, the batch's sequences
+    /// packed along the token axis (gradients summed with weight `1/N`, `N` the step's target
+    /// tokens), then clip + AdamW.
     pub fn step(
         &mut self,
         cfg: &TrainConfig,
@@ -234,30 +238,44 @@ impl<B: TrainBackend> Run<B> {
         step: usize,
         clock: &mut Clock,
     ) -> Result<StepInfo> {
-        let seqs = self.step_examples(cfg, step);
-        let n_targets: usize = seqs.iter().map(|&i| data.train[i].num_targets()).sum();
+        let micro = self.step_batches(cfg, step);
+        let n_targets: usize = micro
+            .iter()
+            .flatten()
+            .map(|&i| data.train[i].num_targets())
+            .sum();
         let scale = if n_targets == 0 {
             0.0
         } else {
             1.0 / n_targets as f32
         };
-        let lora = self.model.lora.as_ref().expect("attached in setup");
+        let dropout = self.model.lora.as_ref().expect("attached in setup").dropout;
         let mut loss_sum = 0.0;
-        for (k, &i) in seqs.iter().enumerate() {
-            let ex = &data.train[i];
-            let seed = (lora.dropout > 0.0)
-                .then(|| splitmix64(cfg.seed ^ splitmix64(((step as u64) << 24) | k as u64)));
-            let targets = shift_labels(&ex.labels);
-            let st = self.model.forward_backward(
-                &ex.ids,
-                &targets,
-                scale,
-                &mut self.grads,
-                cfg.recompute,
-                seed,
-            )?;
+        let mut k = 0u64; // the example's index within the step: its dropout seed
+        for batch in &micro {
+            let targets: Vec<Vec<i32>> = batch
+                .iter()
+                .map(|&i| shift_labels(&data.train[i].labels))
+                .collect();
+            let seqs: Vec<SeqInput> = batch
+                .iter()
+                .zip(&targets)
+                .map(|(&i, t)| {
+                    let seed = (dropout > 0.0)
+                        .then(|| splitmix64(cfg.seed ^ splitmix64(((step as u64) << 24) | k)));
+                    k += 1;
+                    SeqInput {
+                        ids: &data.train[i].ids,
+                        targets: t,
+                        dropout_seed: seed,
+                    }
+                })
+                .collect();
+            let st =
+                self.model
+                    .forward_backward_packed(&seqs, scale, &mut self.grads, cfg.recompute)?;
             loss_sum += st.loss_sum;
-            clock.session_tokens += ex.ids.len() as u64;
+            clock.session_tokens += seqs.iter().map(|s| s.ids.len() as u64).sum::<u64>();
         }
         let loss = loss_sum / n_targets.max(1) as f64;
         if !loss.is_finite() {

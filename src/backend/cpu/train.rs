@@ -7,27 +7,45 @@ use super::backward::{
 };
 use super::flash_attention::{flash_attention_backward, flash_attention_forward};
 use super::{check_len, CpuBackend, CpuLinear, CpuWeight};
-use crate::backend::{AttnShape, LoraShape, TrainBackend};
+use crate::backend::{LoraShape, Packed, TrainBackend};
 use crate::error::{Error, Result};
 use crate::train::{clip_grad_norm, grad_norm, AdamParamState, AdamW, OptimKind};
 
-/// Checks the buffers of a training attention call against its shape: `(query, key/value)`
-/// element counts.
-fn check_attention(s: AttnShape, q: &[(&str, usize)], kv: &[(&str, usize)]) -> Result<()> {
-    if s.pos0 + s.q_len > s.cache_cap || s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
+/// Checks the buffers of a packed training attention call: `(name, length)` of the query-shaped
+/// (`[rows, heads, D]`) and key-shaped (`[rows, kv_heads, D]`) buffers and of `lse`.
+fn check_attention(p: Packed, q: &[(&str, usize)], kv: &[(&str, usize)], lse: usize) -> Result<()> {
+    if p.kv_heads == 0 || p.heads % p.kv_heads != 0 {
         return Err(Error::Backend(format!(
-            "cpu attention: inconsistent shape {s:?}"
+            "cpu attention: {} heads cannot share {} kv heads",
+            p.heads, p.kv_heads
         )));
     }
-    let q_n = s.batch * s.q_len * s.heads * s.head_dim;
-    let kv_n = s.batch * s.cache_cap * s.kv_heads * s.head_dim;
+    let rows = p.rows();
     for (what, len) in q {
-        check_len(&format!("attention {what}"), *len, q_n)?;
+        check_len(
+            &format!("attention {what}"),
+            *len,
+            rows * p.heads * p.head_dim,
+        )?;
     }
     for (what, len) in kv {
-        check_len(&format!("attention {what}"), *len, kv_n)?;
+        check_len(
+            &format!("attention {what}"),
+            *len,
+            rows * p.kv_heads * p.head_dim,
+        )?;
     }
-    Ok(())
+    check_len("attention lse", lse, rows * p.heads)
+}
+
+/// `(query, key/value, lse)` element ranges of the sequence at rows `start..start + len`.
+fn seq_ranges(p: Packed, start: usize, len: usize) -> [std::ops::Range<usize>; 3] {
+    let (qw, kw) = (p.heads * p.head_dim, p.kv_heads * p.head_dim);
+    [
+        start * qw..(start + len) * qw,
+        start * kw..(start + len) * kw,
+        start * p.heads..(start + len) * p.heads,
+    ]
 }
 
 /// Checks the buffers of a LoRA op against its shape.
@@ -134,15 +152,16 @@ impl TrainBackend for CpuBackend {
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
-        s: AttnShape,
+        p: Packed,
     ) -> Result<()> {
-        check_attention(
-            s,
-            &[("out", out.len()), ("q", q.len())],
-            &[("k", k.len()), ("v", v.len())],
-        )?;
-        check_len("attention lse", lse.len(), s.batch * s.q_len * s.heads)?;
-        flash_attention_forward(out, lse, q, k, v, s);
+        let qs = [("out", out.len()), ("q", q.len())];
+        check_attention(p, &qs, &[("k", k.len()), ("v", v.len())], lse.len())?;
+        for (start, len) in p.spans() {
+            let [qr, kr, lr] = seq_ranges(p, start, len);
+            let (o, l) = (&mut out[qr.clone()], &mut lse[lr]);
+            let (k, v) = (&k[kr.clone()], &v[kr]);
+            flash_attention_forward(o, l, &q[qr], k, v, p.seq(len));
+        }
         Ok(())
     }
 
@@ -157,25 +176,32 @@ impl TrainBackend for CpuBackend {
         v: &Vec<f32>,
         out: &Vec<f32>,
         lse: &Vec<f32>,
-        s: AttnShape,
+        p: Packed,
     ) -> Result<()> {
-        check_attention(
-            s,
-            &[
-                ("dq", dq.len()),
-                ("dout", dout.len()),
-                ("q", q.len()),
-                ("out", out.len()),
-            ],
-            &[
-                ("dk", dk.len()),
-                ("dv", dv.len()),
-                ("k", k.len()),
-                ("v", v.len()),
-            ],
-        )?;
-        check_len("attention lse", lse.len(), s.batch * s.q_len * s.heads)?;
-        flash_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, s);
+        let qs = [
+            ("dq", dq.len()),
+            ("dout", dout.len()),
+            ("q", q.len()),
+            ("out", out.len()),
+        ];
+        let kvs = [
+            ("dk", dk.len()),
+            ("dv", dv.len()),
+            ("k", k.len()),
+            ("v", v.len()),
+        ];
+        check_attention(p, &qs, &kvs, lse.len())?;
+        for (start, len) in p.spans() {
+            let [qr, kr, lr] = seq_ranges(p, start, len);
+            let (dq, dk, dv) = (
+                &mut dq[qr.clone()],
+                &mut dk[kr.clone()],
+                &mut dv[kr.clone()],
+            );
+            let (q, k, v) = (&q[qr.clone()], &k[kr.clone()], &v[kr]);
+            let (dout, out, lse) = (&dout[qr.clone()], &out[qr], &lse[lr]);
+            flash_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, p.seq(len));
+        }
         Ok(())
     }
 
