@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Checks that the emulator harness catches bugs: applies one deliberate bug ("mutant") at a time
+# to a copy of kernels/, runs the affected family through run.sh, and expects it to fail.
+# Prints "caught" (with the first failing row or emulator error) or "MISSED" per mutant; exits
+# non-zero if any mutant was missed or no longer applies. Not part of CI (a few minutes).
+#
+#   bash scripts/cuda_emu/mutants.sh [name-filter]
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+filter=${1:-}
+work=$(mktemp -d "${TMPDIR:-/tmp}/cuda_emu_mutants.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+# name | file | sed expression (basic regex; must change the file) | family | what it breaks
+mutants=(
+  "fa-no-sync|flash_attention.cu|/everyone is done with the previous tile/d|flash_attention|missing barrier before a K/V tile is overwritten"
+  "fa-ldsm-order|flash_attention.cuh|s/((lane >> 3) & 1) \* 8) \* ld + n0 + (lane >> 4) \* 8/((lane >> 4) \& 1) * 8) * ld + n0 + ((lane >> 3) \& 1) * 8/|flash_attention|ldmatrix.trans matrices in the wrong order"
+  "fa-ldsm-misaligned|flash_attention.cuh|s/+ n0 + (lane >> 4) \* 8);/+ n0 + (lane >> 4) * 4);/|flash_attention|ldmatrix row addresses not 16-byte aligned"
+  "fa-bwd-no-sync|flash_attention.cu|/__float2bfloat16_rn(dpt\[n\]\[e\]);/{n;/__syncthreads/d}|flash_attention|backward reads dS before all warps wrote it"
+  "fa-tile-guard|flash_attention.cuh|s/r < valid ? __ldg/true ? __ldg/|flash_attention|tile loader reads rows past T"
+  "fa-causal|flash_attention.cu|s/key > row\[e >> 1\]/key >= row[e >> 1]/|flash_attention|causal mask hides the diagonal"
+  "fa-dq-store|flash_attention.cu|s/atomicAdd(dst, c \* acc\[j\]\[2 \* i\]);/dst[0] = c * acc[j][2 * i];/|flash_attention|dq stored instead of accumulated"
+  "dx-nibbles|nf4_gemm_dx.cu|s/pack_bf16x2(__fmul_rn(lut\[byte >> 4\], sc\[i\]), __fmul_rn(lut\[byte & 0xfu\], sc\[i\]))/pack_bf16x2(__fmul_rn(lut[byte \& 0xfu], sc[i]), __fmul_rn(lut[byte >> 4], sc[i]))/|nf4_gemm_dx|NF4 nibble order swapped"
+  "dx-no-sync|nf4_gemm_dx.cu|/lut and code are visible before the first decode/d|nf4_gemm_dx|decode before the table is in shared memory"
+  "dx-k-bound|nf4_gemm_dx.cu|s/\* 16 < K ? 1u : 0u/* 16 <= K ? 1u : 0u/|nf4_gemm_dx|W runs past K are loaded"
+  "dx-misaligned|nf4_gemm_dx.cu|s/\&As\[buf\]\[ar0 + i \* (THREADS \/ 8)\]\[ac\])/\&As[buf][ar0 + i * (THREADS \/ 8)][ac + 1])/|nf4_gemm_dx|8-byte shared store at a 2-byte offset"
+  "gemm-edge|nf4_gemm.cu|s/if (c + 1 < N) dst\[1\]/if (c < N) dst[1]/|nf4_gemm|stores one column past N"
+  "gemm-nested|nf4_gemm.cu|s/nested_absmax\[b \/ nested_blocksize\]/nested_absmax[b \/ 256]/|nf4_gemm|nested block size ignored"
+  "gemm-frag|nf4_gemm.cu|s/af\[i\]\[1\] = \*reinterpret_cast<const uint32_t\*>(&As\[buf\]\[r + 8\]\[kk + 2 \* t\]);/af[i][1] = *reinterpret_cast<const uint32_t*>(\&As[buf][r][kk + 2 * t + 8]);/|nf4_gemm|A fragment register 1 from the wrong rows"
+  "xent-no-sync|cross_entropy.cu|/also publishes zt_shared/d|misc|per-warp partials read before written"
+  "rms-shfl|rmsnorm.cu|0,/for (int s = 16; s > 0; s >>= 1) ss +=/s//for (int s = 8; s > 0; s >>= 1) ss +=/|misc|warp reduction skips a level"
+  "rms-diverge|rmsnorm.cu|s/if (threadIdx.x < 32) {/if (threadIdx.x < 16) {/|misc|warp shuffle in divergent code"
+  "adamw-fma|adamw.cu|s/lerp_lo ? f_fma(w1, d, mi)/lerp_lo ? f_add(f_mul(w1, d), mi)/|misc|m not computed with one rounding"
+)
+
+missed=0
+for m in "${mutants[@]}"; do
+  IFS='|' read -r name file expr family what <<<"$m"
+  [ -n "$filter" ] && [[ $name != *"$filter"* ]] && continue
+  dir=$work/$name
+  mkdir -p "$dir"
+  cp "$root"/kernels/*.cu "$root"/kernels/*.cuh "$dir/"
+  sed -i "$expr" "$dir/$file" 2>/dev/null || true
+  if cmp -s "$root/kernels/$file" "$dir/$file"; then
+    echo "$name: DOES NOT APPLY (kernel changed?)"
+    missed=$((missed + 1))
+    continue
+  fi
+  out=$(EMU_KERNELS=$dir bash "$here/run.sh" "$family" 2>&1)
+  if [ $? -ne 0 ]; then
+    why=$(grep -m1 -E "FAIL$|EMU ERROR|AddressSanitizer|error:" <<<"$out" | sed -E 's/ +/ /g')
+    echo "$name ($what): caught: ${why:-non-zero exit}"
+  else
+    echo "$name ($what): MISSED"
+    missed=$((missed + 1))
+  fi
+done
+[ $missed -eq 0 ]
