@@ -7,13 +7,14 @@
 //! - **Model**: random weights in Llama-2-7B's exact shapes (`tests/fixtures/llama-2-7b-chat-hf/
 //!   config.json`): 32 layers, hidden 4096, MLP 11008, 32 heads, vocab 32000. Decoder projections
 //!   are NF4 (blocksize 64, double-quantized scales, QLoRA's setting), generated directly as
-//!   codes: random bytes per layer (a parallel splitmix64 fill, ~3.2 GB in well under a second on
-//!   16 cores) and one random double-quantized scale vector per weight shape, shared by the
-//!   layers. `Llama::random_nf4` would do the same job with one `StdRng` stream (ChaCha12,
-//!   single-threaded: ~3.2 GB of codes, 101 M scales through `random_range` and the 8-bit
-//!   compression, 131 M lm_head values; several seconds of host time), so this bench builds the
-//!   `Llama` itself. Embeddings are f32, lm_head bf16-exact values (kept in 16 bits on the
-//!   device), norms 1. The build time is printed.
+//!   codes: random bytes per layer and tensor (a splitmix64 fill on every core) and one random
+//!   double-quantized scale vector per weight shape, shared by the layers. `Llama::random_nf4`
+//!   does the same job from one `StdRng` stream on one thread (3.2 GB of codes, 101 M scales
+//!   through `random_range` and the 8-bit compression, 131 M lm_head values): its host work
+//!   measured 7.8 s on this project's 2-core machine under load, this bench's 5.5 s on 2 threads
+//!   (the codes' part scales with cores: ~0.5 s on the device machine's 16), so the bench builds
+//!   the `Llama` itself. Embeddings are f32, lm_head bf16-exact values (kept in 16 bits on the
+//!   device), norms 1. Then ~3.9 GB go up to the device. The build time is printed (`build_s`).
 //! - **Adapters** (PEFT's init: `A` Kaiming-uniform, `B = 0`; dropout 0.1 as in the tutorial):
 //!   `r8-qv` (r 8, alpha 16, q_proj + v_proj: the guanaco-llama2-1k tutorial) and `r16-all`
 //!   (r 16, alpha 32, the seven projections of every layer: PEFT's `all-linear`).
