@@ -4,16 +4,27 @@
 # training run on GPU and CPU with the same seed and data (per-step losses compared, checkpoints
 # resumed across devices), eval/generate CPU vs CUDA, and the benches. Each section has a time
 # limit; `check tests sanitize train e2e` fits one device call of about 8 minutes, `bench` is a
-# second one. Logs go to $OUT (or ./gpu-logs); summary.txt holds one verdict per section.
+# second one. `trainbench` (7B QLoRA training steps, qlora next to transformers + PEFT +
+# bitsandbytes, about 3-5 minutes) is a call of its own and runs only when named (not in
+# `all`); it needs `bash scripts/gpu_bundle.sh train`. Logs go to $OUT (or ./gpu-logs);
+# summary.txt holds one verdict per section.
 #
-#   bash scripts/gpu_run.sh [all|check|tests|sanitize|train|e2e|bench]...
+#   bash scripts/gpu_run.sh [all|check|tests|sanitize|train|e2e|bench|trainbench]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-logs}"; mkdir -p "$out"
 sections=("${@:-all}")
 want() { [[ " ${sections[*]} " == *" all "* || " ${sections[*]} " == *" $1 "* ]]; }
+named() { [[ " ${sections[*]} " == *" $1 "* ]]; }
 verdict() { echo "$1: $2" | tee -a "$out/summary.txt"; }
 q=./.gpu/qlora
+# gpu_bundle.sh ships the binaries xz-compressed (the carry limit): unpack them once.
+for z in .gpu/*.xz; do
+  [[ -e $z ]] || continue
+  { xz -d -f "$z" 2>/dev/null ||
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], "wb"))' "$z"; } &&
+    rm -f "$z" && chmod +x "${z%.xz}"
+done
 
 echo "commit $(cat .gpu/commit)" | tee "$out/info.txt"
 # The test and bench binaries read fixtures under the repository path they were built in.
@@ -129,4 +140,96 @@ if want bench; then
   timeout 150 ./.gpu/bench_cuda --bench --noplot --warm-up-time 1 --measurement-time 2 2>&1 | tee "$out/bench.log"
   verdict bench "exit ${PIPESTATUS[0]}"
 fi
+if named trainbench; then
+  # Llama-2-7B-shaped QLoRA training steps at 4 x 512 tokens: qlora (benches/train.rs: r8-qv and
+  # r16-all, selective and full recompute) then transformers + PEFT + bitsandbytes
+  # (scripts/bench_train_ref.py: the same adapters, gradient checkpointing on and off), one after
+  # the other on the same GPU; then the side-by-side table and the estimated wall time of one
+  # guanaco-llama2-1k epoch. bitsandbytes comes from the slim wheel gpu_bundle.sh put in .gpu/.
+  # TRAINBENCH_REF_ARGS adds arguments to the reference (e.g. `--device cpu --tiny` for a dry run).
+  site=$(mktemp -d)
+  whl=$(ls .gpu/bitsandbytes-*.whl .whl/bitsandbytes-*.whl 2>/dev/null | head -n 1)
+  if [[ -n $whl ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$whl" 2>&1 | tail -n 3
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  if [[ -x ./.gpu/bench_train ]]; then
+    timeout 240 ./.gpu/bench_train 2>&1 | tee "$out/trainbench-qlora.log"
+    ours=${PIPESTATUS[0]}
+  else
+    echo "no .gpu/bench_train: run scripts/gpu_bundle.sh train" | tee "$out/trainbench-qlora.log"
+    ours=missing
+  fi
+  # shellcheck disable=SC2086
+  PYTHONUNBUFFERED=1 timeout 240 python3 scripts/bench_train_ref.py ${TRAINBENCH_REF_ARGS:-} 2>&1 | tee "$out/trainbench-ref.log"
+  ref=${PIPESTATUS[0]}
+  python3 - "$out/trainbench-qlora.log" "$out/trainbench-ref.log" <<'PY' | tee "$out/trainbench.md"
+import json, sys
+# guanaco-llama2-1k (tests/fixtures/guanaco-llama2-1k, 1000 rows) under the tutorial settings
+# (max_seq_len 512, batch 4, 250 steps), counted with the Llama-2 tokenizer fixture as qlora's
+# data pipeline tokenizes plain text (BOS once, EOS appended): 461,907 tokens in all, 299 rows
+# truncated; 345,498 tokens after truncation (what qlora computes: packed, no padding).
+# transformers pads each batch to its longest row: with group_by_length (HF's
+# LengthGroupedSampler, megabatches of 50 x 4 sorted by length) that is 349,079 tokens
+# (mean over 20 shuffles, 348,856-349,300).
+EPOCH_TOKENS, EPOCH_TOKENS_PADDED = 345_498, 349_079
+def rows(path):
+    out = {}
+    for line in open(path, errors="replace"):
+        if line.startswith('{"impl"'):
+            r = json.loads(line)
+            out[r["config"]] = r
+    return out
+ours, ref = rows(sys.argv[1]), rows(sys.argv[2])
+dev = next((r["device"] for r in list(ours.values()) + list(ref.values())), "?")
+def tps(r):
+    return r.get("tokens_per_s") if r else None
+def fmt(v, f="{:.0f}"):
+    return "-" if v is None else f.format(v)
+print(f"\n## 7B QLoRA training, 4 x 512 tokens, on {dev}\n")
+print("| adapter | qlora recompute | qlora tokens/s | qlora MFU | qlora peak MiB "
+      "| reference GC | ref tokens/s | ref MFU | ref peak MiB | ratio |")
+print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|")
+for lora in ("r8-qv", "r16-all"):
+    for mine, theirs in (("selective", "none"), ("full", "full")):
+        o, r = ours.get(f"{lora}/{mine}"), ref.get(f"{lora}/{theirs}")
+        if not o and not r:
+            continue
+        ratio = tps(o) / tps(r) if tps(o) and tps(r) else None
+        print(f"| {lora} | {mine} | {fmt(tps(o))} | {fmt((o or {}).get('mfu'), '{:.1%}')} "
+              f"| {fmt((o or {}).get('peak_device_mib'))} | {'on' if theirs == 'full' else 'off'} "
+              f"| {fmt(tps(r))} | {fmt((r or {}).get('mfu'), '{:.1%}')} "
+              f"| {fmt((r or {}).get('peak_device_mib'))} | {fmt(ratio, '{:.2f}x')} |")
+for name, rs in (("qlora", ours), ("reference", ref)):
+    for c, r in rs.items():
+        if "error" in r:
+            print(f"\n{name} {c} FAILED: {r['error']}")
+print()
+gc = tps(ref.get("r16-all/full"))
+best = max((r for c, r in ours.items() if c.startswith("r16-all/") and tps(r)), key=tps, default=None)
+if gc and best:
+    ratio = tps(best) / gc
+    print(f"target (r16-all, >= 2x the reference with gradient checkpointing): qlora {best['config']} "
+          f"{tps(best):.0f} / {gc:.0f} tokens/s = {ratio:.2f}x ({'met' if ratio >= 2 else 'MISSED'})")
+for mode, limit in (("full", 7e9), ("selective", 11e9)):
+    r = ours.get(f"r16-all/{mode}")
+    if r and r.get("peak_device_mib") is not None:
+        b = r["peak_device_mib"] * 2**20
+        print(f"target (r16-all {mode} peak <= {limit / 1e9:.0f} GB): {b / 1e9:.2f} GB "
+              f"({'met' if b <= limit else 'MISSED'})")
+def epoch(tokens, r):
+    if not tps(r):
+        return "-"
+    s = tokens / tps(r)
+    return f"{int(s // 60)} min {s % 60:02.0f} s ({r['config']}, {tps(r):.0f} tokens/s)"
+print(f"guanaco-llama2-1k epoch, tutorial settings (r 8 q/v, 4 x <=512, 250 steps), estimated: "
+      f"qlora {epoch(EPOCH_TOKENS, ours.get('r8-qv/selective'))}; "
+      f"reference {epoch(EPOCH_TOKENS_PADDED, ref.get('r8-qv/full'))} "
+      f"(tokens/s measured at 4 x 512; the epoch's rows average 345 tokens)")
+PY
+  r16=$(grep -o 'qlora r16-all/[a-z]* [0-9]* / [0-9]* tokens/s = [0-9.]*x' "$out/trainbench.md" | sed 's/.* = //')
+  verdict trainbench "qlora exit $ours, reference exit $ref, r16-all qlora/reference ${r16:-n/a}"
+  rm -rf "$site"
+fi
+
 cat "$out/summary.txt"
