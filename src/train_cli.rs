@@ -7,6 +7,7 @@ use clap::{Args, CommandFactory, ValueEnum};
 use qlora::backend::{self, AnyBackend};
 use qlora::model::Recompute;
 use qlora::train::config::{EvalData, Resume, TrainConfig, Warmup};
+use qlora::train::plan::{fmt_gib, Budget, DryRun, MemoryPlan, Verdict};
 use qlora::train::trainer::{train, Event, TrainSummary};
 use qlora::train::ScheduleKind;
 use std::path::PathBuf;
@@ -154,6 +155,22 @@ pub struct TrainArgs {
     /// Activation memory strategy.
     #[arg(long, value_enum, default_value_t = RecomputeArg::Selective)]
     pub recompute: RecomputeArg,
+    /// Print the device-memory plan of this run (base weights, adapter, optimizer, activations,
+    /// working set, per line) and whether it fits the GPU, then exit without training. Reads only
+    /// config.json, the safetensors headers or shard index, the tokenizer and the data.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: print the plan as one JSON object (`total_bytes`, bytes per line).
+    #[arg(long, requires = "dry_run")]
+    pub json: bool,
+    /// Device memory to check the plan against, a card size such as 24GiB or 24GB (default: the
+    /// free memory of the GPU the run would use, when there is one).
+    #[arg(long, value_name = "SIZE", value_parser = parse_gpu_memory)]
+    pub gpu_memory: Option<usize>,
+}
+
+fn parse_gpu_memory(s: &str) -> std::result::Result<usize, String> {
+    qlora::train::plan::parse_bytes(s)
 }
 
 fn parse_optim(s: &str) -> std::result::Result<qlora::train::OptimKind, String> {
@@ -305,6 +322,9 @@ pub fn expand_config_file(args: Vec<String>) -> Result<Vec<String>> {
 /// Runs `qlora train`.
 pub fn run(a: &TrainArgs) -> Result<()> {
     let cfg = a.to_config()?;
+    if a.dry_run {
+        return dry_run(a, &cfg);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -320,9 +340,198 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let summary = match backend::select_for_training(a.base.device)? {
         AnyBackend::Cpu(b) => run_on(b, &cfg, &stop)?,
         #[cfg(feature = "cuda")]
-        AnyBackend::Cuda(b) => run_on(*b, &cfg, &stop)?,
+        AnyBackend::Cuda(b) => {
+            preflight(a, &cfg, &b)?;
+            run_on(*b, &cfg, &stop)?
+        }
     };
     print_summary(&summary);
+    Ok(())
+}
+
+/// `--gpu-memory` as a budget (a card size: the CUDA context must fit in it too).
+fn card_budget(bytes: usize) -> Budget {
+    Budget {
+        bytes,
+        source: format!("--gpu-memory {}", fmt_gib(bytes)),
+        includes_context: true,
+    }
+}
+
+/// The free memory of an opened device (its context already created) as a budget.
+#[cfg(feature = "cuda")]
+fn device_budget(dev: &qlora::backend::cuda::runtime::CudaDevice) -> qlora::Result<Budget> {
+    let (free, total) = dev.mem_info()?;
+    Ok(Budget {
+        bytes: free,
+        source: format!(
+            "cuda:{} ({}): {} free of {}",
+            dev.ordinal,
+            dev.name,
+            fmt_gib(free),
+            fmt_gib(total)
+        ),
+        includes_context: false,
+    })
+}
+
+/// What a dry run checks the plan against: `--gpu-memory`, else the free memory of the GPU the
+/// run would use (`--device auto` / `cuda:N`), else nothing (with the reason).
+fn dry_run_budget(a: &TrainArgs) -> std::result::Result<Budget, String> {
+    if let Some(b) = a.gpu_memory {
+        return Ok(card_budget(b));
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use qlora::backend::{cuda, DeviceRequest};
+        let ordinal = match a.base.device {
+            DeviceRequest::Cpu => return Err("--device cpu".into()),
+            DeviceRequest::Cuda(n) => n,
+            DeviceRequest::Auto => {
+                let present =
+                    cuda::driver_present() && cuda::runtime::device_count().is_ok_and(|n| n > 0);
+                if !present {
+                    return Err("no GPU found".into());
+                }
+                0
+            }
+        };
+        let dev = cuda::runtime::CudaDevice::new(ordinal).map_err(|e| e.to_string())?;
+        device_budget(&dev).map_err(|e| e.to_string())
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err("this qlora was built without CUDA".into())
+}
+
+/// `qlora train --dry-run`: the memory plan, as text or JSON; an error when it does not fit.
+fn dry_run(a: &TrainArgs, cfg: &TrainConfig) -> Result<()> {
+    let dr = DryRun::new(cfg)?;
+    let plan = dr.plan()?;
+    let budget = dry_run_budget(a);
+    let fit = budget.as_ref().ok().map(|b| dr.check(&plan, b));
+    if a.json {
+        let v = serde_json::json!({
+            "model": dr.model_dir,
+            "recompute": match cfg.recompute { Recompute::Selective => "selective", Recompute::Full => "full" },
+            "micro_batch": plan.micro_batch,
+            "micro_batches": plan.micro_batches,
+            "peak_at": plan.peak_at,
+            "lines": plan.lines,
+            "metered_bytes": plan.metered_bytes,
+            "total_bytes": plan.total_bytes,
+            "context_bytes": plan.context_bytes,
+            "phases": plan.phases,
+            "notes": dr.notes,
+            "fit": fit,
+            "no_budget": budget.as_ref().err(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}", describe(&dr, &plan, cfg));
+        println!("{}", plan.render());
+        match (&fit, &budget) {
+            (Some(f), _) => println!("{}", f.render()),
+            (None, Err(why)) => println!(
+                "no GPU to check against ({why}): pass --gpu-memory SIZE (e.g. 24GiB) to check a card"
+            ),
+            (None, Ok(_)) => {}
+        }
+    }
+    match fit {
+        Some(f) if f.verdict == Verdict::DoesNotFit => {
+            bail!("the memory plan {}", f.render())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The plan's heading: model, adapter, data and where the peak is.
+fn describe(dr: &DryRun, plan: &MemoryPlan, cfg: &TrainConfig) -> String {
+    let m = &dr.run.model.cfg;
+    let ad = &dr.run.adapter;
+    let quant = match cfg.quant {
+        qlora::model::BaseQuant::None => "none (as stored)".to_string(),
+        qlora::model::BaseQuant::Nf4 {
+            blocksize,
+            double_quant,
+        } => format!(
+            "NF4, block {blocksize}{}",
+            if double_quant { ", double quant" } else { "" }
+        ),
+    };
+    let targets: Vec<&str> = ad.targets.iter().map(|t| t.name()).collect();
+    let mb = &plan.micro_batch;
+    let mut s = format!(
+        "memory plan of this run on the CUDA backend\n\
+         model    {}: {} layers, hidden {}, intermediate {}, {}/{} heads, vocab {}; stored {}; base {quant}\n\
+         adapter  r {} on {}, dropout {}, {}\n\
+         batches  {} distinct micro-batches; the peak's: {} tokens in {} sequence(s), the longest {}\n\
+         peak at  {} (--recompute {})",
+        dr.model_dir.display(),
+        m.num_hidden_layers,
+        m.hidden_size,
+        m.intermediate_size,
+        m.num_attention_heads,
+        m.num_key_value_heads,
+        m.vocab_size,
+        dr.run.model.stored,
+        ad.rank,
+        targets.join(","),
+        ad.dropout,
+        if dr.run.paged_optimizer { "paged_adamw_32bit" } else { "adamw" },
+        plan.micro_batches,
+        mb.tokens,
+        mb.sequences,
+        mb.longest_sequence,
+        plan.peak_at,
+        match cfg.recompute {
+            Recompute::Selective => "selective",
+            Recompute::Full => "full",
+        },
+    );
+    for n in &dr.notes {
+        s.push_str(&format!("\nnote     {n}"));
+    }
+    s
+}
+
+/// Before a GPU run: the memory plan against the device's free memory (or `--gpu-memory`); an
+/// error with the knobs that fit when it cannot fit, a warning when it is tight.
+#[cfg(feature = "cuda")]
+fn preflight(
+    a: &TrainArgs,
+    cfg: &TrainConfig,
+    b: &qlora::backend::cuda::backend::CudaBackend,
+) -> Result<()> {
+    let planned = DryRun::new(cfg).and_then(|dr| {
+        let plan = dr.plan()?;
+        let budget = match a.gpu_memory {
+            Some(bytes) => card_budget(bytes),
+            None => device_budget(&b.dev)?,
+        };
+        let fit = dr.check(&plan, &budget);
+        Ok((plan, fit))
+    });
+    let (plan, fit) = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("no memory plan for this run ({e}); starting anyway");
+            return Ok(());
+        }
+    };
+    match fit.verdict {
+        Verdict::DoesNotFit => bail!(
+            "the memory plan {}\n(`qlora train --dry-run` with the same flags prints the whole plan)",
+            fit.render()
+        ),
+        Verdict::Tight => tracing::warn!("memory plan: {}", fit.render()),
+        Verdict::Fits => tracing::info!(
+            total = %fmt_gib(plan.total_bytes),
+            peak_at = %plan.peak_at,
+            "memory plan: {}",
+            fit.render()
+        ),
+    }
     Ok(())
 }
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod metrics;
 pub mod optim;
+pub mod plan;
 mod run;
 pub mod schedule;
 pub mod trainer;
