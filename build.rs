@@ -14,10 +14,11 @@ const ARCHS: &[&str] = &["80", "86", "89", "90"];
 
 /// Kernel files compiled without `--use_fast_math`: their results are specified bit for bit
 /// (NF4 decoding must equal the CPU's f32 arithmetic, subnormal scales included, which
-/// fast math's flush-to-zero would break). Every other file gets fast math (flush-to-zero,
+/// fast math's flush-to-zero would break; NF4 quantization must equal the CPU quantizer, whose
+/// clamp 1e-38 is itself subnormal). Every other file gets fast math (flush-to-zero,
 /// approximate division, square root and `expf`); kernels there that need exact rounding use the
 /// `__f*_rn` intrinsics, which no flag changes.
-const EXACT_MATH: &[&str] = &["nf4", "nf4_gemm", "nf4_gemm_dx"];
+const EXACT_MATH: &[&str] = &["nf4", "nf4_gemm", "nf4_gemm_dx", "nf4_quantize"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -829,3 +829,5 @@ fn training_step_on_fixtures_matches_cpu() {
     }
     assert_checks("training_step_on_fixtures_matches_cpu", rows);
 }
+
+check_test!(check_nf4_quantize, quantize);

@@ -19,6 +19,7 @@ pub use train::{LoraShape, TrainBackend};
 
 use crate::error::Result;
 use crate::quant::Nf4Tensor;
+use crate::weights::DType;
 
 /// A linear projection's weight as it arrives from the checkpoint, on the host.
 #[derive(Debug, Clone)]
@@ -49,6 +50,28 @@ impl HostLinear {
             HostLinear::Dense { data, .. } => 4 * data.len(),
             HostLinear::Nf4(t) => t.nbytes(),
         }
+    }
+}
+
+/// A checkpoint tensor as stored: its dtype and its little-endian, row-major bytes, borrowed from
+/// the memory map (unaligned possibly). What [`Backend::quantize_linear`] reads.
+#[derive(Debug, Clone, Copy)]
+pub struct RawTensor<'a> {
+    pub dtype: DType,
+    pub bytes: &'a [u8],
+}
+
+impl RawTensor<'_> {
+    /// Element `i` widened to f32 (exactly, as [`crate::weights::Checkpoint::load_f32`] does);
+    /// `None` past the end or for a dtype other than F32, F16, BF16.
+    pub fn get_f32(&self, i: usize) -> Option<f32> {
+        let at = |w: usize| self.bytes.get(i * w..(i + 1) * w);
+        Some(match self.dtype {
+            DType::F32 => f32::from_le_bytes(at(4)?.try_into().ok()?),
+            DType::F16 => half::f16::from_le_bytes(at(2)?.try_into().ok()?).to_f32(),
+            DType::BF16 => half::bf16::from_le_bytes(at(2)?.try_into().ok()?).to_f32(),
+            _ => return None,
+        })
     }
 }
 
@@ -134,6 +157,23 @@ pub trait Backend: Send + Sync {
     }
     /// Prepares a linear weight for [`Backend::matmul`].
     fn linear(&self, w: HostLinear) -> Result<Self::Linear>;
+    /// Quantizes a decoder projection `[rows, cols]` to NF4 in the backend's memory straight from
+    /// its stored bytes (F32, F16 or BF16), bit-identical with
+    /// [`crate::quant::quantize_nf4`]`(widened, [rows, cols], blocksize, double_quant)`. A
+    /// non-finite element is an [`crate::Error::InvalidArg`] reading `non-finite weight {value}
+    /// at flat index {i}`. `Ok(None)` means "not here": the caller quantizes on the host and
+    /// calls [`Backend::linear`] (the default, and the CPU's behaviour).
+    fn quantize_linear(
+        &self,
+        raw: RawTensor<'_>,
+        rows: usize,
+        cols: usize,
+        blocksize: usize,
+        double_quant: bool,
+    ) -> Result<Option<Self::Linear>> {
+        let _ = (raw, rows, cols, blocksize, double_quant);
+        Ok(None)
+    }
     /// `(out_features, in_features)` of a prepared weight.
     fn linear_shape(&self, w: &Self::Linear) -> (usize, usize);
     /// Bytes a prepared weight occupies in the backend's memory.

@@ -6,7 +6,8 @@
 //!
 //! One file per op group: `attention.rs` (flash attention forward/backward), `nf4_dx.rs` (the
 //! backward NF4 product), `ops.rs` (RMSNorm/SwiGLU backward, dropout, cross-entropy, stash),
-//! `lora.rs` (the LoRA products), `adamw.rs` (the device optimizer), `model.rs` (a whole step).
+//! `lora.rs` (the LoRA products), `adamw.rs` (the device optimizer), `model.rs` (a whole step),
+//! `quantize.rs` (NF4 quantization while loading, bit for bit).
 
 #[cfg(feature = "cuda")]
 pub mod adamw;
@@ -20,6 +21,8 @@ pub mod model;
 pub mod nf4_dx;
 #[cfg(feature = "cuda")]
 pub mod ops;
+#[cfg(feature = "cuda")]
+pub mod quantize;
 
 /// One comparison of a device result against its specification.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,6 +177,7 @@ pub fn run_all(be: &crate::backend::cuda::backend::CudaBackend) -> Vec<CheckRow>
     rows.extend(rows_or_failure("attention", || attention::run(be)));
     rows.extend(rows_or_failure("adamw", || adamw::run(be)));
     rows.extend(rows_or_failure("training step", || model::run(be)));
+    rows.extend(rows_or_failure("nf4 quantize", || quantize::run(be)));
     rows
 }
 

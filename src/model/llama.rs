@@ -10,7 +10,7 @@
 //! first, so prefill (`pos0 = 0`) and decoding (`T = 1`) are the same code path.
 
 use super::lora::Lora;
-use crate::backend::{AttnShape, Backend, HostLinear};
+use crate::backend::{AttnShape, Backend, HostLinear, RawTensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::LoraTarget;
@@ -86,6 +86,22 @@ impl BaseQuant {
     };
 }
 
+/// Where the time of a [`Llama::load`] went (logged when it finishes).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoadStats {
+    /// Wall time of the whole load, seconds.
+    pub secs: f64,
+    /// Producing the decoder projections: reading, quantizing, moving them to the backend.
+    pub linear_secs: f64,
+    /// Of `linear_secs`, quantizing: the host quantizer, or the backend's
+    /// [`Backend::quantize_linear`] (its upload of the stored bytes included).
+    pub quantize_secs: f64,
+    /// Projections the backend quantized itself.
+    pub device_quantized: usize,
+    /// Projections quantized on the host.
+    pub host_quantized: usize,
+}
+
 /// Reads tensors for [`Llama::load`], counting progress.
 struct TensorSource<'a, P: FnMut(usize, usize)> {
     ckpt: &'a Checkpoint,
@@ -93,6 +109,7 @@ struct TensorSource<'a, P: FnMut(usize, usize)> {
     done: usize,
     total: usize,
     progress: P,
+    stats: LoadStats,
 }
 
 impl<P: FnMut(usize, usize)> TensorSource<'_, P> {
@@ -126,8 +143,50 @@ impl<P: FnMut(usize, usize)> TensorSource<'_, P> {
         }
     }
 
+    /// `--quant nf4` on a backend that quantizes by itself ([`Backend::quantize_linear`]): the
+    /// stored bytes go to it from the memory map as they are. `None`: quantize on the host (also
+    /// for a pre-quantized tensor, or a shape or dtype the host path then reports).
+    fn backend_linear<B: Backend>(
+        &mut self,
+        b: &B,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<B::Linear>> {
+        let BaseQuant::Nf4 {
+            blocksize,
+            double_quant,
+        } = self.quant
+        else {
+            return Ok(None);
+        };
+        if crate::quant::bnb::is_prequantized(self.ckpt, name) {
+            return Ok(None);
+        }
+        let (info, bytes) = self.ckpt.bytes(name)?;
+        if info.shape != [rows, cols] || !info.dtype.is_loadable_float() {
+            return Ok(None);
+        }
+        let raw = RawTensor {
+            dtype: info.dtype,
+            bytes,
+        };
+        let t = std::time::Instant::now();
+        let w = b
+            .quantize_linear(raw, rows, cols, blocksize, double_quant)
+            .map_err(|e| match e {
+                Error::InvalidArg(msg) => self.bad(name, msg),
+                e => e,
+            })?;
+        if w.is_some() {
+            self.stats.quantize_secs += t.elapsed().as_secs_f64();
+            self.stats.device_quantized += 1;
+        }
+        Ok(w)
+    }
+
     /// A decoder projection `[rows, cols]` on the host, quantized as asked.
-    fn host_linear(&self, name: &str, rows: usize, cols: usize) -> Result<HostLinear> {
+    fn host_linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<HostLinear> {
         // A checkpoint saved by transformers + bitsandbytes in 4-bit: use its NF4 bytes as they are.
         if crate::quant::bnb::is_prequantized(self.ckpt, name) {
             let t = crate::quant::bnb::load_prequantized(self.ckpt, name, &[rows, cols])?;
@@ -146,23 +205,27 @@ impl<P: FnMut(usize, usize)> TensorSource<'_, P> {
             BaseQuant::Nf4 {
                 blocksize,
                 double_quant,
-            } => HostLinear::Nf4(
-                quantize_nf4(&data, &[rows, cols], blocksize, double_quant)
-                    .map_err(|e| self.bad(name, format!("cannot quantize to NF4: {e}")))?,
-            ),
+            } => {
+                let t = std::time::Instant::now();
+                let q = quantize_nf4(&data, &[rows, cols], blocksize, double_quant)
+                    .map_err(|e| self.bad(name, format!("cannot quantize to NF4: {e}")))?;
+                self.stats.quantize_secs += t.elapsed().as_secs_f64();
+                self.stats.host_quantized += 1;
+                HostLinear::Nf4(q)
+            }
         })
     }
 }
 
 /// Where [`Llama::assemble`] gets each tensor: the checkpoint, or random values for benchmarks.
-trait WeightSource {
+trait WeightSource<B: Backend> {
     /// Embeddings, norms, lm_head, widened to f32.
     fn vector(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
-    /// A decoder projection `[rows, cols]` on the host.
-    fn linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<HostLinear>;
+    /// A decoder projection `[rows, cols]`, prepared on backend `b`.
+    fn linear(&mut self, b: &B, name: &str, rows: usize, cols: usize) -> Result<B::Linear>;
 }
 
-impl<P: FnMut(usize, usize)> WeightSource for TensorSource<'_, P> {
+impl<B: Backend, P: FnMut(usize, usize)> WeightSource<B> for TensorSource<'_, P> {
     fn vector(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let v = self.load(name, shape)?;
         self.ckpt.release(name);
@@ -170,12 +233,17 @@ impl<P: FnMut(usize, usize)> WeightSource for TensorSource<'_, P> {
         Ok(v)
     }
 
-    fn linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<HostLinear> {
-        let host = self.host_linear(name, rows, cols)?;
+    fn linear(&mut self, b: &B, name: &str, rows: usize, cols: usize) -> Result<B::Linear> {
+        let t = std::time::Instant::now();
+        let w = match self.backend_linear(b, name, rows, cols)? {
+            Some(w) => w,
+            None => b.linear(self.host_linear(name, rows, cols)?)?,
+        };
+        self.stats.linear_secs += t.elapsed().as_secs_f64();
         // What we keep is a copy: let the kernel drop the file pages behind it.
         self.ckpt.release(name);
         self.tick();
-        Ok(host)
+        Ok(w)
     }
 }
 
@@ -193,7 +261,7 @@ impl RandomSource {
     }
 }
 
-impl WeightSource for RandomSource {
+impl<B: Backend> WeightSource<B> for RandomSource {
     fn vector(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let n = shape.iter().product();
         Ok(if name.ends_with("norm.weight") {
@@ -214,7 +282,13 @@ impl WeightSource for RandomSource {
         })
     }
 
-    fn linear(&mut self, _name: &str, rows: usize, cols: usize) -> Result<HostLinear> {
+    fn linear(&mut self, b: &B, _name: &str, rows: usize, cols: usize) -> Result<B::Linear> {
+        b.linear(self.host_linear(rows, cols))
+    }
+}
+
+impl RandomSource {
+    fn host_linear(&mut self, rows: usize, cols: usize) -> HostLinear {
         use rand::Rng;
         if self.1 {
             let n = rows * cols;
@@ -224,18 +298,18 @@ impl WeightSource for RandomSource {
                 .map(|_| self.0.random_range(0.01f32..0.05))
                 .collect();
             // QLoRA's setting: blocksize 64 with double-quantized scales.
-            return Ok(HostLinear::Nf4(crate::quant::Nf4Tensor {
+            return HostLinear::Nf4(crate::quant::Nf4Tensor {
                 shape: vec![rows, cols],
                 blocksize: 64,
                 packed,
                 absmax: crate::quant::double_quant::compress_absmax(&absmax),
-            }));
+            });
         }
-        Ok(HostLinear::Dense {
+        HostLinear::Dense {
             rows,
             cols,
             data: self.uniform(rows * cols),
-        })
+        }
     }
 }
 
@@ -295,7 +369,9 @@ impl<B: Backend> Scratch<B> {
 impl<B: Backend> Llama<B> {
     /// Loads every tensor of the checkpoint onto the backend, checking names and shapes against
     /// the config. Decoder linear projections are quantized per `quant` one tensor at a time, so
-    /// the host never holds more than one of them in f32. `progress(done, total)` after each tensor.
+    /// the host never holds more than one of them in f32; a backend that quantizes by itself
+    /// ([`Backend::quantize_linear`], CUDA) gets each projection's stored bytes instead and the
+    /// host holds no f32 copy at all. `progress(done, total)` after each tensor.
     pub fn load(
         backend: B,
         ckpt: &Checkpoint,
@@ -303,14 +379,42 @@ impl<B: Backend> Llama<B> {
         quant: BaseQuant,
         progress: impl FnMut(usize, usize),
     ) -> Result<Self> {
+        Self::load_with_stats(backend, ckpt, cfg, quant, progress).map(|(m, _)| m)
+    }
+
+    /// [`Llama::load`], also returning where the time went (logged at `info` as well).
+    pub fn load_with_stats(
+        backend: B,
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        quant: BaseQuant,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<(Self, LoadStats)> {
+        let t0 = std::time::Instant::now();
         let mut src = TensorSource {
             ckpt,
             quant,
             done: 0,
             total: llama_tensor_names(cfg).len(),
             progress,
+            stats: LoadStats::default(),
         };
-        Self::assemble(backend, cfg, &mut src)
+        let model = Self::assemble(backend, cfg, &mut src)?;
+        let stats = LoadStats {
+            secs: t0.elapsed().as_secs_f64(),
+            ..src.stats
+        };
+        if stats.device_quantized + stats.host_quantized > 0 {
+            tracing::info!(
+                on_device = stats.device_quantized,
+                on_host = stats.host_quantized,
+                quantize_secs = format!("{:.2}", stats.quantize_secs),
+                linear_secs = format!("{:.2}", stats.linear_secs),
+                load_secs = format!("{:.2}", stats.secs),
+                "quantized the decoder projections to NF4"
+            );
+        }
+        Ok((model, stats))
     }
 
     /// A model with random weights (uniform in ±0.05, norms 1): benchmarks and shape tests only.
@@ -329,7 +433,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Builds the model tensor by tensor from `src`, in checkpoint order.
-    fn assemble(backend: B, cfg: &ModelConfig, src: &mut dyn WeightSource) -> Result<Self> {
+    fn assemble(backend: B, cfg: &ModelConfig, src: &mut dyn WeightSource<B>) -> Result<Self> {
         let (c, f, qd, kvd, v) = (
             cfg.hidden_size,
             cfg.intermediate_size,
@@ -338,9 +442,8 @@ impl<B: Backend> Llama<B> {
             cfg.vocab_size,
         );
         let b = &backend;
-        let lin = |src: &mut dyn WeightSource, name: &str, rows, cols| {
-            b.linear(src.linear(name, rows, cols)?)
-        };
+        let lin =
+            |src: &mut dyn WeightSource<B>, name: &str, rows, cols| src.linear(b, name, rows, cols);
         let embed_host = src.vector("model.embed_tokens.weight", &[v, c])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
@@ -598,5 +701,46 @@ impl Llama<crate::backend::cpu::CpuBackend> {
             lora: None,
             ce_chunk: self.ce_chunk,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::{CpuBackend, CpuWeight};
+
+    /// On the CPU (no `quantize_linear`), `--quant nf4` quantizes every projection on the host,
+    /// exactly `quantize_nf4` of the stored values; the stats count them.
+    #[test]
+    fn cpu_load_quantizes_on_the_host() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/gqa");
+        let cfg = crate::loader::read_config(&dir).unwrap();
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let quant = BaseQuant::Nf4 {
+            blocksize: 64,
+            double_quant: true,
+        };
+        let (m, stats) =
+            Llama::load_with_stats(CpuBackend::new(), &ckpt, &cfg, quant, |_, _| {}).unwrap();
+        assert_eq!(stats.device_quantized, 0);
+        assert_eq!(stats.host_quantized, 7 * cfg.num_hidden_layers);
+        assert!(stats.secs >= stats.linear_secs && stats.linear_secs >= stats.quantize_secs);
+        let name = "model.layers.0.mlp.down_proj.weight";
+        let (rows, cols) = (cfg.hidden_size, cfg.intermediate_size);
+        let want = quantize_nf4(
+            &ckpt.load_f32(name, &[rows, cols]).unwrap(),
+            &[rows, cols],
+            64,
+            true,
+        )
+        .unwrap();
+        let CpuWeight::Nf4(got) = &m.layers[0].down_proj.weight else {
+            panic!("down_proj is not NF4")
+        };
+        assert_eq!(got, &want);
+        let (_, stats) =
+            Llama::load_with_stats(CpuBackend::new(), &ckpt, &cfg, BaseQuant::None, |_, _| {})
+                .unwrap();
+        assert_eq!((stats.device_quantized, stats.host_quantized), (0, 0));
     }
 }

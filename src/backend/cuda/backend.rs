@@ -11,7 +11,7 @@ use super::nf4::{DeviceNf4, GEMV_MAX_M};
 use super::nf4_gemm::Bf16Scratch;
 use super::ops;
 use super::runtime::{CudaDevice, DevBuf};
-use crate::backend::{AttnShape, Backend, HostLinear, LoraShape};
+use crate::backend::{AttnShape, Backend, HostLinear, LoraShape, RawTensor};
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
 use std::sync::{Arc, Mutex};
@@ -212,6 +212,24 @@ impl Backend for CudaBackend {
             }
             HostLinear::Nf4(t) => CudaLinear::Nf4(Box::new(DeviceNf4::upload(&self.dev, &t)?)),
         })
+    }
+
+    fn quantize_linear(
+        &self,
+        raw: RawTensor<'_>,
+        rows: usize,
+        cols: usize,
+        blocksize: usize,
+        double_quant: bool,
+    ) -> Result<Option<CudaLinear>> {
+        let t = super::nf4_quantize::quantize_to_device(
+            &self.dev,
+            raw,
+            (rows, cols),
+            blocksize,
+            double_quant,
+        )?;
+        Ok(t.map(|t| CudaLinear::Nf4(Box::new(t))))
     }
 
     fn linear_shape(&self, w: &CudaLinear) -> (usize, usize) {

@@ -4,7 +4,7 @@
 //!   embedded kernel modules, metered allocations ([`runtime::DevBuf`]) with out-of-memory
 //!   messages that give the amount;
 //! - `nf4.rs` (dequantize to f32/bf16, decode GEMV), `nf4_gemm.rs` (fused tensor-core GEMM and
-//!   the dequantize + cuBLAS bf16 baseline), `dense_half.rs` (16-bit dense weights),
+//!   the dequantize + cuBLAS bf16 baseline), `nf4_quantize.rs` (NF4 quantization while loading), `dense_half.rs` (16-bit dense weights),
 //!   `rmsnorm.rs`, `ops.rs` (elementwise, RoPE, embedding, attention, cross-entropy, sgemm):
 //!   launchers of `kernels/*.cu`, each tested against its CPU spec in `tests/cuda_ops.rs`;
 //! - `backend.rs`: [`crate::backend::Backend`] on top of them (`eval`, `generate`, the forward);
@@ -42,6 +42,8 @@ pub mod nf4;
 pub mod nf4_gemm;
 #[cfg(feature = "cuda")]
 pub mod nf4_gemm_dx;
+#[cfg(feature = "cuda")]
+pub mod nf4_quantize;
 #[cfg(feature = "cuda")]
 pub mod ops;
 #[cfg(feature = "cuda")]
@@ -103,6 +105,7 @@ mod tests {
             "nf4",
             "nf4_gemm",
             "nf4_gemm_dx",
+            "nf4_quantize",
             "rmsnorm",
             "rope",
         ] {

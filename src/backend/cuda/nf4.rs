@@ -28,6 +28,14 @@ pub struct DeviceNf4 {
     pub(super) nested_blocksize: i32,
 }
 
+/// Per-block scales of a [`DeviceNf4`] being assembled by [`DeviceNf4::from_parts`].
+pub enum Scales<'a> {
+    /// One f32 absmax per block, already on the device.
+    Device(DevBuf<f32>),
+    /// Scales on the host (f32 or double-quantized), uploaded as they are.
+    Host(&'a Absmax),
+}
+
 impl DeviceNf4 {
     /// Uploads a 2-D NF4 tensor (double-quantized scales stay in their 8-bit form).
     pub fn upload(dev: &CudaDevice, t: &Nf4Tensor) -> Result<Self> {
@@ -38,18 +46,53 @@ impl DeviceNf4 {
                 t.shape
             )));
         }
+        let packed = dev.upload(&t.packed)?;
+        Self::from_parts(
+            dev,
+            (t.shape[0], t.shape[1]),
+            t.blocksize,
+            packed,
+            Scales::Host(&t.absmax),
+        )
+    }
+
+    /// A weight `[rows, cols]` from codes already on the device (`ceil(rows·cols / 2)` bytes in
+    /// bitsandbytes' layout) and its scales, one per block of `blocksize` (a power of two).
+    pub fn from_parts(
+        dev: &CudaDevice,
+        (rows, cols): (usize, usize),
+        blocksize: usize,
+        packed: DevBuf<u8>,
+        scales: Scales<'_>,
+    ) -> Result<Self> {
+        let n = rows * cols;
+        let nblocks = n.div_ceil(blocksize.max(1));
+        let count = match &scales {
+            Scales::Device(a) => a.len(),
+            Scales::Host(a) => a.len(),
+        };
+        if !blocksize.is_power_of_two() || packed.len() != n.div_ceil(2) || count != nblocks {
+            return Err(Error::Backend(format!(
+                "NF4 weight [{rows}, {cols}] in blocks of {blocksize}: needs {} packed bytes and {nblocks} scales, got {} and {count}",
+                n.div_ceil(2),
+                packed.len()
+            )));
+        }
         let one_f = || dev.upload(&[0f32]);
         let one_u = || dev.upload(&[0u8]);
         let (absmax, double_quant, q, nested_absmax, nested_code, offset, nested_blocksize) =
-            match &t.absmax {
-                Absmax::F32(v) => (dev.upload(v)?, false, one_u()?, one_f()?, one_f()?, 0.0, 1),
-                Absmax::Double {
+            match scales {
+                Scales::Device(a) => (a, false, one_u()?, one_f()?, one_f()?, 0.0, 1),
+                Scales::Host(Absmax::F32(v)) => {
+                    (dev.upload(v)?, false, one_u()?, one_f()?, one_f()?, 0.0, 1)
+                }
+                Scales::Host(Absmax::Double {
                     q,
                     offset,
                     nested_absmax,
                     nested_code,
                     nested_blocksize,
-                } => (
+                }) => (
                     one_f()?,
                     true,
                     dev.upload(q)?,
@@ -60,11 +103,11 @@ impl DeviceNf4 {
                 ),
             };
         Ok(DeviceNf4 {
-            rows: t.shape[0],
-            cols: t.shape[1],
-            blocksize: t.blocksize,
-            blocksize_log2: t.blocksize.trailing_zeros() as i32,
-            packed: dev.upload(&t.packed)?,
+            rows,
+            cols,
+            blocksize,
+            blocksize_log2: blocksize.trailing_zeros() as i32,
+            packed,
             absmax,
             double_quant,
             q,
@@ -72,6 +115,33 @@ impl DeviceNf4 {
             nested_code,
             offset,
             nested_blocksize,
+        })
+    }
+
+    /// Copies the weight back to the host, in the form [`DeviceNf4::upload`] takes (checks).
+    pub fn download(&self, dev: &CudaDevice) -> Result<Nf4Tensor> {
+        let n = self.rows * self.cols;
+        let nblocks = n.div_ceil(self.blocksize);
+        fn take<T>(mut v: Vec<T>, len: usize) -> Vec<T> {
+            v.truncate(len);
+            v
+        }
+        let absmax = if self.double_quant {
+            Absmax::Double {
+                q: take(dev.download(&self.q)?, nblocks),
+                offset: self.offset,
+                nested_absmax: dev.download(&self.nested_absmax)?,
+                nested_code: dev.download(&self.nested_code)?,
+                nested_blocksize: self.nested_blocksize as usize,
+            }
+        } else {
+            Absmax::F32(take(dev.download(&self.absmax)?, nblocks))
+        };
+        Ok(Nf4Tensor {
+            shape: vec![self.rows, self.cols],
+            blocksize: self.blocksize,
+            packed: take(dev.download(&self.packed)?, n.div_ceil(2)),
+            absmax,
         })
     }
 
