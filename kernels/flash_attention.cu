@@ -2,29 +2,41 @@
 // log-sum-exp) and backward. CPU spec: src/backend/cpu/flash_attention.rs (derivation there);
 // launchers: src/backend/cuda/flash_attention.rs.
 //
-//   q, out, dq, dout: f32 [B, T, H, D]; k, v, dk, dv: f32 [B, T, KV, D]; lse, delta: f32 [B, T, H].
-//   Query t of batch b, head h (kv head g = h / (H / KV)) sees keys j ≤ t (pos0 = 0, S = T).
-//   c = 1/√D, s_j = c·q·k_j:
+//   Packed (variable-length) batch, FlashAttention's varlen layout: the B sequences of a batch are
+//   concatenated along the token axis, rows = Σ lens; sequence s owns rows
+//   cu_seqlens[s]..cu_seqlens[s + 1] (int32, B + 1 values, cu_seqlens[0] = 0).
+//   q, out, dq, dout: f32 [rows, H, D]; k, v, dk, dv: f32 [rows, KV, D]; lse, delta: f32 [rows, H].
+//   Query t of a sequence (its row cu_seqlens[s] + t), head h (kv head g = h / (H / KV)) sees
+//   that sequence's keys j ≤ t (positions restart at 0 in every sequence; nothing crosses a
+//   sequence boundary). c = 1/√D, s_j = c·q·k_j:
 //     forward   out = Σ_j softmax(s)_j v_j,  lse = ln Σ_j e^{s_j}   (online softmax over key tiles)
 //     backward  P = e^{s − lse}, Δ = rowsum(dout ⊙ out), dS = P ⊙ (dout·vᵀ − Δ),
 //               dv = Pᵀ·dout, dk = c·dSᵀ·q, dq = c·dS·k     (summed over the H/KV heads of a group)
-// No T×T matrix ever reaches global memory. Every sequence's rows start at b·T (q) and b·T (k, v):
-// packed variable-length batches only change `q_row0` / `kv_row0` below.
+// No T×T matrix ever reaches global memory. A single sequence is the batch of one.
+//
+// Tile table (built by the launcher on the host, int32 pairs): entry i = (sequence, tile), tile
+// = 64-row block of that sequence (queries for the forward, keys for the backward); every
+// sequence has ceil(len / 64) entries, so a tile never crosses a sequence boundary (rows past
+// the sequence's end are masked). The launcher orders the entries by decreasing work (forward:
+// tile index, i.e. key tiles to walk; backward: len − 64·tile, queries that see the keys) so the
+// longest CTAs start first across all sequences; the 1-D grid is entries × heads, entry-major.
 //
 // Tensor-core path (D = 64, 128): Q, K, V, dout are rounded to bf16 as they are staged in shared
 // memory, P and dS are rounded to bf16 as mma operands; every product is mma.sync.m16n8k16
 // (bf16 × bf16 → f32); softmax statistics, lse, Δ and all accumulators are f32.
-//   flash_attention_fwd_bf16_d{64,128}: grid (ceil(T/64), H, B), 128 threads (4 warps). A CTA
-//     owns 64 queries of one head, each warp 16 of them, with Q as mma A fragments in registers
-//     and the output accumulator in registers; it walks the key tiles 0..=its own (64 keys each,
-//     K and V in shared memory), masking only the diagonal tile. The running max m (in log2
-//     units) and denominator l are rescaled per key tile; P goes from the S accumulator straight
-//     into the A fragments of P·V (the C layout of two n8 tiles is the A layout of one k16 step).
+//   flash_attention_fwd_bf16_d{64,128}: grid (entries·H), 128 threads (4 warps). A CTA (entry
+//     blockIdx.x / H, head blockIdx.x % H) owns 64 queries of one sequence and head, each warp
+//     16 of them, with Q as mma A fragments in registers and the output accumulator in
+//     registers; it walks the sequence's key tiles 0..=its own (64 keys each, K and V in shared
+//     memory), masking only the diagonal tile. The running max m (in log2 units) and
+//     denominator l are rescaled per key tile; P goes from the S accumulator straight into the
+//     A fragments of P·V (the C layout of two n8 tiles is the A layout of one k16 step).
 //     Static shared memory: 2 × 64 × (D+8) bf16 (Q is staged through the K buffer).
-//   flash_attention_bwd_bf16_d{64,128}: grid (ceil(T/64), KV, B), 128 threads. A CTA owns 64 keys
-//     of one kv head (each warp 16, K and V resident in shared memory, dK and dV accumulated in
-//     registers) and loops over the group's query heads and the query tiles (BQ = 64 for D = 64,
-//     32 for D = 128, to stay within 255 registers) that can see its keys. Per query tile:
+//   flash_attention_bwd_bf16_d{64,128}: grid (entries·KV), 128 threads. A CTA (entry
+//     blockIdx.x / KV, kv head blockIdx.x % KV) owns 64 keys of one sequence and kv head (each
+//     warp 16, K and V resident in shared memory, dK and dV accumulated in registers) and loops
+//     over the group's query heads and the sequence's query tiles (BQ = 64 for D = 64, 32 for
+//     D = 128, to stay within 255 registers) that can see its keys. Per query tile:
 //     Sᵀ = K·Qᵀ and dPᵀ = V·doutᵀ (warp-local, A = K or V rows), Pᵀ = 2^{Sᵀ·c·log2e − lse·log2e},
 //     dV += Pᵀ·dout and dK += dSᵀ·Q (A from registers, B by ldmatrix.trans), dS goes to shared
 //     memory, then dQ += c·dS·K is split over the 4 warps and added with f32 atomicAdd (dq was
@@ -40,13 +52,15 @@
 //
 // General path (any D ≤ 256, e.g. the tiny fixtures' 12/16/24): the same math in f32 without
 // tensor cores or tiles, one warp per row (each lane holds D/32 values):
-//   flash_attention_fwd_f32: one warp per query row (b, t, h), online softmax key by key.
+//   flash_attention_fwd_f32: one warp per query row (row, h), online softmax key by key.
 //   flash_attention_bwd_dq_f32: one warp per query row; writes dq.
-//   flash_attention_bwd_dkdv_f32: one warp per key row (b, j, g), looping over t ≥ j and the
-//     group's heads; writes dk, dv.
-// Both paths start the backward with flash_attention_delta_f32 (one warp per query row:
+//   flash_attention_bwd_dkdv_f32: one warp per key row (row, g), looping over the sequence's
+//     queries t ≥ j and the group's heads; writes dk, dv.
+//   Each warp finds its row's sequence by binary search in cu_seqlens (no tile table).
+// Both paths start the backward with flash_attention_delta_f32 (one warp per (row, head):
 // Δ = dout·out, and dq = 0 for the tensor-core path's atomics). Grids of the f32 kernels:
-// ceil(rows / 4) blocks of 128 threads; delta: ceil(rows / 8) blocks of 256.
+// ceil(rows·H / 4) (dkdv: ceil(rows·KV / 4)) blocks of 128 threads; delta: ceil(rows·H / 8)
+// blocks of 256.
 // Fragment loads, the tile loader and the reductions are in flash_attention.cuh.
 #include "flash_attention.cuh"
 
@@ -61,7 +75,9 @@
 template <int D>
 __device__ __forceinline__ void fwd_bf16(float* __restrict__ out, float* __restrict__ lse,
                                          const float* __restrict__ q, const float* __restrict__ k,
-                                         const float* __restrict__ v, int T, int H, int KV) {
+                                         const float* __restrict__ v,
+                                         const int* __restrict__ cu_seqlens,
+                                         const int* __restrict__ tiles, int H, int KV) {
   constexpr int BQ = FA_BQ_FWD, BK = FA_BK, SD = D + 8;
   constexpr int KT = D / 16, NS = BK / 8, NO = D / 8;
   static_assert(BQ == BK, "the diagonal key tile is the CTA's own query tile");
@@ -69,10 +85,10 @@ __device__ __forceinline__ void fwd_bf16(float* __restrict__ out, float* __restr
   __shared__ __align__(16) bf16 sV[BK * SD];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int qb = gridDim.x - 1 - blockIdx.x;  // the longest (last) query tiles start first
-  const int h = blockIdx.y, b = blockIdx.z, kvh = h / (H / KV);
-  const int q0 = qb * BQ;
-  const int64_t q_row0 = (int64_t)b * T, kv_row0 = (int64_t)b * T;  // this sequence's rows
+  const int ent = (int)blockIdx.x / H, h = (int)blockIdx.x - ent * H, kvh = h / (H / KV);
+  const int seq = tiles[2 * ent], qb = tiles[2 * ent + 1];  // the table puts the longest first
+  const int row0 = cu_seqlens[seq], T = cu_seqlens[seq + 1] - row0, q0 = qb * BQ;
+  const int64_t q_row0 = row0, kv_row0 = row0;  // this sequence's first row (q and k, v)
   const float sl2 = FA_LOG2E * rsqrtf((float)D);  // scores in log2 units: s·log2(e)
 
   // Q: staged through sK, then held as A fragments (this warp's 16 rows).
@@ -171,15 +187,16 @@ __device__ __forceinline__ void fwd_bf16(float* __restrict__ out, float* __restr
 
 #define FA_FWD_ARGS                                                                       \
   float *__restrict__ out, float *__restrict__ lse, const float *__restrict__ q,         \
-      const float *__restrict__ k, const float *__restrict__ v, int T, int H, int KV
+      const float *__restrict__ k, const float *__restrict__ v,                          \
+      const int *__restrict__ cu_seqlens, const int *__restrict__ tiles, int H, int KV
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
     flash_attention_fwd_bf16_d64(FA_FWD_ARGS) {
-  fwd_bf16<64>(out, lse, q, k, v, T, H, KV);
+  fwd_bf16<64>(out, lse, q, k, v, cu_seqlens, tiles, H, KV);
 }
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
     flash_attention_fwd_bf16_d128(FA_FWD_ARGS) {
-  fwd_bf16<128>(out, lse, q, k, v, T, H, KV);
+  fwd_bf16<128>(out, lse, q, k, v, cu_seqlens, tiles, H, KV);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -210,7 +227,9 @@ __device__ __forceinline__ void bwd_bf16(float* __restrict__ dq, float* __restri
                                          float* __restrict__ dv, const float* __restrict__ dout,
                                          const float* __restrict__ q, const float* __restrict__ k,
                                          const float* __restrict__ v, const float* __restrict__ lse,
-                                         const float* __restrict__ delta, int T, int H, int KV) {
+                                         const float* __restrict__ delta,
+                                         const int* __restrict__ cu_seqlens,
+                                         const int* __restrict__ tiles, int H, int KV) {
   constexpr int BK = FA_BK, SD = D + 8, SS = BK + 8;
   constexpr int KT = D / 16, NQ = BQ / 8, ND = D / 8;
   // dQ tile (BQ × D) over the 4 warps: MQ row blocks of 16, each split into WN column ranges.
@@ -226,9 +245,10 @@ __device__ __forceinline__ void bwd_bf16(float* __restrict__ dq, float* __restri
   float* sD = sL + BQ;                                   // Δ of the tile's rows
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int kvh = blockIdx.y, b = blockIdx.z, group = H / KV;
-  const int k0 = blockIdx.x * BK;
-  const int64_t q_row0 = (int64_t)b * T, kv_row0 = (int64_t)b * T;  // this sequence's rows
+  const int ent = (int)blockIdx.x / KV, kvh = (int)blockIdx.x - ent * KV, group = H / KV;
+  const int seq = tiles[2 * ent], k0 = tiles[2 * ent + 1] * BK;  // longest first (the table)
+  const int row0 = cu_seqlens[seq], T = cu_seqlens[seq + 1] - row0;
+  const int64_t q_row0 = row0, kv_row0 = row0;  // this sequence's first row (q and k, v)
   const float c = rsqrtf((float)D), sl2 = FA_LOG2E * c;
 
   load_tile<BK, D>(sK, k + ((kv_row0 + k0) * KV + kvh) * D, (int64_t)KV * D, T - k0);
@@ -368,41 +388,42 @@ __device__ __forceinline__ void bwd_bf16(float* __restrict__ dq, float* __restri
   float *__restrict__ dq, float *__restrict__ dk, float *__restrict__ dv,                 \
       const float *__restrict__ dout, const float *__restrict__ q,                        \
       const float *__restrict__ k, const float *__restrict__ v,                           \
-      const float *__restrict__ lse, const float *__restrict__ delta, int T, int H, int KV
+      const float *__restrict__ lse, const float *__restrict__ delta,                     \
+      const int *__restrict__ cu_seqlens, const int *__restrict__ tiles, int H, int KV
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
     flash_attention_bwd_bf16_d64(FA_BWD_ARGS) {
-  bwd_bf16<64, 64>(dq, dk, dv, dout, q, k, v, lse, delta, T, H, KV);
+  bwd_bf16<64, 64>(dq, dk, dv, dout, q, k, v, lse, delta, cu_seqlens, tiles, H, KV);
 }
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
     flash_attention_bwd_bf16_d128(FA_BWD_ARGS) {
-  bwd_bf16<128, 32>(dq, dk, dv, dout, q, k, v, lse, delta, T, H, KV);
+  bwd_bf16<128, 32>(dq, dk, dv, dout, q, k, v, lse, delta, cu_seqlens, tiles, H, KV);
 }
 
 // ---------------------------------------------------------------------------------------------
 // General f32 path (any D ≤ 256): one warp per row, lane l holds elements l, l + 32, ...
 
-// Forward: one warp per query row (b, t, h); out and lse.
+// Forward: one warp per query row (row, h); out and lse.
 extern "C" __global__ void flash_attention_fwd_f32(float* __restrict__ out, float* __restrict__ lse,
                                                    const float* __restrict__ q,
                                                    const float* __restrict__ k,
-                                                   const float* __restrict__ v, int B, int T, int H,
-                                                   int KV, int d) {
+                                                   const float* __restrict__ v,
+                                                   const int* __restrict__ cu_seqlens, int nseq,
+                                                   int H, int KV, int d) {
   const int lane = threadIdx.x & 31;
   const int64_t w = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (w >= (int64_t)B * T * H) return;
-  const int h = (int)(w % H), t = (int)((w / H) % T), b = (int)(w / ((int64_t)H * T));
-  const int g = h / (H / KV);
-  const int64_t kv_row0 = (int64_t)b * T;
+  if (w >= (int64_t)cu_seqlens[nseq] * H) return;
+  const int h = (int)(w % H), r = (int)(w / H), g = h / (H / KV);
+  const int row0 = cu_seqlens[seq_of(cu_seqlens, nseq, r)];  // keys row0..=r
   const float c = rsqrtf((float)d);
   float qv[FA_PER], o[FA_PER];
   lane_load(qv, q + w * d, d);
 #pragma unroll
   for (int i = 0; i < FA_PER; i++) o[i] = 0.f;
   float m = -INFINITY, l = 0.f;
-  for (int j = 0; j <= t; j++) {
-    const float* kr = k + ((kv_row0 + j) * KV + g) * d;
-    const float* vr = v + ((kv_row0 + j) * KV + g) * d;
+  for (int j = row0; j <= r; j++) {
+    const float* kr = k + ((int64_t)j * KV + g) * d;
+    const float* vr = v + ((int64_t)j * KV + g) * d;
     const float s = warp_sum(lane_dot(qv, kr, d)) * c;
     const float mn = fmaxf(m, s), corr = expf(m - mn), e = expf(s - mn);
     l = l * corr + e;
@@ -418,31 +439,31 @@ extern "C" __global__ void flash_attention_fwd_f32(float* __restrict__ out, floa
   if (lane == 0) lse[w] = m + logf(l);
 }
 
-// Backward dq: one warp per query row (b, t, h); dq = c·Σ_{j≤t} P_j (dout·v_j − Δ) k_j.
+// Backward dq: one warp per query row (row, h); dq = c·Σ_{j≤t} P_j (dout·v_j − Δ) k_j.
 extern "C" __global__ void flash_attention_bwd_dq_f32(float* __restrict__ dq,
                                                       const float* __restrict__ dout,
                                                       const float* __restrict__ q,
                                                       const float* __restrict__ k,
                                                       const float* __restrict__ v,
                                                       const float* __restrict__ lse,
-                                                      const float* __restrict__ delta, int B, int T,
+                                                      const float* __restrict__ delta,
+                                                      const int* __restrict__ cu_seqlens, int nseq,
                                                       int H, int KV, int d) {
   const int lane = threadIdx.x & 31;
   const int64_t w = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (w >= (int64_t)B * T * H) return;
-  const int h = (int)(w % H), t = (int)((w / H) % T), b = (int)(w / ((int64_t)H * T));
-  const int g = h / (H / KV);
-  const int64_t kv_row0 = (int64_t)b * T;
+  if (w >= (int64_t)cu_seqlens[nseq] * H) return;
+  const int h = (int)(w % H), r = (int)(w / H), g = h / (H / KV);
+  const int row0 = cu_seqlens[seq_of(cu_seqlens, nseq, r)];  // keys row0..=r
   const float c = rsqrtf((float)d), L = lse[w], dl = delta[w];
   float qv[FA_PER], go[FA_PER], acc[FA_PER];
   lane_load(qv, q + w * d, d);
   lane_load(go, dout + w * d, d);
 #pragma unroll
   for (int i = 0; i < FA_PER; i++) acc[i] = 0.f;
-  for (int j = 0; j <= t; j++) {
-    const float* kr = k + ((kv_row0 + j) * KV + g) * d;
+  for (int j = row0; j <= r; j++) {
+    const float* kr = k + ((int64_t)j * KV + g) * d;
     const float sc = warp_sum(lane_dot(qv, kr, d));
-    const float dp = warp_sum(lane_dot(go, v + ((kv_row0 + j) * KV + g) * d, d));
+    const float dp = warp_sum(lane_dot(go, v + ((int64_t)j * KV + g) * d, d));
     const float p = expf(sc * c - L), ds = p * (dp - dl);
 #pragma unroll
     for (int i = 0; i < FA_PER; i++)
@@ -453,8 +474,8 @@ extern "C" __global__ void flash_attention_bwd_dq_f32(float* __restrict__ dq,
     if (lane + 32 * i < d) dq[w * d + lane + 32 * i] = c * acc[i];
 }
 
-// Backward dk, dv: one warp per key row (b, j, g), over queries t ≥ j of the group's heads:
-// dv = Σ P·dout, dk = c·Σ P (dout·v − Δ) q.
+// Backward dk, dv: one warp per key row (row j, g), over the sequence's queries t ≥ j of the
+// group's heads: dv = Σ P·dout, dk = c·Σ P (dout·v − Δ) q.
 extern "C" __global__ void flash_attention_bwd_dkdv_f32(float* __restrict__ dk,
                                                         float* __restrict__ dv,
                                                         const float* __restrict__ dout,
@@ -462,23 +483,23 @@ extern "C" __global__ void flash_attention_bwd_dkdv_f32(float* __restrict__ dk,
                                                         const float* __restrict__ k,
                                                         const float* __restrict__ v,
                                                         const float* __restrict__ lse,
-                                                        const float* __restrict__ delta, int B,
-                                                        int T, int H, int KV, int d) {
+                                                        const float* __restrict__ delta,
+                                                        const int* __restrict__ cu_seqlens,
+                                                        int nseq, int H, int KV, int d) {
   const int lane = threadIdx.x & 31;
   const int64_t w = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (w >= (int64_t)B * T * KV) return;
-  const int g = (int)(w % KV), j = (int)((w / KV) % T), b = (int)(w / ((int64_t)KV * T));
-  const int group = H / KV;
-  const int64_t q_row0 = (int64_t)b * T;
+  if (w >= (int64_t)cu_seqlens[nseq] * KV) return;
+  const int g = (int)(w % KV), j = (int)(w / KV), group = H / KV;
+  const int end = cu_seqlens[seq_of(cu_seqlens, nseq, j) + 1];  // queries j..end − 1
   const float c = rsqrtf((float)d);
   float kv_k[FA_PER], kv_v[FA_PER], ak[FA_PER], av[FA_PER];
   lane_load(kv_k, k + w * d, d);
   lane_load(kv_v, v + w * d, d);
 #pragma unroll
   for (int i = 0; i < FA_PER; i++) ak[i] = av[i] = 0.f;
-  for (int t = j; t < T; t++)
+  for (int t = j; t < end; t++)
     for (int h = g * group; h < (g + 1) * group; h++) {
-      const int64_t r = (q_row0 + t) * H + h;
+      const int64_t r = (int64_t)t * H + h;
       const float* qr = q + r * d;
       const float* gr = dout + r * d;
       const float sc = warp_sum(lane_dot(kv_k, qr, d));

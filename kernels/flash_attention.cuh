@@ -1,6 +1,7 @@
 // Helpers of kernels/flash_attention.cu (see its header for the math and the layouts): fragment
 // loads from shared tiles (the mma / ldmatrix instructions are in mma.cuh), the f32 → bf16 tile
-// loader, quad and warp reductions, and the per-lane vectors of the f32 kernels.
+// loader, quad and warp reductions, the per-lane vectors of the f32 kernels and the row →
+// sequence search of a packed batch.
 #pragma once
 #include "common.cuh"
 #include "mma.cuh"
@@ -75,6 +76,20 @@ __device__ __forceinline__ float lane_dot(const float* a, const float* __restric
   for (int i = 0; i < FA_PER; i++)
     if (lane + 32 * i < d) acc += a[i] * x[lane + 32 * i];
   return acc;
+}
+
+// The sequence holding row r of a packed batch: the largest s < nseq with cu_seqlens[s] ≤ r
+// (empty sequences are skipped). Binary search over the nseq + 1 offsets.
+__device__ __forceinline__ int seq_of(const int* __restrict__ cu_seqlens, int nseq, int r) {
+  int lo = 0, hi = nseq;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (cu_seqlens[mid] <= r)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
 }
 
 __device__ __forceinline__ float warp_sum(float x) {

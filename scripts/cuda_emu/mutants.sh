@@ -20,6 +20,8 @@ mutants=(
   "fa-bwd-no-sync|flash_attention.cu|/__float2bfloat16_rn(dpt\[n\]\[e\]);/{n;/__syncthreads/d}|flash_attention|backward reads dS before all warps wrote it"
   "fa-tile-guard|flash_attention.cuh|s/r < valid ? __ldg/true ? __ldg/|flash_attention|tile loader reads rows past T"
   "fa-causal|flash_attention.cu|s/key > row\[e >> 1\]/key >= row[e >> 1]/|flash_attention|causal mask hides the diagonal"
+  "fa-varlen-end|flash_attention.cu|s/T = cu_seqlens\[seq + 1\] - row0;/T = cu_seqlens[seq + 1] - row0 + 16;/|flash_attention|backward key tile sees the next sequence's queries"
+  "fa-varlen-search|flash_attention.cuh|s/if (cu_seqlens\[mid\] <= r)/if (cu_seqlens[mid] < r)/|flash_attention|a sequence's first row counted in the previous sequence"
   "fa-dq-store|flash_attention.cu|s/atomicAdd(dst, c \* acc\[j\]\[2 \* i\]);/dst[0] = c * acc[j][2 * i];/|flash_attention|dq stored instead of accumulated"
   "dx-nibbles|nf4_gemm_dx.cu|s/pack_bf16x2(__fmul_rn(lut\[byte >> 4\], sc\[i\]), __fmul_rn(lut\[byte & 0xfu\], sc\[i\]))/pack_bf16x2(__fmul_rn(lut[byte \& 0xfu], sc[i]), __fmul_rn(lut[byte >> 4], sc[i]))/|nf4_gemm_dx|NF4 nibble order swapped"
   "dx-no-sync|nf4_gemm_dx.cu|/lut and code are visible before the first decode/d|nf4_gemm_dx|decode before the table is in shared memory"

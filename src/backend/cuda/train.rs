@@ -15,9 +15,10 @@
 use super::adamw::DeviceAdamW;
 use super::backend::{CudaBackend, CudaLinear, Prefill};
 use super::blas::{gemm_f32, RowMajor};
+use super::flash_attention::{self, FlashScratch};
 use super::runtime::DevBuf;
-use super::{cross_entropy, dropout, flash_attention, lora, ops, rmsnorm};
-use crate::backend::{Backend, LoraShape, Packed, TrainBackend};
+use super::{cross_entropy, dropout, lora, ops, rmsnorm};
+use crate::backend::{LoraShape, Packed, TrainBackend};
 use crate::error::{Error, Result};
 use crate::train::{AdamParamState, AdamW, OptimKind};
 
@@ -65,25 +66,6 @@ impl CudaBackend {
                 gemm_f32(&self.blas, dx, dy, w, p)
             }
         }
-    }
-}
-
-/// `(query, key/value, lse)` element ranges of the packed sequence at rows `start..start + len`.
-fn seq_ranges(p: Packed, start: usize, len: usize) -> [std::ops::Range<usize>; 3] {
-    let (qw, kw) = (p.heads * p.head_dim, p.kv_heads * p.head_dim);
-    [
-        start * qw..(start + len) * qw,
-        start * kw..(start + len) * kw,
-        start * p.heads..(start + len) * p.heads,
-    ]
-}
-
-impl CudaBackend {
-    /// A copy of `src[range]` in a buffer of its own.
-    fn part(&self, src: &DevBuf<f32>, range: &std::ops::Range<usize>) -> Result<DevBuf<f32>> {
-        let mut b = self.dev.zeros(range.len())?;
-        self.copy(&mut b, 0, src, range.start, range.len())?;
-        Ok(b)
     }
 }
 
@@ -152,19 +134,10 @@ impl TrainBackend for CudaBackend {
         v: &DevBuf<f32>,
         p: Packed,
     ) -> Result<()> {
-        if let [len] = p.lens {
-            return flash_attention::forward(&self.dev, out, lse, q, k, v, p.seq(*len));
-        }
-        // Several sequences: each one copied out and back (the kernels take one sequence).
-        for (start, len) in p.spans() {
-            let [qr, kr, lr] = seq_ranges(p, start, len);
-            let (qs, ks, vs) = (self.part(q, &qr)?, self.part(k, &kr)?, self.part(v, &kr)?);
-            let (mut o, mut l) = (self.dev.zeros(qr.len())?, self.dev.zeros(lr.len())?);
-            flash_attention::forward(&self.dev, &mut o, &mut l, &qs, &ks, &vs, p.seq(len))?;
-            self.copy(out, qr.start, &o, 0, qr.len())?;
-            self.copy(lse, lr.start, &l, 0, lr.len())?;
-        }
-        Ok(())
+        // One launch for the whole packed batch. The scratch (sequence tables) lives for this
+        // call only: kept in the backend, the layers of a step would share one upload.
+        let mut scratch = FlashScratch::default();
+        flash_attention::forward_packed(&self.dev, &mut scratch, out, lse, q, k, v, p)
     }
 
     fn attention_backward(
@@ -180,27 +153,9 @@ impl TrainBackend for CudaBackend {
         lse: &DevBuf<f32>,
         p: Packed,
     ) -> Result<()> {
-        if let [len] = p.lens {
-            let s = p.seq(*len);
-            return flash_attention::backward(&self.dev, dq, dk, dv, dout, q, k, v, out, lse, s);
-        }
-        for (start, len) in p.spans() {
-            let [qr, kr, lr] = seq_ranges(p, start, len);
-            let (qs, ks, vs) = (self.part(q, &qr)?, self.part(k, &kr)?, self.part(v, &kr)?);
-            let (dos, os, ls) = (
-                self.part(dout, &qr)?,
-                self.part(out, &qr)?,
-                self.part(lse, &lr)?,
-            );
-            let mut gq = self.dev.zeros(qr.len())?;
-            let (mut gk, mut gv) = (self.dev.zeros(kr.len())?, self.dev.zeros(kr.len())?);
-            let (g, s) = ((&mut gq, &mut gk, &mut gv), p.seq(len));
-            flash_attention::backward(&self.dev, g.0, g.1, g.2, &dos, &qs, &ks, &vs, &os, &ls, s)?;
-            self.copy(dq, qr.start, &gq, 0, qr.len())?;
-            self.copy(dk, kr.start, &gk, 0, kr.len())?;
-            self.copy(dv, kr.start, &gv, 0, kr.len())?;
-        }
-        Ok(())
+        let mut scratch = FlashScratch::default();
+        let s = &mut scratch;
+        flash_attention::backward_packed(&self.dev, s, dq, dk, dv, dout, q, k, v, out, lse, p)
     }
 
     fn swiglu_backward(
