@@ -38,6 +38,8 @@ pub struct CudaBackend {
     pub(super) bf16_scratch: Mutex<Bf16Scratch>,
     pub(super) f32_scratch: Mutex<Option<DevBuf<f32>>>,
     pub(super) lora_scratch: Mutex<LoraScratch>,
+    /// Training attention's sequence tables and Δ buffer, reused while the batch layout holds.
+    pub(super) flash: Mutex<super::flash_attention::FlashScratch>,
     /// The last RoPE positions uploaded: every layer of a forward pass rotates at the same
     /// positions, so they cross the bus once per pass instead of twice per layer.
     positions: Mutex<Option<(Vec<u32>, DevBuf<u32>)>>,
@@ -70,6 +72,7 @@ impl CudaBackend {
             bf16_scratch: Mutex::default(),
             f32_scratch: Mutex::default(),
             lora_scratch: Mutex::default(),
+            flash: Mutex::default(),
             positions: Mutex::default(),
         })
     }

@@ -15,7 +15,7 @@
 use super::adamw::DeviceAdamW;
 use super::backend::{CudaBackend, CudaLinear, Prefill};
 use super::blas::{gemm_f32, RowMajor};
-use super::flash_attention::{self, FlashScratch};
+use super::flash_attention;
 use super::runtime::DevBuf;
 use super::{cross_entropy, dropout, lora, ops, rmsnorm};
 use crate::backend::{LoraShape, Packed, TrainBackend};
@@ -134,9 +134,9 @@ impl TrainBackend for CudaBackend {
         v: &DevBuf<f32>,
         p: Packed,
     ) -> Result<()> {
-        // One launch for the whole packed batch. The scratch (sequence tables) lives for this
-        // call only: kept in the backend, the layers of a step would share one upload.
-        let mut scratch = FlashScratch::default();
+        // One launch for the whole packed batch; the sequence tables are uploaded once per
+        // distinct batch layout (every layer of a step shares them).
+        let mut scratch = self.flash.lock().unwrap_or_else(|p| p.into_inner());
         flash_attention::forward_packed(&self.dev, &mut scratch, out, lse, q, k, v, p)
     }
 
@@ -153,8 +153,8 @@ impl TrainBackend for CudaBackend {
         lse: &DevBuf<f32>,
         p: Packed,
     ) -> Result<()> {
-        let mut scratch = FlashScratch::default();
-        let s = &mut scratch;
+        let mut scratch = self.flash.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut *scratch;
         flash_attention::backward_packed(&self.dev, s, dq, dk, dv, dout, q, k, v, out, lse, p)
     }
 
