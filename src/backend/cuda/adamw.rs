@@ -423,6 +423,7 @@ impl DeviceAdamW {
                 step,
                 m: host[o..o + n].to_vec(),
                 v: host[p + o..p + o + n].to_vec(),
+                q8: None,
             })
             .collect())
     }
