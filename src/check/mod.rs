@@ -6,8 +6,11 @@
 //!
 //! One file per op group: `attention.rs` (flash attention forward/backward), `nf4_dx.rs` (the
 //! backward NF4 product), `ops.rs` (RMSNorm/SwiGLU backward, dropout, cross-entropy, stash),
-//! `lora.rs` (the LoRA products), `adamw.rs` (the device optimizer), `model.rs` (a whole step).
+//! `lora.rs` (the LoRA products), `adamw.rs` (the device optimizer), `adam8.rs` (the 8-bit
+//! optimizer), `model.rs` (a whole step).
 
+#[cfg(feature = "cuda")]
+pub mod adam8;
 #[cfg(feature = "cuda")]
 pub mod adamw;
 #[cfg(feature = "cuda")]
@@ -173,6 +176,7 @@ pub fn run_all(be: &crate::backend::cuda::backend::CudaBackend) -> Vec<CheckRow>
     rows.extend(rows_or_failure("nf4 dx", || nf4_dx::run(be)));
     rows.extend(rows_or_failure("attention", || attention::run(be)));
     rows.extend(rows_or_failure("adamw", || adamw::run(be)));
+    rows.extend(rows_or_failure("adamw8", || adam8::run(be)));
     rows.extend(rows_or_failure("training step", || model::run(be)));
     rows
 }
