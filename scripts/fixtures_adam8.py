@@ -59,12 +59,16 @@ MIN_8BIT_SIZE = 4096
 BLOCK = 256
 
 
-def check_versions():
+def check_versions(strict=True):
+    """The pins, enforced when writing fixtures; with --cuda (a device machine's own torch) only
+    reported: the port is plain IEEE numpy arithmetic, independent of the versions."""
     import importlib.metadata as md
 
     bad = {k: (v, md.version(k)) for k, v in PINS.items() if md.version(k).split("+")[0] != v}
-    if bad:
+    if bad and strict:
         raise SystemExit(f"version mismatch (want, have): {bad}")
+    if bad:
+        print(f"note: versions differ from the pins (want, have): {bad}")
 
 
 def inputs(np):
@@ -293,7 +297,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cuda", metavar="OUT_JSON", help="compare bnb's CUDA kernel with the port")
     args = ap.parse_args()
-    check_versions()
+    check_versions(strict=not args.cuda)
     import numpy as np
     import torch
     import bitsandbytes as bnb
