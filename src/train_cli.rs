@@ -79,8 +79,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1e-8)]
     pub adam_epsilon: f64,
     /// Optimizer: paged_adamw_32bit (AdamW with 32-bit states in GPU memory the driver may page
-    /// to host RAM under pressure, as bitsandbytes' paged optimizers) or adamw (plain device
-    /// memory). On the CPU both are the same host AdamW.
+    /// to host RAM under pressure, as bitsandbytes' paged optimizers), paged_adamw_8bit
+    /// (bitsandbytes' 8-bit AdamW: blockwise-quantized states, 2 bytes per parameter instead of
+    /// 8, paged) or adamw (32-bit, plain device memory). On the CPU the two 32-bit ones are the
+    /// same host AdamW. A checkpoint of either resumes under the other (states converted).
     #[arg(long, default_value = "paged_adamw_32bit", value_parser = parse_optim)]
     pub optim: qlora::train::OptimKind,
     /// Clip the global gradient 2-norm to this (0: no clipping).

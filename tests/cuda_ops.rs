@@ -750,6 +750,7 @@ check_test!(check_lora, lora);
 check_test!(check_nf4_dx, nf4_dx);
 check_test!(check_flash_attention, attention);
 check_test!(check_adamw, adamw);
+check_test!(check_adamw8, adam8);
 check_test!(check_training_step, model);
 
 /// Zero-row calls succeed on the CPU, so they must on the GPU (an empty batch, an empty prompt).

@@ -442,7 +442,7 @@ impl Backend for Counting {
 
 impl TrainBackend for Counting {
     type Saved = MBuf;
-    type OptState = Vec<AdamParamState>;
+    type OptState = qlora::backend::cpu::CpuOptState;
 
     fn stash(&self, buf: MBuf, len: usize) -> R<MBuf> {
         // The bf16 copy exists before the f32 source is dropped, as on CUDA.
@@ -551,15 +551,15 @@ impl TrainBackend for Counting {
         sizes: &[usize],
         host: Option<Vec<AdamParamState>>,
         kind: OptimKind,
-    ) -> R<Vec<AdamParamState>> {
+    ) -> R<Self::OptState> {
         self.cpu.adamw_init(sizes, host, kind)
     }
-    fn adamw_download(&self, s: &Vec<AdamParamState>) -> R<Vec<AdamParamState>> {
+    fn adamw_download(&self, s: &Self::OptState) -> R<Vec<AdamParamState>> {
         self.cpu.adamw_download(s)
     }
     fn adamw_step(
         &self,
-        state: &mut Vec<AdamParamState>,
+        state: &mut Self::OptState,
         params: &mut [&mut MBuf],
         grads: &mut [&mut MBuf],
         hyper: &AdamW,

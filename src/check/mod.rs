@@ -6,9 +6,11 @@
 //!
 //! One file per op group: `attention.rs` (flash attention forward/backward), `nf4_dx.rs` (the
 //! backward NF4 product), `ops.rs` (RMSNorm/SwiGLU backward, dropout, cross-entropy, stash),
-//! `lora.rs` (the LoRA products), `adamw.rs` (the device optimizer), `model.rs` (a whole step),
-//! `quantize.rs` (NF4 quantization while loading, bit for bit).
+//! `lora.rs` (the LoRA products), `adamw.rs` and `adam8.rs` (the device optimizers, 32- and
+//! 8-bit), `model.rs` (a whole step), `quantize.rs` (NF4 quantization while loading, bit for bit).
 
+#[cfg(feature = "cuda")]
+pub mod adam8;
 #[cfg(feature = "cuda")]
 pub mod adamw;
 #[cfg(feature = "cuda")]
@@ -176,6 +178,7 @@ pub fn run_all(be: &crate::backend::cuda::backend::CudaBackend) -> Vec<CheckRow>
     rows.extend(rows_or_failure("nf4 dx", || nf4_dx::run(be)));
     rows.extend(rows_or_failure("attention", || attention::run(be)));
     rows.extend(rows_or_failure("adamw", || adamw::run(be)));
+    rows.extend(rows_or_failure("adamw8", || adam8::run(be)));
     rows.extend(rows_or_failure("training step", || model::run(be)));
     rows.extend(rows_or_failure("nf4 quantize", || quantize::run(be)));
     rows

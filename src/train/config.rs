@@ -58,7 +58,8 @@ pub struct TrainConfig {
     /// Continue from an existing PEFT adapter (its rank, alpha and targets are used).
     pub init_adapter: Option<PathBuf>,
     pub optim: AdamW,
-    /// Where the optimizer states live (`--optim`; the CPU backend keeps host vectors either way).
+    /// Which optimizer states and where they live (`--optim`; the CPU backend keeps host vectors
+    /// either way, 8-bit ones for `paged_adamw_8bit`).
     pub optim_kind: OptimKind,
     /// Global gradient-norm clip; 0 disables clipping.
     pub max_grad_norm: f32,

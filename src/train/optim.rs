@@ -9,6 +9,7 @@
 //! The states (`exp_avg`, `exp_avg_sq`, step) are host `Vec<f32>`s keyed by parameter name in
 //! [`AdamWState`], which serializes to a safetensors blob and back bit-exactly, for checkpoints.
 
+use super::optim8::{blocks, Quant8};
 use crate::error::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -22,6 +23,11 @@ pub enum OptimKind {
     PagedAdamW32bit,
     /// 32-bit AdamW states in plain device memory.
     AdamW,
+    /// bitsandbytes' 8-bit AdamW (`bnb.optim.PagedAdamW8bit`): moments as 8-bit blockwise
+    /// dynamically quantized codes (2.03 bytes per parameter instead of 8) in pageable memory,
+    /// updated by bnb's rule (decay after the update; see [`crate::train::optim8`]). Tensors
+    /// under 4096 values keep f32 moments, as bnb does.
+    PagedAdamW8bit,
 }
 
 impl OptimKind {
@@ -29,6 +35,22 @@ impl OptimKind {
         match self {
             OptimKind::PagedAdamW32bit => "paged_adamw_32bit",
             OptimKind::AdamW => "adamw",
+            OptimKind::PagedAdamW8bit => "paged_adamw_8bit",
+        }
+    }
+
+    /// Whether the states live in memory the driver may page to the host.
+    pub fn paged(self) -> bool {
+        matches!(self, OptimKind::PagedAdamW32bit | OptimKind::PagedAdamW8bit)
+    }
+
+    /// Bytes of optimizer state per trainable parameter (tensors of `n` values): 8 for the
+    /// 32-bit optimizers; [`crate::train::optim8::state_nbytes`] for the 8-bit one (2.03125
+    /// for tensors of at least 4096 values, 8 below).
+    pub fn state_nbytes(self, n: usize) -> usize {
+        match self {
+            OptimKind::PagedAdamW8bit => super::optim8::state_nbytes(n),
+            _ => 8 * n,
         }
     }
 }
@@ -39,8 +61,9 @@ impl std::str::FromStr for OptimKind {
         match s {
             "paged_adamw_32bit" => Ok(OptimKind::PagedAdamW32bit),
             "adamw" | "adamw_torch" => Ok(OptimKind::AdamW),
+            "paged_adamw_8bit" => Ok(OptimKind::PagedAdamW8bit),
             _ => Err(format!(
-                "unknown optimizer {s:?}; use paged_adamw_32bit or adamw"
+                "unknown optimizer {s:?}; use paged_adamw_32bit, paged_adamw_8bit or adamw"
             )),
         }
     }
@@ -70,6 +93,9 @@ impl Default for AdamW {
 }
 
 /// The state of one parameter tensor: first and second moments and the number of steps taken.
+///
+/// The moments are f32 (`m`, `v`) or, for `paged_adamw_8bit` tensors of at least 4096 values,
+/// 8-bit blockwise codes (`q8`; `m` and `v` are then empty).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdamParamState {
     pub step: u64,
@@ -77,6 +103,8 @@ pub struct AdamParamState {
     pub m: Vec<f32>,
     /// `exp_avg_sq`.
     pub v: Vec<f32>,
+    /// 8-bit moments ([`crate::train::optim8`]), in place of `m` and `v`.
+    pub q8: Option<Quant8>,
 }
 
 impl AdamParamState {
@@ -86,15 +114,28 @@ impl AdamParamState {
             step: 0,
             m: vec![0.0; n],
             v: vec![0.0; n],
+            q8: None,
         }
     }
 
+    /// Values of the tensor.
     pub fn len(&self) -> usize {
-        self.m.len()
+        match &self.q8 {
+            Some(q) => q.len(),
+            None => self.m.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.m.is_empty()
+        self.len() == 0
+    }
+
+    /// Host bytes of the moments.
+    pub fn nbytes(&self) -> usize {
+        match &self.q8 {
+            Some(q) => q.nbytes(),
+            None => 4 * (self.m.len() + self.v.len()),
+        }
     }
 }
 
@@ -198,7 +239,12 @@ pub struct AdamWState {
     pub params: BTreeMap<String, AdamParamState>,
 }
 
+/// The format of files with f32 moments only (unchanged since the first release).
 const STATE_FORMAT: &str = "qlora-adamw-v1";
+/// The format of files holding 8-bit moments (`paged_adamw_8bit`); read alongside v1.
+const STATE_FORMAT_Q8: &str = "qlora-adamw-v2";
+/// The `quant` metadata of a v2 file: what its 8-bit tensors mean.
+const QUANT_META: &str = "bnb-dynamic-blockwise-256: exp_avg codes of create_dynamic_map(signed=True), exp_avg_sq codes of create_dynamic_map(signed=False), value = map[code] * absmax[i / 256]";
 
 impl AdamWState {
     pub fn new() -> Self {
@@ -216,48 +262,80 @@ impl AdamWState {
         s
     }
 
-    /// Host bytes of the states (f32 values, no padding): what a checkpoint of them costs.
+    /// Host bytes of the states (no padding): what a checkpoint of them costs.
     pub fn nbytes(&self) -> usize {
-        self.params.values().map(|s| 8 * s.len()).sum()
+        self.params.values().map(AdamParamState::nbytes).sum()
     }
 
-    /// Serializes to a safetensors blob: `<name>.exp_avg` and `<name>.exp_avg_sq` (F32) per
-    /// parameter, the step counts in the metadata (`steps`, a JSON object).
+    /// Serializes to a safetensors blob, the step counts in the metadata (`steps`, a JSON
+    /// object). Per parameter, f32 moments as `<name>.exp_avg` and `<name>.exp_avg_sq` (F32
+    /// `[n]`); 8-bit ones as `<name>.exp_avg.codes` and `<name>.exp_avg_sq.codes` (U8 `[n]`) with
+    /// `<name>.exp_avg.absmax` and `<name>.exp_avg_sq.absmax` (F32 `[⌈n/256⌉]`). A file without
+    /// 8-bit tensors is format `qlora-adamw-v1` (byte-identical to earlier releases), one with
+    /// them `qlora-adamw-v2` with a `quant` entry naming the maps. The same on every device.
     pub fn state_bytes(&self) -> Result<Vec<u8>> {
-        let mut blobs = Vec::with_capacity(2 * self.params.len());
+        let mut blobs: Vec<(String, safetensors::Dtype, Vec<u8>)> = Vec::new();
         let mut steps = serde_json::Map::new();
+        let mut any_q8 = false;
         for (name, s) in &self.params {
-            if s.m.len() != s.v.len() {
-                return Err(Error::InvalidArg(format!(
-                    "AdamW state `{name}`: exp_avg and exp_avg_sq lengths differ"
-                )));
-            }
             steps.insert(name.clone(), serde_json::Value::from(s.step));
-            blobs.push((format!("{name}.exp_avg"), f32_bytes(&s.m)));
-            blobs.push((format!("{name}.exp_avg_sq"), f32_bytes(&s.v)));
+            match &s.q8 {
+                None => {
+                    if s.m.len() != s.v.len() {
+                        return Err(Error::InvalidArg(format!(
+                            "AdamW state `{name}`: exp_avg and exp_avg_sq lengths differ"
+                        )));
+                    }
+                    let f32 = safetensors::Dtype::F32;
+                    blobs.push((format!("{name}.exp_avg"), f32, f32_bytes(&s.m)));
+                    blobs.push((format!("{name}.exp_avg_sq"), f32, f32_bytes(&s.v)));
+                }
+                Some(q) => {
+                    if !q.is_consistent() {
+                        return Err(Error::InvalidArg(format!(
+                            "AdamW state `{name}`: 8-bit codes and absmax lengths are inconsistent"
+                        )));
+                    }
+                    any_q8 = true;
+                    let (u8t, f32) = (safetensors::Dtype::U8, safetensors::Dtype::F32);
+                    for (moment, codes, absmax) in [
+                        ("exp_avg", &q.m_codes, &q.m_absmax),
+                        ("exp_avg_sq", &q.v_codes, &q.v_absmax),
+                    ] {
+                        blobs.push((format!("{name}.{moment}.codes"), u8t, codes.clone()));
+                        blobs.push((format!("{name}.{moment}.absmax"), f32, f32_bytes(absmax)));
+                    }
+                }
+            }
         }
         let mut views = Vec::with_capacity(blobs.len());
-        for (name, bytes) in &blobs {
-            let view = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                vec![bytes.len() / 4],
-                bytes,
-            )
-            .map_err(|e| Error::InvalidArg(format!("{name}: {e}")))?;
+        for (name, dtype, bytes) in &blobs {
+            let n = 8 * bytes.len() / dtype.bitsize();
+            let view = safetensors::tensor::TensorView::new(*dtype, vec![n], bytes)
+                .map_err(|e| Error::InvalidArg(format!("{name}: {e}")))?;
             views.push((name.clone(), view));
         }
-        let metadata = HashMap::from([
-            ("format".to_string(), STATE_FORMAT.to_string()),
+        let format = if any_q8 {
+            STATE_FORMAT_Q8
+        } else {
+            STATE_FORMAT
+        };
+        let mut metadata = HashMap::from([
+            ("format".to_string(), format.to_string()),
             (
                 "steps".to_string(),
                 serde_json::Value::Object(steps).to_string(),
             ),
         ]);
+        if any_q8 {
+            metadata.insert("quant".to_string(), QUANT_META.to_string());
+        }
         safetensors::serialize(views, Some(metadata))
             .map_err(|e| Error::InvalidArg(format!("serializing AdamW state: {e}")))
     }
 
-    /// Restores what [`AdamWState::state_bytes`] wrote; `path` names the source in errors.
+    /// Restores what [`AdamWState::state_bytes`] wrote (either format); `path` names the source
+    /// in errors.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
         let bad = |msg: String| Error::bad_file(path, msg);
         let st = safetensors::SafeTensors::deserialize(bytes)
@@ -265,49 +343,85 @@ impl AdamWState {
         let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
         let md = meta.metadata().clone().unwrap_or_default();
-        if md.get("format").map(String::as_str) != Some(STATE_FORMAT) {
+        let format = md.get("format").map(String::as_str);
+        if format != Some(STATE_FORMAT) && format != Some(STATE_FORMAT_Q8) {
             return Err(bad(format!(
-                "not a qlora AdamW state (metadata format is not {STATE_FORMAT:?})"
+                "not a qlora AdamW state (metadata format is neither {STATE_FORMAT:?} nor {STATE_FORMAT_Q8:?})"
             )));
         }
         let steps: serde_json::Map<String, serde_json::Value> = md
             .get("steps")
             .and_then(|s| serde_json::from_str(s).ok())
             .ok_or_else(|| bad("metadata `steps` is missing or malformed".into()))?;
+        let tensor = |key: &str, dtype: safetensors::Dtype| {
+            let view = st.tensor(key).map_err(|_| Error::MissingTensor {
+                path: path.to_path_buf(),
+                name: key.to_string(),
+            })?;
+            if view.dtype() != dtype || view.shape().len() != 1 {
+                return Err(Error::BadTensor {
+                    path: path.to_path_buf(),
+                    name: key.to_string(),
+                    msg: format!("expected a 1-D {dtype:?} tensor"),
+                });
+            }
+            Ok(view.data().to_vec())
+        };
+        let load_f32 = |key: &str| -> Result<Vec<f32>> {
+            Ok(tensor(key, safetensors::Dtype::F32)?
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
         let mut params = BTreeMap::new();
+        let mut tensors = 0;
         for (name, step) in steps {
             let step = step
                 .as_u64()
                 .ok_or_else(|| bad(format!("metadata `steps`: `{name}` is not an integer")))?;
-            let load = |suffix: &str| -> Result<Vec<f32>> {
-                let key = format!("{name}.{suffix}");
-                let view = st.tensor(&key).map_err(|_| Error::MissingTensor {
-                    path: path.to_path_buf(),
-                    name: key.clone(),
-                })?;
-                if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 1 {
-                    return Err(Error::BadTensor {
-                        path: path.to_path_buf(),
-                        name: key,
-                        msg: "expected a 1-D F32 tensor".into(),
-                    });
+            let state = if st.names().contains(&&format!("{name}.exp_avg.codes")[..]) {
+                let q = Quant8 {
+                    m_codes: tensor(&format!("{name}.exp_avg.codes"), safetensors::Dtype::U8)?,
+                    m_absmax: load_f32(&format!("{name}.exp_avg.absmax"))?,
+                    v_codes: tensor(&format!("{name}.exp_avg_sq.codes"), safetensors::Dtype::U8)?,
+                    v_absmax: load_f32(&format!("{name}.exp_avg_sq.absmax"))?,
+                };
+                if !q.is_consistent() {
+                    return Err(bad(format!(
+                        "`{name}`: 8-bit codes of lengths {} and {} with {} and {} absmax (blocks of 256: {} expected)",
+                        q.m_codes.len(),
+                        q.v_codes.len(),
+                        q.m_absmax.len(),
+                        q.v_absmax.len(),
+                        blocks(q.m_codes.len())
+                    )));
                 }
-                Ok(view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect())
+                tensors += 4;
+                AdamParamState {
+                    step,
+                    m: Vec::new(),
+                    v: Vec::new(),
+                    q8: Some(q),
+                }
+            } else {
+                let m = load_f32(&format!("{name}.exp_avg"))?;
+                let v = load_f32(&format!("{name}.exp_avg_sq"))?;
+                if m.len() != v.len() {
+                    return Err(bad(format!(
+                        "`{name}`: exp_avg and exp_avg_sq lengths differ"
+                    )));
+                }
+                tensors += 2;
+                AdamParamState {
+                    step,
+                    m,
+                    v,
+                    q8: None,
+                }
             };
-            let m = load("exp_avg")?;
-            let v = load("exp_avg_sq")?;
-            if m.len() != v.len() {
-                return Err(bad(format!(
-                    "`{name}`: exp_avg and exp_avg_sq lengths differ"
-                )));
-            }
-            params.insert(name, AdamParamState { step, m, v });
+            params.insert(name, state);
         }
-        if st.len() != 2 * params.len() {
+        if st.len() != tensors {
             return Err(bad("tensors without a step count in the metadata".into()));
         }
         Ok(AdamWState { params })

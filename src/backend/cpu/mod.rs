@@ -15,6 +15,7 @@ pub mod nf4_gemm_dx;
 mod rmsnorm;
 mod rope;
 mod train;
+pub use train::CpuOptState;
 
 pub use attention::attention;
 pub use cross_entropy::cross_entropy;

@@ -9,7 +9,24 @@ use super::flash_attention::{flash_attention_backward, flash_attention_forward};
 use super::{check_len, CpuBackend, CpuLinear, CpuWeight};
 use crate::backend::{LoraShape, Packed, TrainBackend};
 use crate::error::{Error, Result};
-use crate::train::{clip_grad_norm, grad_norm, AdamParamState, AdamW, OptimKind};
+use crate::train::{clip_grad_norm, grad_norm, optim8, AdamParamState, AdamW, OptimKind};
+
+/// The CPU backend's optimizer state: host states of every tensor, in the form `kind` keeps
+/// them ([`optim8::for_kind`]), and the rule that updates them (torch's AdamW for the 32-bit
+/// kinds, bitsandbytes' for `paged_adamw_8bit`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuOptState {
+    pub kind: OptimKind,
+    pub states: Vec<AdamParamState>,
+}
+
+/// Reads as the per-tensor states (what the 32-bit optimizer's state used to be).
+impl std::ops::Deref for CpuOptState {
+    type Target = [AdamParamState];
+    fn deref(&self) -> &[AdamParamState] {
+        &self.states
+    }
+}
 
 /// Checks the buffers of a packed training attention call: `(name, length)` of the query-shaped
 /// (`[rows, heads, D]`) and key-shaped (`[rows, kv_heads, D]`) buffers and of `lse`.
@@ -71,7 +88,7 @@ pub(super) fn check_lora(
 
 impl TrainBackend for CpuBackend {
     type Saved = Vec<f32>;
-    type OptState = Vec<AdamParamState>;
+    type OptState = CpuOptState;
 
     fn stash(&self, buf: Vec<f32>, len: usize) -> Result<Vec<f32>> {
         check_len("stash", buf.len(), len)?;
@@ -306,10 +323,11 @@ impl TrainBackend for CpuBackend {
         &self,
         sizes: &[usize],
         host: Option<Vec<AdamParamState>>,
-        _kind: OptimKind,
-    ) -> Result<Vec<AdamParamState>> {
+        kind: OptimKind,
+    ) -> Result<CpuOptState> {
         let Some(states) = host else {
-            return Ok(sizes.iter().map(|&n| AdamParamState::new(n)).collect());
+            let states = sizes.iter().map(|&n| optim8::fresh(n, kind)).collect();
+            return Ok(CpuOptState { kind, states });
         };
         let lens: Vec<usize> = states.iter().map(AdamParamState::len).collect();
         if lens != sizes {
@@ -317,22 +335,27 @@ impl TrainBackend for CpuBackend {
                 "optimizer state holds tensors of sizes {lens:?}, the adapter has {sizes:?}"
             )));
         }
-        Ok(states)
+        let states = states
+            .into_iter()
+            .map(|s| optim8::for_kind(s, kind))
+            .collect();
+        Ok(CpuOptState { kind, states })
     }
 
-    fn adamw_download(&self, state: &Vec<AdamParamState>) -> Result<Vec<AdamParamState>> {
-        Ok(state.clone())
+    fn adamw_download(&self, state: &CpuOptState) -> Result<Vec<AdamParamState>> {
+        Ok(state.states.clone())
     }
 
     fn adamw_step(
         &self,
-        state: &mut Vec<AdamParamState>,
+        state: &mut CpuOptState,
         params: &mut [&mut Vec<f32>],
         grads: &mut [&mut Vec<f32>],
         hyper: &AdamW,
         lr: f64,
         max_norm: f32,
     ) -> Result<f32> {
+        let (kind, state) = (state.kind, &mut state.states);
         if params.len() != grads.len() || params.len() != state.len() {
             return Err(Error::InvalidArg(format!(
                 "adamw_step: {} parameters, {} gradients, {} states",
@@ -360,7 +383,12 @@ impl TrainBackend for CpuBackend {
         }
         for ((p, g), st) in params.iter_mut().zip(slices).zip(state.iter_mut()) {
             let n = st.len();
-            hyper.update(lr, &mut p[..n], g, st);
+            match kind {
+                OptimKind::PagedAdamW8bit => optim8::step(hyper, lr, &mut p[..n], g, st),
+                OptimKind::PagedAdamW32bit | OptimKind::AdamW => {
+                    hyper.update(lr, &mut p[..n], g, st)
+                }
+            }
         }
         Ok(norm)
     }

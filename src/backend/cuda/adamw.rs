@@ -49,7 +49,7 @@ use cudarc::driver::{
 use std::sync::Arc;
 
 /// Elements per block of the multi-tensor launches (`ADAMW_CHUNK` in `kernels/adamw.cu`).
-const CHUNK: usize = 2048;
+pub(super) const CHUNK: usize = 2048;
 /// Threads per block (`ADAMW_THREADS`).
 const THREADS: u32 = 256;
 /// Each tensor's states start at a multiple of this many f32 (256 bytes).
@@ -160,8 +160,8 @@ fn step_scalars(hyper: &AdamW, lr: f64, k: u64) -> [f32; 2] {
     [(-step_size) as f32, bc2_sqrt]
 }
 
-/// A CUDA managed allocation, freed on drop.
-struct Managed {
+/// A CUDA managed allocation, freed on drop (also used by `adamw8.rs`).
+pub(super) struct Managed {
     ptr: sys::CUdeviceptr,
     bytes: usize,
     stream: Arc<CudaStream>,
@@ -173,7 +173,7 @@ struct Managed {
 
 impl Managed {
     /// `bytes` of managed memory, preferring `dev`, zeroed (on the stream).
-    fn alloc(dev: &CudaDevice, bytes: usize) -> Result<Managed> {
+    pub(super) fn alloc(dev: &CudaDevice, bytes: usize) -> Result<Managed> {
         let (free, total) = dev.mem_info()?;
         if bytes > free {
             return Err(Error::Backend(format!(
@@ -231,7 +231,7 @@ impl Managed {
     }
 
     /// Queues the migration of every page to the device on the stream.
-    fn prefetch(&self) -> Result<()> {
+    pub(super) fn prefetch(&self) -> Result<()> {
         self.stream
             .context()
             .bind_to_thread()
@@ -261,15 +261,16 @@ impl Drop for Managed {
     }
 }
 
-/// The states' allocation: `[m region | v region]` (see the module docs).
-enum StateMem {
+/// The states' allocation: `[m region | v region]` (see the module docs; `adamw8.rs` carves
+/// its own regions from one).
+pub(super) enum StateMem {
     Device(DevBuf<f32>),
     Managed(Managed),
 }
 
 impl StateMem {
     /// Device address of the allocation.
-    fn base(&self, stream: &CudaStream) -> u64 {
+    pub(super) fn base(&self, stream: &CudaStream) -> u64 {
         match self {
             StateMem::Device(b) => b.device_ptr(stream).0,
             StateMem::Managed(m) => m.ptr,
@@ -279,7 +280,7 @@ impl StateMem {
 
 /// Whether `dev` can keep the states in managed memory that kernels use while the host runs
 /// (`MANAGED_MEMORY` and `CONCURRENT_MANAGED_ACCESS`).
-fn managed_supported(dev: &CudaDevice) -> Result<bool> {
+pub(super) fn managed_supported(dev: &CudaDevice) -> Result<bool> {
     let ctx = dev.stream.context();
     for a in [
         sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY,
@@ -423,6 +424,7 @@ impl DeviceAdamW {
                 step,
                 m: host[o..o + n].to_vec(),
                 v: host[p + o..p + o + n].to_vec(),
+                q8: None,
             })
             .collect())
     }

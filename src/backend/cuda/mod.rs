@@ -21,6 +21,8 @@ use crate::error::Error;
 #[cfg(feature = "cuda")]
 pub mod adamw;
 #[cfg(feature = "cuda")]
+pub mod adamw8;
+#[cfg(feature = "cuda")]
 pub mod backend;
 #[cfg(feature = "cuda")]
 pub mod blas;

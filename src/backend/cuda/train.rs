@@ -2,7 +2,7 @@
 //! bf16, and the optimizer (paged AdamW) with its states on the device.
 //!
 //! Each op dispatches to its launcher (`flash_attention.rs`, `nf4_gemm_dx.rs`, `lora.rs`,
-//! `rmsnorm.rs`, `ops.rs`, `cross_entropy.rs`, `dropout.rs`, `adamw.rs`), which checks buffer
+//! `rmsnorm.rs`, `ops.rs`, `cross_entropy.rs`, `dropout.rs`, `adamw.rs`, `adamw8.rs`), which checks buffer
 //! sizes and is tested against the CPU specification by `qlora check` (`crate::check`).
 //!
 //! Mixed precision (as QLoRA trains): GEMM operands are rounded to bf16 and multiplied on
@@ -10,9 +10,11 @@
 //! `P·v`, the LoRA products); norms, softmax, cross-entropy, the residual stream and every
 //! reduction stay f32; activations kept for the backward are stored as bf16
 //! ([`TrainBackend::stash`]); the LoRA matrices, their gradients and the AdamW states are f32
-//! (master copies), rounded to bf16 only as GEMM operands.
+//! (master copies), rounded to bf16 only as GEMM operands, except under `paged_adamw_8bit`, whose
+//! moments are bitsandbytes' 8-bit blockwise codes ([`DeviceOptState::Q8`]).
 
 use super::adamw::DeviceAdamW;
+use super::adamw8::DeviceAdamW8;
 use super::backend::{CudaBackend, CudaLinear, Prefill};
 use super::blas::{gemm_f32, RowMajor};
 use super::flash_attention;
@@ -20,7 +22,32 @@ use super::runtime::DevBuf;
 use super::{cross_entropy, dropout, lora, ops, rmsnorm};
 use crate::backend::{LoraShape, Packed, TrainBackend};
 use crate::error::{Error, Result};
-use crate::train::{AdamParamState, AdamW, OptimKind};
+use crate::train::{optim8, AdamParamState, AdamW, OptimKind};
+
+/// The device optimizer's states: 32-bit AdamW (`paged_adamw_32bit`, `adamw`; bit-exact with
+/// torch's rule) or bitsandbytes' 8-bit AdamW (`paged_adamw_8bit`).
+pub enum DeviceOptState {
+    F32(DeviceAdamW),
+    Q8(DeviceAdamW8),
+}
+
+impl DeviceOptState {
+    /// Whether the states live in managed (pageable) memory.
+    pub fn paged(&self) -> bool {
+        match self {
+            DeviceOptState::F32(s) => s.paged(),
+            DeviceOptState::Q8(s) => s.paged(),
+        }
+    }
+
+    /// Device bytes of the states.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            DeviceOptState::F32(s) => s.nbytes(),
+            DeviceOptState::Q8(s) => s.nbytes(),
+        }
+    }
+}
 
 impl CudaBackend {
     /// `dx (+)= dy · W` on the path the weight's format chooses: cuBLAS for dense weights, the
@@ -76,7 +103,7 @@ fn as_slices<'a>(bufs: &'a mut [&mut DevBuf<f32>]) -> Vec<&'a mut cudarc::driver
 impl TrainBackend for CudaBackend {
     /// bf16 bits.
     type Saved = DevBuf<u16>;
-    type OptState = DeviceAdamW;
+    type OptState = DeviceOptState;
 
     fn stash(&self, buf: DevBuf<f32>, len: usize) -> Result<DevBuf<u16>> {
         let mut out = self.dev.zeros::<u16>(len)?;
@@ -243,28 +270,46 @@ impl TrainBackend for CudaBackend {
         sizes: &[usize],
         host: Option<Vec<AdamParamState>>,
         kind: OptimKind,
-    ) -> Result<DeviceAdamW> {
-        let paged = kind == OptimKind::PagedAdamW32bit;
-        let mut st = DeviceAdamW::new(&self.dev, sizes, paged)?;
-        if let Some(h) = host {
+    ) -> Result<DeviceOptState> {
+        if let Some(h) = &host {
             let lens: Vec<usize> = h.iter().map(AdamParamState::len).collect();
             if lens != sizes {
                 return Err(Error::InvalidArg(format!(
                     "optimizer state holds tensors of sizes {lens:?}, the adapter has {sizes:?}"
                 )));
             }
-            st.upload_state(&self.dev, &h)?;
         }
-        Ok(st)
+        // A checkpoint of the other optimizer converts (`optim8::for_kind`).
+        let host: Option<Vec<AdamParamState>> =
+            host.map(|h| h.into_iter().map(|s| optim8::for_kind(s, kind)).collect());
+        match kind {
+            OptimKind::PagedAdamW8bit => {
+                let mut st = DeviceAdamW8::new(&self.dev, sizes, kind.paged())?;
+                if let Some(h) = host {
+                    st.upload_state(&self.dev, &h)?;
+                }
+                Ok(DeviceOptState::Q8(st))
+            }
+            OptimKind::PagedAdamW32bit | OptimKind::AdamW => {
+                let mut st = DeviceAdamW::new(&self.dev, sizes, kind.paged())?;
+                if let Some(h) = host {
+                    st.upload_state(&self.dev, &h)?;
+                }
+                Ok(DeviceOptState::F32(st))
+            }
+        }
     }
 
-    fn adamw_download(&self, state: &DeviceAdamW) -> Result<Vec<AdamParamState>> {
-        state.download_state(&self.dev)
+    fn adamw_download(&self, state: &DeviceOptState) -> Result<Vec<AdamParamState>> {
+        match state {
+            DeviceOptState::F32(s) => s.download_state(&self.dev),
+            DeviceOptState::Q8(s) => s.download_state(&self.dev),
+        }
     }
 
     fn adamw_step(
         &self,
-        state: &mut DeviceAdamW,
+        state: &mut DeviceOptState,
         params: &mut [&mut DevBuf<f32>],
         grads: &mut [&mut DevBuf<f32>],
         hyper: &AdamW,
@@ -273,7 +318,10 @@ impl TrainBackend for CudaBackend {
     ) -> Result<f32> {
         let mut p = as_slices(params);
         let g: Vec<&cudarc::driver::CudaSlice<f32>> = grads.iter().map(|b| &***b).collect();
-        state.step(&self.dev, &mut p, &g, hyper, lr, max_norm)
+        match state {
+            DeviceOptState::F32(s) => s.step(&self.dev, &mut p, &g, hyper, lr, max_norm),
+            DeviceOptState::Q8(s) => s.step(&self.dev, &mut p, &g, hyper, lr, max_norm),
+        }
     }
 
     fn zero(&self, buf: &mut DevBuf<f32>, len: usize) -> Result<()> {
