@@ -2,21 +2,22 @@
 # Builds, on a machine without a GPU, everything a GPU session runs, into .gpu/ (git-ignored,
 # carried to the device machine): release builds with --features cuda of the CUDA test binary
 # (`tests`), the CUDA kernel bench (`bench`), the 7B training-step bench (`train`, with the slim
-# bitsandbytes wheel scripts/bench_train_ref.py needs) and the qlora binary (`qlora`), stripped
-# and xz-compressed, plus scripts/gpu_run.sh's expectations. Default: all four. The device tool
+# bitsandbytes wheel scripts/bench_train_ref.py needs), the qlora binary (`qlora`) and the 7B
+# load-time tools (`load`: examples make_random_llama and load_time), stripped and
+# xz-compressed, plus scripts/gpu_run.sh's expectations. Default: all five. The device tool
 # carries at most 64 MiB (binaries, wheel and the tracked repo together): the last line says
 # how much this makes.
 #
-#   bash scripts/gpu_bundle.sh [tests] [bench] [train] [qlora]   # here
+#   bash scripts/gpu_bundle.sh [tests] [bench] [train] [qlora] [load]   # here
 #   (device tool) carry [".gpu"], command: bash scripts/gpu_run.sh SECTION...
 #
 # What each gpu_run.sh section needs: check, train, e2e → qlora; tests, sanitize → tests;
-# bench → bench; trainbench → train.
+# bench → bench; trainbench → train; load → load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="${CUDA_HOME:-$HOME/.cache/qlora/cuda-13.0/nvidia/cu13}/bin:$PATH"
 parts=("$@")
-[[ ${#parts[@]} -gt 0 ]] || parts=(tests bench train qlora)
+[[ ${#parts[@]} -gt 0 ]] || parts=(tests bench train qlora load)
 has() { [[ " ${parts[*]} " == *" $1 "* ]]; }
 rm -rf .gpu && mkdir -p .gpu
 pick() { # cargo JSON messages on stdin -> the executable of target $1
@@ -54,10 +55,14 @@ if has qlora; then
   cargo build --release --features cuda --bin qlora 2>/dev/null
   cp "${CARGO_TARGET_DIR:-target}/release/qlora" .gpu/qlora
 fi
-strip .gpu/cuda_ops .gpu/bench_cuda .gpu/bench_train .gpu/qlora 2>/dev/null || true
+if has load; then
+  cargo build --release --features cuda --example make_random_llama --example load_time 2>/dev/null
+  for e in make_random_llama load_time; do cp "${CARGO_TARGET_DIR:-target}/release/examples/$e" .gpu/$e; done
+fi
+strip .gpu/cuda_ops .gpu/bench_cuda .gpu/bench_train .gpu/qlora .gpu/make_random_llama .gpu/load_time 2>/dev/null || true
 # xz: 58 MiB of stripped binaries become ~11 (the four together with the tracked repo would
 # pass the 64 MiB carry limit otherwise); gpu_run.sh unpacks them first thing.
-for b in cuda_ops bench_cuda bench_train qlora; do
+for b in cuda_ops bench_cuda bench_train qlora make_random_llama load_time; do
   [[ -e .gpu/$b ]] && xz -6 -T0 .gpu/$b
 done
 git rev-parse --short HEAD > .gpu/commit

@@ -140,6 +140,16 @@ if want bench; then
   timeout 150 ./.gpu/bench_cuda --bench --noplot --warm-up-time 1 --measurement-time 2 2>&1 | tee "$out/bench.log"
   verdict bench "exit ${PIPESTATUS[0]}"
 fi
+if named load; then
+  # Load time of a Llama-2-7B-shaped f16 checkpoint onto the GPU with NF4 quantization there
+  # (target ≤ 15 s): a random checkpoint written to /dev/shm (13.5 GB, page cache: a warm load),
+  # then examples/load_time (load, linears and quantize seconds, peak device memory).
+  m=/dev/shm/qlora-7b
+  timeout 240 ./.gpu/make_random_llama --config tests/fixtures/llama-2-7b-chat-hf/config.json --out $m 2>&1 | tail -n 2
+  timeout 120 ./.gpu/load_time --model $m --device cuda 2>&1 | tee "$out/load.log"
+  verdict load "$(tail -n 1 "$out/load.log")"
+  rm -rf $m
+fi
 if named trainbench; then
   # Llama-2-7B-shaped QLoRA training steps at 4 x 512 tokens: qlora (benches/train.rs: r8-qv and
   # r16-all, selective and full recompute) then transformers + PEFT + bitsandbytes
