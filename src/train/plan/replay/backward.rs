@@ -1,0 +1,119 @@
+//! The backward of one step, replayed: the fused head (`head_backward`), then per layer
+//! `mlp_backward` and the attention block's backward (`layer_backward`).
+
+use super::{Alloc, Kind, Walk};
+use crate::lora::LoraTarget;
+
+impl Walk<'_> {
+    /// `head_backward` (called with `x` and `dx` alive).
+    pub(super) fn head(&mut self) {
+        let (d, t) = (self.d, self.t);
+        use Kind::Head;
+        self.sim.at("head", None, "final norm");
+        let n = self.f32(Head, t * d.c);
+        let dn = self.f32(Head, t * d.c);
+        let chunk = self.run.ce_chunk.clamp(1, t);
+        let nc = self.f32(Head, chunk * d.c);
+        let dnc = self.f32(Head, chunk * d.c);
+        self.sim.at("head", None, "logits chunk");
+        let z = self.f32(Head, chunk * d.v);
+        let losses = self.f32(Head, t);
+        let lc = self.f32(Head, chunk);
+        for r0 in (0..t).step_by(chunk) {
+            let rows = chunk.min(t - r0);
+            self.sim.at("head", None, "lm_head chunk");
+            let xa = self.project_train(LoraTarget::LmHead, rows, r0, Head);
+            let targets = self.internal(Head, rows);
+            self.free_opt(targets);
+            self.lora_share(LoraTarget::LmHead, rows, r0);
+            self.free_opt(xa);
+        }
+        self.sim.free_all([z, nc, dnc, n]);
+        self.sim.free_all([dn, losses, lc]);
+    }
+
+    /// `mlp_backward` (with `x_l`, `dx` and the activations alive).
+    fn mlp_backward(&mut self, l: usize) {
+        let (d, t) = (self.d, self.t);
+        use Kind::WorkingSet as W;
+        use LoraTarget::*;
+        self.sim.at("backward", Some(l), "unstash gate, up");
+        let gate = self.f32(W, t * d.f);
+        let up = self.f32(W, t * d.f);
+        let m = self.f32(W, t * d.f);
+        let dm = self.f32(W, t * d.f);
+        self.sim.at("backward", Some(l), "down_proj dropout mask");
+        self.lora_share(DownProj, t, 0);
+        self.sim.free(m);
+        self.sim.at("backward", Some(l), "SwiGLU backward");
+        let dg = self.f32(W, t * d.f);
+        let du = self.f32(W, t * d.f);
+        self.sim.free_all([dm, gate, up]);
+        self.sim
+            .at("backward", Some(l), "gate_proj, up_proj backward");
+        let h = self.f32(W, t * d.c);
+        let n = self.f32(W, t * d.c);
+        let dn = self.f32(W, t * d.c);
+        self.lora_share(GateProj, t, 0);
+        self.lora_share(UpProj, t, 0);
+        self.sim.free_all([dg, du, n]);
+        let tmp = self.f32(W, t * d.c);
+        self.sim.free_all([tmp, dn, h]);
+    }
+
+    /// `layer_backward`.
+    pub(super) fn layer_backward(&mut self, l: usize) {
+        let (d, t) = (self.d, self.t);
+        use Kind::WorkingSet as W;
+        use LoraTarget::*;
+        self.mlp_backward(l);
+        self.sim.at("backward", Some(l), "o_proj backward");
+        let att = self.f32(W, t * d.q);
+        let datt = self.f32(W, t * d.q);
+        self.lora_share(OProj, t, 0);
+        self.sim.at("backward", Some(l), "attention backward");
+        let dq = self.f32(W, t * d.q);
+        let dk = self.f32(W, t * d.k);
+        let dv = self.f32(W, t * d.k);
+        let q = self.f32(W, t * d.q);
+        let k = self.f32(W, t * d.k);
+        let v = self.f32(W, t * d.k);
+        self.attention_backward_scratch();
+        self.sim.free_all([q, k, v, datt, att]);
+        self.sim.at("backward", Some(l), "q/k/v backward");
+        let n = self.f32(W, t * d.c);
+        let dn = self.f32(W, t * d.c);
+        for target in [QProj, KProj, VProj] {
+            self.lora_share(target, t, 0);
+        }
+        if l > 0 {
+            let tmp = self.f32(W, t * d.c);
+            self.sim.free(tmp);
+        }
+        self.sim.free_all([n, dn, dq, dk, dv]);
+    }
+
+    /// The CUDA attention backward's own buffers: `Δ [T, H]` for one sequence; over several,
+    /// each sequence's `q, k, v, dout, out, lse` copied out, its `dq, dk, dv` computed apart
+    /// (and copied back), then its `Δ`.
+    fn attention_backward_scratch(&mut self) {
+        if !self.run.device_internals {
+            return;
+        }
+        let (d, t) = (self.d, self.t);
+        use Kind::WorkingSet as W;
+        if self.lens.len() == 1 {
+            let delta = self.f32(W, t * d.h);
+            self.sim.free(delta);
+            return;
+        }
+        for i in 0..self.lens.len() {
+            let s = self.lens[i];
+            let (sq, sk, sh) = (s * d.q, s * d.k, s * d.h);
+            // q, k, v, dout, out, lse copied out; dq, dk, dv apart; then Δ.
+            let sizes = [sq, sk, sk, sq, sq, sh, sq, sk, sk, sh];
+            let parts: Vec<Alloc> = sizes.iter().map(|&n| self.f32(W, n)).collect();
+            self.sim.free_all(parts);
+        }
+    }
+}
