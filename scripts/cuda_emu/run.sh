@@ -21,6 +21,7 @@
 #   extern __shared__ [__align__(n)] T x[];  →  T* x = (T*)emu::dyn_smem();
 #   __shared__ ... T x[...];                 →  static ... T x[...]; emu::shared_var(&x, sizeof(x));
 #   asm("op.a.b %0, ..." : "=f"(r) : "f"(a), ...);  →  r = emu::ptx_op_a_b(a, ...);
+#   asm("{ .reg .pred p; setp.gt.f32 p, %1, %2; selp.u32 %0, 1, 0, p; }" ...)  →  r = emu::ptx_setp_gt_f32(a, b);
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -39,6 +40,7 @@ for h in cuda_bf16.h cuda_fp16.h cuda_runtime.h; do echo "#pragma once" >"$build
 sed -E -i \
   -e 's/extern __shared__ (__align__\([0-9]+\) )?([A-Za-z_][A-Za-z0-9_ ]*[A-Za-z0-9_]) +([A-Za-z_][A-Za-z0-9_]*)\[\];/\2* \3 = (\2*)emu::dyn_smem();/' \
   -e 's/^([[:space:]]*)__shared__ (.*[^A-Za-z0-9_])([A-Za-z_][A-Za-z0-9_]*)((\[[^]]*\])*);/\1static \2\3\4; emu::shared_var(\&\3, sizeof(\3));/' \
+  -e 's/asm(volatile)? *\("\{ \.reg \.pred p; (setp\.[a-z]+\.f32) p, %1, %2; selp\.u32 %0, 1, 0, p; \}" *: *"=r"\(([A-Za-z_0-9]+)\) *: *(.*)\);/\3 = emu::ptx_\2(\4);/' \
   -e 's/asm(volatile)? *\("([a-z0-9.]+) [^"]*" *: *"=[a-z]"\(([A-Za-z_0-9]+)\) *: *(.*)\);/\3 = emu::ptx_\2(\4);/' \
   -e ':dot' -e 's/(emu::ptx_[a-z0-9_]*)\./\1_/' -e 't dot' \
   -e '/emu::ptx_/s/"[a-z]"\(([^()]*)\)/\1/g' \

@@ -201,6 +201,9 @@ inline float ptx_sqrt_rn_f32(float a) { return std::sqrt(a); }
 inline float ptx_fma_rn_f32(float a, float b, float c) { return std::fma(a, b, c); }
 inline double ptx_cvt_f64_f32(float a) { return (double)a; }
 inline float ptx_cvt_rn_f32_f64(double a) { return (float)a; }
+// `{ setp.gt.f32 p, a, b; selp.u32 r, 1, 0, p; }`: ordered IEEE comparisons (false with a NaN).
+inline unsigned ptx_setp_gt_f32(float a, float b) { return a > b ? 1u : 0u; }
+inline unsigned ptx_setp_lt_f32(float a, float b) { return a < b ? 1u : 0u; }
 }  // namespace emu
 
 // ---------------------------------------------------------------------------------------------
