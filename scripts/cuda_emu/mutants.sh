@@ -34,6 +34,8 @@ mutants=(
   "rms-shfl|rmsnorm.cu|0,/for (int s = 16; s > 0; s >>= 1) ss +=/s//for (int s = 8; s > 0; s >>= 1) ss +=/|misc|warp reduction skips a level"
   "rms-diverge|rmsnorm.cu|s/if (threadIdx.x < 32) {/if (threadIdx.x < 16) {/|misc|warp shuffle in divergent code"
   "adamw-fma|adamw.cu|s/lerp_lo ? f_fma(w1, d, mi)/lerp_lo ? f_add(f_mul(w1, d), mi)/|misc|m not computed with one rounding"
+  "adam8-signfix|adamw8.cu|s/c = f_gt(m, 0.0f) ? c + 1 : c - 1;/c = c;/|adamw8|bnb's sign fix of the m code dropped"
+  "adam8-absmax-shfl|adamw8.cu|s/for (int o = 16; o > 0; o >>= 1) {/for (int o = 8; o > 0; o >>= 1) {/|adamw8|block absmax over half a warp"
 )
 
 missed=0
