@@ -10,64 +10,14 @@
 // `Consts8`, `Scalars8`).
 #include "adamw8.cu"
 
-#include <fstream>
-#include <map>
-
 #include "driver.h"
+#include "safetensors.h"
 
 namespace {
 using drv::Buf;
+using drv::Fixture;
 using std::string;
 using std::vector;
-
-// The fixture's tensors: a minimal safetensors reader (8-byte header length, JSON header with
-// "name":{"dtype":..,"shape":[..],"data_offsets":[a,b]}, raw little-endian data).
-struct Fixture {
-  vector<char> data;
-  std::map<string, std::pair<size_t, size_t>> at;  // name → [begin, end) bytes into data
-  explicit Fixture(const string& path) {
-    std::ifstream f(path, std::ios::binary);
-    if (!f) {
-      std::fprintf(stderr, "adamw8_emu: cannot read %s\n", path.c_str());
-      std::exit(2);
-    }
-    uint64_t n = 0;
-    f.read((char*)&n, 8);
-    string h(n, '\0');
-    f.read(h.data(), (std::streamsize)n);
-    data.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-    for (size_t i = h.find('"'); i != string::npos; i = h.find('"', i)) {
-      const size_t e = h.find('"', i + 1);
-      const string key = h.substr(i + 1, e - i - 1);
-      const size_t brace = h.find_first_not_of(" :", e + 1);
-      if (brace == string::npos || h[brace] != '{') {
-        i = e + 1;
-        continue;
-      }
-      const size_t close = h.find('}', brace);
-      const size_t off = h.find("\"data_offsets\"", brace);
-      if (off != string::npos && off < close) {
-        const size_t lb = h.find('[', off);
-        size_t a = 0, b = 0;
-        std::sscanf(h.c_str() + lb, "[%zu,%zu]", &a, &b);
-        at[key] = {a, b};
-      }
-      i = close + 1;
-    }
-  }
-  template <class T>
-  vector<T> get(const string& name) const {
-    auto it = at.find(name);
-    if (it == at.end()) {
-      std::fprintf(stderr, "adamw8_emu: the fixture has no tensor %s\n", name.c_str());
-      std::exit(2);
-    }
-    const auto [a, b] = it->second;
-    vector<T> v((b - a) / sizeof(T));
-    std::memcpy(v.data(), data.data() + a, b - a);
-    return v;
-  }
-};
 
 // scripts/fixtures_adam8.py's HYPER and LRS.
 constexpr double kBeta1 = 0.9, kBeta2 = 0.999, kEps = 1e-8, kWd = 0.01;

@@ -34,6 +34,8 @@ mutants=(
   "rms-shfl|rmsnorm.cu|0,/for (int s = 16; s > 0; s >>= 1) ss +=/s//for (int s = 8; s > 0; s >>= 1) ss +=/|misc|warp reduction skips a level"
   "rms-diverge|rmsnorm.cu|s/if (threadIdx.x < 32) {/if (threadIdx.x < 16) {/|misc|warp shuffle in divergent code"
   "adamw-fma|adamw.cu|s/lerp_lo ? f_fma(w1, d, mi)/lerp_lo ? f_add(f_mul(w1, d), mi)/|misc|m not computed with one rounding"
+  "quant-pad|nf4_quantize.cu|s/nf4_encode(nf4_scaled(v.y, is_full, r, c), mid) : 7u;/nf4_encode(nf4_scaled(v.y, is_full, r, c), mid) : 0u;/|nf4_quantize|odd count's padding nibble not 7"
+  "quant-absmax|nf4_quantize.cu|s/for (int m = 16; m > 0; m >>= 1) am = fmaxf/for (int m = 8; m > 0; m >>= 1) am = fmaxf/|nf4_quantize|block absmax over half a warp"
   "adam8-signfix|adamw8.cu|s/c = f_gt(m, 0.0f) ? c + 1 : c - 1;/c = c;/|adamw8|bnb's sign fix of the m code dropped"
   "adam8-absmax-shfl|adamw8.cu|s/for (int o = 16; o > 0; o >>= 1) {/for (int o = 8; o > 0; o >>= 1) {/|adamw8|block absmax over half a warp"
 )

@@ -42,7 +42,7 @@
 //
 // Not emulated (a kernel using them does not compile or aborts): multi-dimensional blocks,
 // partial warps, shuffles with a partial mask, __ballot_sync and other vote/match intrinsics,
-// cooperative groups, f16 (`__half`), textures, async copies (cp.async), clusters. A shim is
+// cooperative groups, f16 arithmetic (only `__half` storage and its exact widening are), textures, async copies (cp.async), clusters. A shim is
 // included in one translation unit per program (it defines the emu_switch symbol).
 #pragma once
 
@@ -149,6 +149,19 @@ inline float bf16_float(uint16_t b) { return bits_f32((uint32_t)b << 16); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {emu::bf16_bits(f)}; }
 inline __nv_bfloat16 __float2bfloat16(float f) { return {emu::bf16_bits(f)}; }
 inline float __bfloat162float(__nv_bfloat16 b) { return emu::bf16_float(b.bits); }
+// f16 (cuda_fp16.h): storage and the exact widening to f32 (normal, subnormal, ±0, ±inf, NaN).
+struct __align__(2) __half {
+  uint16_t bits;
+};
+inline __half __ushort_as_half(unsigned short u) { return {u}; }
+inline float __half2float(__half h) {
+  const uint32_t sign = (uint32_t)(h.bits & 0x8000u) << 16, e = (h.bits >> 10) & 0x1fu,
+                 m = h.bits & 0x3ffu;
+  if (e == 0x1f) return emu::bits_f32(sign | 0x7f800000u | (m << 13));  // inf, NaN (payload kept)
+  if (e != 0) return emu::bits_f32(sign | ((e + 112) << 23) | (m << 13));
+  const float mag = std::ldexp((float)m, -24);  // subnormal or zero: m·2⁻²⁴, exact
+  return sign ? -mag : mag;
+}
 inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
   return {{emu::bf16_bits(lo)}, {emu::bf16_bits(hi)}};
 }
@@ -168,6 +181,7 @@ inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __dsqrt_rn(double a) { return std::sqrt(a); }
 inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
 inline float __expf(float x) { return std::exp(x); }
+using std::isfinite;  // CUDA's device isfinite(float)
 inline float __logf(float x) { return std::log(x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
@@ -730,6 +744,11 @@ inline double atomicAdd(double* p, double v) {
 inline int atomicAdd(int* p, int v) {
   const int o = *p;
   *p = o + v;
+  return o;
+}
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+  const unsigned long long o = *p;
+  *p = std::min(o, v);
   return o;
 }
 inline unsigned atomicAdd(unsigned* p, unsigned v) {
