@@ -480,7 +480,7 @@ fn describe(dr: &DryRun, plan: &MemoryPlan, cfg: &TrainConfig) -> String {
         ad.rank,
         targets.join(","),
         ad.dropout,
-        if dr.run.paged_optimizer { "paged_adamw_32bit" } else { "adamw" },
+        dr.run.optim.name(),
         plan.micro_batches,
         mb.tokens,
         mb.sequences,

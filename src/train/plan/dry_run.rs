@@ -13,7 +13,6 @@ use crate::model::train::CE_CHUNK;
 use crate::model::Recompute;
 use crate::train::config::{Resume, TrainConfig};
 use crate::train::data::{epoch_batches, BatchOptions, Example};
-use crate::train::OptimKind;
 use serde::Serialize;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -113,7 +112,7 @@ impl DryRun {
             model,
             adapter: AdapterShape::from_config(&lora),
             recompute: cfg.recompute,
-            paged_optimizer: cfg.optim_kind == OptimKind::PagedAdamW32bit,
+            optim: cfg.optim_kind,
             micro_batches: Vec::new(),
             eval_len: None,
             ce_chunk: CE_CHUNK,

@@ -118,6 +118,7 @@
 // `plan()`.
 mod dry_run;
 mod format;
+mod load;
 mod persistent;
 mod replay;
 mod shape;
@@ -130,7 +131,7 @@ pub use shape::{AdapterShape, DeviceWeight, ModelShape, RunShape};
 use crate::error::{Error, Result};
 use crate::model::Recompute;
 use persistent::persistent_lines;
-use replay::Walk;
+use replay::{table_bytes, Walk};
 use serde::Serialize;
 use sim::{Kind, Sim};
 
@@ -199,8 +200,13 @@ pub struct MemoryPlan {
     pub micro_batch: MicroBatch,
     /// Distinct micro-batches replayed.
     pub micro_batches: usize,
-    /// Metered peak of each phase of the planned micro-batch (and of evaluation).
+    /// Metered peak of each phase: loading the model, then the planned micro-batch's step (and
+    /// evaluation).
     pub phases: Vec<PhasePeak>,
+    /// The metered high-water mark while the model loads (`Llama::load`: the weights so far plus
+    /// one projection's stored bytes and quantization buffers); part of `metered_bytes` only
+    /// where it exceeds the step's peak (line `load_excess`).
+    pub load_bytes: usize,
 }
 
 impl MemoryPlan {
@@ -228,7 +234,8 @@ impl MemoryPlan {
         FIXED.iter().map(|k| self.line(k)).sum()
     }
 
-    /// The step's own bytes at the peak (everything metered that is not persistent).
+    /// The step's own bytes at the peak (everything metered that is not persistent; the load's
+    /// excess too, in the rare plan where loading is the peak).
     pub fn step_bytes(&self) -> usize {
         self.metered_bytes - self.persistent_bytes
     }
@@ -287,14 +294,26 @@ pub fn plan(run: &RunShape) -> Result<MemoryPlan> {
     let persistent = persistent_lines(run, t_max);
     let persistent_bytes: usize = persistent.iter().map(|l| l.2).sum();
     let (sim, lens) = replay_peak(run, batches);
-    let metered = persistent_bytes + sim.peak;
+    let load = load::replay(run);
+    let step_metered = persistent_bytes + sim.peak;
+    let metered = step_metered.max(load.peak);
+    let peak_at = if load.peak > step_metered {
+        load.peak_at.to_string()
+    } else {
+        sim.peak_at.to_string()
+    };
     let slack = (metered * SLACK_PERCENT).div_ceil(100);
     let mut lines: Vec<PlanLine> = persistent
         .into_iter()
         .map(|(key, label, bytes)| PlanLine::metered(key, label, bytes))
         .collect();
     lines.extend(step_lines(run, &sim));
-    lines.extend(unmetered_lines(slack));
+    lines.push(PlanLine::metered(
+        "load_excess",
+        "loading: NF4 quantization above the step's peak".to_string(),
+        metered - step_metered,
+    ));
+    lines.extend(unmetered_lines(slack, load.peak));
     debug_assert_eq!(
         lines
             .iter()
@@ -303,27 +322,26 @@ pub fn plan(run: &RunShape) -> Result<MemoryPlan> {
             .sum::<usize>(),
         metered
     );
+    let mut phases: Vec<PhasePeak> = load.phases;
+    phases.extend(sim.phases.into_iter().map(|p| PhasePeak {
+        phase: p.phase,
+        bytes: p.bytes + persistent_bytes,
+    }));
     Ok(MemoryPlan {
         lines,
         metered_bytes: metered,
         total_bytes: metered + CUBLAS_WORKSPACE + slack,
         context_bytes: CUDA_CONTEXT,
         persistent_bytes,
-        peak_at: sim.peak_at.to_string(),
+        peak_at,
         micro_batch: MicroBatch {
             tokens: lens.iter().sum(),
             sequences: lens.len(),
             longest_sequence: lens.iter().copied().max().unwrap_or(0),
         },
         micro_batches: run.micro_batches.len(),
-        phases: sim
-            .phases
-            .into_iter()
-            .map(|p| PhasePeak {
-                phase: p.phase,
-                bytes: p.bytes + persistent_bytes,
-            })
-            .collect(),
+        phases,
+        load_bytes: load.peak,
     })
 }
 
@@ -344,11 +362,15 @@ fn planned_batches(run: &RunShape) -> Result<Vec<&Vec<usize>>> {
 
 /// Replays a step of every micro-batch and keeps the one with the highest peak (the first of
 /// equals); then the evaluation forward, whose peak counts when it is higher and whose phase
-/// joins the step's.
+/// joins the step's. Each walk starts with the flash-attention tables of the batch trained
+/// before it alive: which one that is depends on the data order, so the plan takes the largest
+/// of the run's (a step replaces them at its first attention, before its peak; evaluation keeps
+/// them).
 fn replay_peak<'a>(run: &'a RunShape, batches: Vec<&'a Vec<usize>>) -> (Sim, &'a Vec<usize>) {
+    let carried = batches.iter().map(|b| table_bytes(b)).max().unwrap_or(0);
     let mut best: Option<(Sim, &Vec<usize>)> = None;
     for b in batches {
-        let sim = Walk::new(run, b).step();
+        let sim = Walk::new(run, b, carried).step();
         if best.as_ref().is_none_or(|(s, _)| sim.peak > s.peak) {
             best = Some((sim, b));
         }
@@ -356,7 +378,7 @@ fn replay_peak<'a>(run: &'a RunShape, batches: Vec<&'a Vec<usize>>) -> (Sim, &'a
     let (mut sim, lens) = best.expect("at least one micro-batch");
     if let Some(te) = run.eval_len.filter(|&n| n > 0) {
         let lens = [te];
-        let e = Walk::new(run, &lens).eval();
+        let e = Walk::new(run, &lens, carried).eval();
         if e.peak > sim.peak {
             sim.peak = e.peak;
             sim.at_peak = e.at_peak;
@@ -368,7 +390,7 @@ fn replay_peak<'a>(run: &'a RunShape, batches: Vec<&'a Vec<usize>>) -> (Sim, &'a
 }
 
 /// The step's lines: what is alive at the peak, by kind.
-fn step_lines(run: &RunShape, sim: &Sim) -> [PlanLine; 6] {
+fn step_lines(run: &RunShape, sim: &Sim) -> [PlanLine; 7] {
     let at = |k: Kind| sim.at_peak[k as usize];
     let mode = match run.recompute {
         Recompute::Selective => "selective",
@@ -405,12 +427,18 @@ fn step_lines(run: &RunShape, sim: &Sim) -> [PlanLine; 6] {
             "evaluation forward (KV cache, logits)".to_string(),
             at(Kind::Eval),
         ),
+        PlanLine::metered(
+            "attention_tables",
+            "flash-attention sequence tables, i32".to_string(),
+            at(Kind::Tables),
+        ),
     ]
 }
 
 /// What the meter does not see: cuBLAS' workspace and the allocator's `slack` (counted), the
-/// CUDA context (not counted).
-fn unmetered_lines(slack: usize) -> [PlanLine; 3] {
+/// CUDA context (not counted); and, for information, the load's metered peak `load` (in the
+/// subtotal through `load_excess` where it is the peak).
+fn unmetered_lines(slack: usize, load: usize) -> [PlanLine; 4] {
     let extra = |key, label: &str, bytes, counted| PlanLine {
         key,
         label: label.to_string(),
@@ -435,6 +463,12 @@ fn unmetered_lines(slack: usize) -> [PlanLine; 3] {
             "cuda_context",
             "CUDA context (estimate; not in the total)",
             CUDA_CONTEXT,
+            false,
+        ),
+        extra(
+            "load_peak",
+            "peak while loading the model (informational)",
+            load,
             false,
         ),
     ]
