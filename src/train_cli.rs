@@ -415,6 +415,7 @@ fn dry_run(a: &TrainArgs, cfg: &TrainConfig) -> Result<()> {
         let v = serde_json::json!({
             "model": dr.model_dir,
             "recompute": match cfg.recompute { Recompute::Selective => "selective", Recompute::Full => "full" },
+            "optim": dr.run.optim.name(),
             "micro_batch": plan.micro_batch,
             "micro_batches": plan.micro_batches,
             "peak_at": plan.peak_at,
@@ -422,6 +423,8 @@ fn dry_run(a: &TrainArgs, cfg: &TrainConfig) -> Result<()> {
             "metered_bytes": plan.metered_bytes,
             "total_bytes": plan.total_bytes,
             "context_bytes": plan.context_bytes,
+            "load_bytes": plan.load_bytes,
+            "optimizers": plan.optimizers,
             "phases": plan.phases,
             "notes": dr.notes,
             "fit": fit,

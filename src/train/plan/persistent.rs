@@ -5,6 +5,7 @@
 
 use super::format::grouped;
 use super::shape::{DeviceWeight, ModelShape, RunShape, HALF_GEMV_MAX_M, NF4_GEMV_MAX_M};
+use super::OptimizerStates;
 use crate::lora::LoraTarget;
 use crate::train::{optim8, OptimKind};
 
@@ -100,6 +101,29 @@ fn optimizer_label(kind: OptimKind) -> String {
             format!("8-bit AdamW states, 2 × u8 codes + block absmax{paged}")
         }
     }
+}
+
+/// The optimizer line under every `--optim` kind (what changing `--optim` would change), the
+/// run's own marked.
+pub(super) fn optimizer_options(run: &RunShape) -> Vec<OptimizerStates> {
+    let sizes = run.adapter.tensor_sizes(&run.model.cfg);
+    [
+        OptimKind::PagedAdamW32bit,
+        OptimKind::PagedAdamW8bit,
+        OptimKind::AdamW,
+    ]
+    .into_iter()
+    .map(|kind| OptimizerStates {
+        optim: kind.name(),
+        bytes: if run.device_internals {
+            optimizer_bytes(&sizes, kind)
+        } else {
+            0
+        },
+        paged: kind.paged(),
+        selected: kind == run.optim,
+    })
+    .collect()
 }
 
 /// The persistent lines, in plan order: `(key, label, bytes)`.

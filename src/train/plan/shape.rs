@@ -285,9 +285,10 @@ pub struct RunShape {
     /// Rows per chunk of the fused head ([`CE_CHUNK`](crate::model::train::CE_CHUNK)).
     pub ce_chunk: usize,
     /// Count the CUDA backend's own buffers (weights, optimizer states, scratch, uploads,
-    /// flash-attention tables and Δ, the loader's quantization buffers). `false` leaves only what the model code allocates through the backend
-    /// trait (`zeros`, `upload`, `stash`, `unstash`): what a metering wrapper around the CPU
-    /// backend sees, which is how the replay is tested.
+    /// flash-attention tables and Δ, the loader's quantization buffers). `false` leaves only
+    /// what the model code allocates through the backend trait (`zeros`, `upload`, `stash`,
+    /// `unstash`): what a metering wrapper around the CPU backend sees, which is how the replay
+    /// is tested.
     pub device_internals: bool,
 }
 
