@@ -21,9 +21,9 @@
 //! The figure is the peak of a steady-state step, from the second on, when every scratch
 //! buffer has grown: the first step peaks lower, since its peak comes before its backward grows
 //! the flash-attention Δ and parts of the LoRA scratch, and before its optimizer step uploads
-//! the launch tables. One part is an upper bound (a few KiB): the sequence tables carried into a
-//! step are taken as the largest of the run's batches, whichever batch the data order puts
-//! before it.
+//! the launch tables. Two parts are upper bounds (a few KiB): the sequence tables carried into a
+//! step and the cached RoPE positions are taken as the largest of the run's batches, whichever
+//! batch the data order puts before it.
 //!
 //! Notation: `L` layers, `C` hidden, `F` intermediate, `Q = heads·head_dim`, `K =
 //! kv_heads·head_dim`, `H` heads, `V` vocab, `r` LoRA rank, `T` rows of a micro-batch (the sum of
