@@ -18,6 +18,9 @@ use serde::Serialize;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+/// The optimizer knob's flags.
+const OPTIM_8BIT: &str = "--optim paged_adamw_8bit";
+
 /// Training epochs whose batches the plan looks at (the batches of later epochs are shuffles of
 /// the same examples; a note says when a run is longer).
 const MAX_PLANNED_EPOCHS: usize = 100;
@@ -113,7 +116,7 @@ impl DryRun {
             model,
             adapter: AdapterShape::from_config(&lora),
             recompute: cfg.recompute,
-            paged_optimizer: cfg.optim_kind == OptimKind::PagedAdamW32bit,
+            optim: cfg.optim_kind,
             micro_batches: Vec::new(),
             eval_len: None,
             ce_chunk: CE_CHUNK,
@@ -193,10 +196,26 @@ impl DryRun {
         }
     }
 
-    /// Settings of the three knobs (and their combinations with `--recompute full`) whose total
-    /// fits `room` bytes: the first fitting batch size and sequence length searching down.
+    /// `--optim paged_adamw_8bit` for a run with 32-bit optimizer states (fitting or not).
+    fn eight_bit_states(&self, room: usize) -> Option<Alternative> {
+        if self.run.optim == OptimKind::PagedAdamW8bit {
+            return None;
+        }
+        let mut v = self.clone();
+        v.run.optim = OptimKind::PagedAdamW8bit;
+        let total = v.plan().ok()?.total_bytes;
+        Some(Alternative {
+            flags: OPTIM_8BIT.into(),
+            total_bytes: total,
+            fits: total <= room,
+        })
+    }
+
+    /// Settings of the knobs whose total fits `room` bytes: `--optim paged_adamw_8bit` (when the
+    /// run's states are 32-bit), and the first fitting batch size and sequence length searching
+    /// down, alone and combined with `--recompute full`.
     fn knobs(&self, room: usize) -> Vec<Alternative> {
-        let mut out = Vec::new();
+        let mut out: Vec<Alternative> = self.eight_bit_states(room).into_iter().collect();
         let selective = self.run.recompute == Recompute::Selective;
         let modes: Vec<(Recompute, &str)> = if selective {
             vec![
@@ -351,7 +370,7 @@ pub struct Fit {
     pub needed: usize,
     pub budget: Budget,
     /// Knob settings tried, when the plan does not fit comfortably (those that fit, and
-    /// `--recompute full` either way).
+    /// `--recompute full` and `--optim paged_adamw_8bit` either way).
     pub alternatives: Vec<Alternative>,
     /// What no knob changes: weights, adapter, gradients, optimizer, scratch, cuBLAS workspace
     /// (and the context for a card size).
@@ -405,8 +424,15 @@ impl Fit {
             .map_or(String::new(), |a| {
                 format!(" (--recompute full: {})", fmt_gib(a.total_bytes))
             });
+        let optim = self
+            .alternatives
+            .iter()
+            .find(|a| a.flags == OPTIM_8BIT)
+            .map_or(String::new(), |a| {
+                format!(", {OPTIM_8BIT} ({})", fmt_gib(a.total_bytes))
+            });
         format!(
-            ". No setting of --recompute{full}, --batch-size or --max-seq-len fits: the weights, \
+            ". No setting of --recompute{full}{optim}, --batch-size or --max-seq-len fits: the weights, \
              adapter, gradients and optimizer states alone take {}; use a GPU with more memory, \
              fewer --target-modules or a smaller --lora-r",
             fmt_gib(self.fixed_bytes)

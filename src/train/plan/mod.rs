@@ -4,17 +4,26 @@
 //! without reading a weight.
 //!
 //! # What the plan reproduces
-//! Every buffer the CUDA backend allocates is metered ([`DevBuf`], and the paged optimizer's
-//! managed allocation through `meter_external`) at its requested size, `len.max(1) ·
-//! size_of::<T>()`; `CudaDevice::peak_bytes` is the high-water mark. The **metered** subtotal of
-//! the plan is that figure: the persistent buffers are summed from their shapes, and one training
-//! step is replayed allocation by allocation — each `zeros`, `stash`, `unstash`, upload and drop
-//! of `model/train.rs` (`layer_forward_train`, `head_backward`, `mlp_backward`,
-//! `layer_backward`, `forward_backward_packed`) and of the CUDA ops under them — in the order the
-//! code performs them and with Rust's drop points, for every distinct micro-batch of the run;
-//! the largest live total is the peak. The lines are what is alive at that moment, by kind, so
-//! they add up to the subtotal exactly. Below it come what the meter does not see: cuBLAS'
-//! workspace, the allocator's slack, and (informational) the CUDA context.
+//! Every buffer the CUDA backend allocates is metered (`DevBuf` of `backend/cuda/runtime.rs`,
+//! and the paged optimizers' managed allocation through `meter_external`) at its requested size,
+//! `len.max(1) · size_of::<T>()`; `CudaDevice::peak_bytes` is the high-water mark. The
+//! **metered** subtotal of the plan is that figure: the persistent buffers are summed from their
+//! shapes, and one training step is replayed allocation by allocation — each `zeros`, `stash`,
+//! `unstash`, upload and drop of `model/train.rs` (`layer_forward_train`, `head_backward`,
+//! `mlp_backward`, `layer_backward`, `forward_backward_packed`) and of the CUDA ops under them —
+//! in the order the code performs them and with Rust's drop points, for every distinct
+//! micro-batch of the run; the largest live total is the peak. The load of the model is
+//! replayed the same way (`load.rs`); where it is higher than the step (a toy shape), its excess
+//! is a line of its own. The lines are what is alive at the peak, by kind, so they add up to the
+//! subtotal exactly. Below it come what the meter does not see: cuBLAS' workspace, the
+//! allocator's slack, and (informational) the CUDA context and the load's peak.
+//!
+//! The figure is the peak of a steady-state step, from the second on, when every scratch
+//! buffer has grown: the first step peaks lower, since its peak comes before its backward grows
+//! the flash-attention Δ and parts of the LoRA scratch, and before its optimizer step uploads
+//! the launch tables. Two parts are upper bounds (a few KiB): the sequence tables carried into a
+//! step and the cached RoPE positions are taken as the largest of the run's batches, whichever
+//! batch the data order puts before it.
 //!
 //! Notation: `L` layers, `C` hidden, `F` intermediate, `Q = heads·head_dim`, `K =
 //! kv_heads·head_dim`, `H` heads, `V` vocab, `r` LoRA rank, `T` rows of a micro-batch (the sum of
@@ -41,12 +50,26 @@
 //!   frequencies.
 //! - **LoRA parameters and gradients**: per adapted module `A [r, in]`, `B [out, r]` in f32, once
 //!   for the master weights and once for the gradient accumulators (`LoraSet::zeros_like`).
-//! - **AdamW states** (`DeviceAdamW`): `m` and `v` in one allocation of `2·P` f32, `P = Σ
-//!   round_up(n_t, 64)` over the `2·modules` tensors (each tensor's states start at a multiple of
-//!   64 values, `adamw.rs` `Layout`), at least 64 values; for `paged_adamw_32bit` it is CUDA
-//!   managed memory, metered all the same (it is device memory while resident, and it is
-//!   prefetched to the device before every step). Plus the per-tensor launch table `6·8` B and
-//!   scalars `2·4 + 8` B per tensor, and the 8-byte norm output.
+//! - **Optimizer states**, per `--optim` (`TrainBackend::adamw_init`), over the `2·modules`
+//!   tensors of `n_t` values:
+//!   - `paged_adamw_32bit` and `adamw` (`DeviceAdamW`): `m` and `v` in one allocation of `2·P`
+//!     f32, `P = Σ round_up(n_t, 64)` (each tensor's states start at a multiple of 64 values,
+//!     `adamw.rs` `Layout`), at least 64 values: 8 bytes a parameter;
+//!   - `paged_adamw_8bit` (`DeviceAdamW8`, `adamw8.rs` `Layout8`): one allocation of `8F + 8A +
+//!     2P` bytes rounded up to 4, at least 256 — f32 `m`, `v` of the tensors under
+//!     `optim8::MIN_8BIT_SIZE` = 4096 values (`F = Σ round_up(n_t, 64)`), then two f32 absmax
+//!     per 256-value block of the others (`A = round_up(Σ ⌈n_t/256⌉, 64)`) and their u8 codes
+//!     (`P = Σ round_up(n_t, 256)`): 2.03125 bytes a parameter
+//!     ([`OptimKind::state_nbytes`](crate::train::OptimKind::state_nbytes) without the
+//!     alignment); plus the signed and unsigned 256-entry f32 maps (2048 B) and the absmax
+//!     pointers `2·8` B per tensor;
+//!   - both: the launch table `6·8` B per tensor (uploaded by the first step), scalars `2·4` B
+//!     and an f64 sum per tensor, and the 8-byte `{norm, clip}` output.
+//!
+//!   The paged kinds live in CUDA managed memory, metered all the same (it is device memory
+//!   while resident, and it is prefetched to the device before every step). The plan also gives
+//!   the line under every kind ([`MemoryPlan::optimizers`]), so a dry run shows what `--optim`
+//!   changes.
 //! - **LoRA staging scratch** (`lora.rs` `LoraScratch`, grown on demand, never shrunk, so it holds
 //!   the largest use of the run): bf16 `x̃ [m, in]`, `A [r, in]`, `B [out, r]`, `xa [m, r]`, `dy [m,
 //!   out]`, `g [m, r]`, f32 `g [m, r]` and, with dropout, f32 `ga [m, in]`; each sized by the
@@ -57,6 +80,8 @@
 //!   `[B, C]`; with `--quant none` every projection's `[T, in]` and `[T, out]`), the f32
 //!   dequantization scratch an NF4 weight the fused kernels cannot take falls back to (`in % 16
 //!   ≠ 0`: `[out, in]` f32), and the cached RoPE positions (`4·T` B).
+//! - **Flash-attention Δ** (`flash_attention.rs` `FlashScratch.delta`, kept by `CudaBackend`):
+//!   the backward's `rowsum(dout ⊙ out)`, `[T, H]` f32, grown to the largest micro-batch.
 //!
 //! # One step (replayed)
 //! Forward (`forward_backward_packed`): the embedded input `x` (`[T, C]` f32), then per layer
@@ -65,11 +90,16 @@
 //! slice `[len, in]` built apart and copied in), its kept `xa [T, r]`, `att [T, Q]`, `lse [T, H]`,
 //! `h [T, C]`, `gate, up [T, F]`, `m [T, F]`, `out [T, C]`; then `h, q, k, v, att, gate, up` are
 //! stashed to bf16 one by one (each bf16 copy allocated before its f32 source is dropped), `n₁`
-//! and `m` are dropped, and the layer input is stashed (`[T, C]` bf16). Attention over several
-//! sequences copies each sequence's `q, k, v` out and its `out, lse` back (the kernels take one
-//! sequence): `2·S·Q + 2·S·K + S·H` f32 for the longest.
-//! [`Recompute::Selective`] keeps the stashes, `lse` and every `xa` per layer; [`Recompute::Full`]
-//! keeps only the stashed inputs, and reruns `layer_forward_train` per layer in the backward.
+//! and `m` are dropped, and the layer input is stashed (`[T, C]` bf16). Attention runs over the
+//! whole packed batch in one launch set (`flash_attention.rs` `forward_packed`: no per-sequence
+//! copies); its only allocation is the batch's **sequence tables** (`FlashScratch.tables`, one
+//! i32 buffer `[forward tiles | backward tiles | cu_seqlens]`, `4·Σ⌈len/64⌉ + n + 1` values for
+//! `n` sequences), uploaded by layer 0's attention after the previous batch's are freed, and
+//! kept while the lengths stay the same (every later layer, the backward, the next batch of the
+//! same lengths).
+//! [`Recompute::Selective`] keeps the stashes, `lse` (`[T, H]` f32, which the backward needs)
+//! and every `xa` per layer; [`Recompute::Full`] keeps only the stashed inputs, and reruns
+//! `layer_forward_train` per layer in the backward.
 //!
 //! Head (`head_backward`): the gradient `dx [T, C]`, then `n, dn [T, C]`, the chunk's `nc, dnc
 //! [B, C]`, the logits/gradient chunk `z [B, V]`, the losses `[T]` and `[B]`; per chunk the
@@ -82,14 +112,22 @@
 //! `m` dropped, `dg, du [T, F]`, `dm, gate, up` dropped, `h` unstashed, `n₂, dn [T, C]`, gate/up
 //! masks `[T, C]`, `dg, du, n₂` dropped, `tmp [T, C]`; then the attention block: `att` unstashed,
 //! `datt [T, Q]`, o_proj's mask `[T, Q]`, `dq [T, Q]`, `dk, dv [T, K]`, `q, k, v` unstashed, the
-//! attention backward's `Δ [T, H]` (several sequences: each sequence's `q, k, v, dout, out, lse`
-//! copied out, `dq, dk, dv` computed apart and copied back, plus `Δ`), then `n₁, dn [T, C]`, the
-//! q/k/v masks `[T, C]`, `tmp [T, C]` (not in layer 0, whose input gradient is not needed).
+//! attention backward (allocating nothing: its `Δ` is the persistent one, its tables the
+//! batch's), then `n₁, dn [T, C]`, the q/k/v masks `[T, C]`, `tmp [T, C]` (not in layer 0, whose
+//! input gradient is not needed).
 //!
 //! The peak is, for Llama shapes with dropout on the down projection, in the last layer's
 //! `mlp_backward` at the down projection's mask: every layer's kept activations are alive, and
 //! `gate, up, m, dm` (`4·T·F` f32) plus the `[T, F]` mask and one sequence's `[S, F]` slice. With
 //! `--recompute full` it is the same moment with one layer's activations instead of all.
+//!
+//! # Loading (replayed, `load.rs`)
+//! `Llama::load` uploads the weights one tensor at a time; under `--quant nf4` from a 16- or
+//! 32-bit checkpoint each decoder projection is quantized on the device
+//! (`Backend::quantize_linear`, `nf4_quantize.rs`): its stored bytes, the packed codes, the f32
+//! absmax and a flag are alive together for a moment. The load's peak (`load_bytes`, the
+//! `load_peak` line and the `load` phase) is, for Llama shapes, its end: every weight, before
+//! any adapter, gradient, optimizer state or scratch exists, so below the step's peak.
 //!
 //! Evaluation (when the run holds out data) runs between steps, when the step's buffers are
 //! freed: `Llama::forward` of the longest held-out example with its KV cache (`2L · T_e·K`), the
@@ -118,6 +156,7 @@
 // `plan()`.
 mod dry_run;
 mod format;
+mod load;
 mod persistent;
 mod replay;
 mod shape;
@@ -129,8 +168,8 @@ pub use shape::{AdapterShape, DeviceWeight, ModelShape, RunShape};
 
 use crate::error::{Error, Result};
 use crate::model::Recompute;
-use persistent::persistent_lines;
-use replay::Walk;
+use persistent::{optimizer_options, persistent_lines};
+use replay::{table_bytes, Walk};
 use serde::Serialize;
 use sim::{Kind, Sim};
 
@@ -182,6 +221,19 @@ pub struct MicroBatch {
     pub longest_sequence: usize,
 }
 
+/// The optimizer line under one `--optim` kind ([`MemoryPlan::optimizers`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OptimizerStates {
+    /// The `--optim` name, e.g. `paged_adamw_8bit`.
+    pub optim: &'static str,
+    /// The optimizer line's bytes under this kind.
+    pub bytes: usize,
+    /// In managed (pageable) memory.
+    pub paged: bool,
+    /// The run's own `--optim`.
+    pub selected: bool,
+}
+
 /// A device-memory plan: lines, subtotal, total.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryPlan {
@@ -199,8 +251,16 @@ pub struct MemoryPlan {
     pub micro_batch: MicroBatch,
     /// Distinct micro-batches replayed.
     pub micro_batches: usize,
-    /// Metered peak of each phase of the planned micro-batch (and of evaluation).
+    /// Metered peak of each phase: loading the model, then the planned micro-batch's step (and
+    /// evaluation).
     pub phases: Vec<PhasePeak>,
+    /// The metered high-water mark while the model loads (`Llama::load`: the weights so far plus
+    /// one projection's stored bytes and quantization buffers); part of `metered_bytes` only
+    /// where it exceeds the step's peak (line `load_excess`).
+    pub load_bytes: usize,
+    /// The optimizer line under each `--optim` kind (the run's own is the `optimizer` line):
+    /// `paged_adamw_32bit`, `paged_adamw_8bit`, `adamw`.
+    pub optimizers: Vec<OptimizerStates>,
 }
 
 impl MemoryPlan {
@@ -228,7 +288,8 @@ impl MemoryPlan {
         FIXED.iter().map(|k| self.line(k)).sum()
     }
 
-    /// The step's own bytes at the peak (everything metered that is not persistent).
+    /// The step's own bytes at the peak (everything metered that is not persistent; the load's
+    /// excess too, in the rare plan where loading is the peak).
     pub fn step_bytes(&self) -> usize {
         self.metered_bytes - self.persistent_bytes
     }
@@ -272,7 +333,25 @@ impl MemoryPlan {
         for l in self.lines.iter().filter(|l| !l.counted) {
             row(&mut out, &l.label, l.bytes);
         }
+        out.push_str(&self.render_optimizers());
         out
+    }
+
+    /// One line comparing the optimizer states under each `--optim` kind, e.g.
+    /// `optimizer states by --optim: paged_adamw_32bit 305.03 MiB (this run), ...`.
+    fn render_optimizers(&self) -> String {
+        if self.optimizers.iter().all(|o| o.bytes == 0) {
+            return String::new();
+        }
+        let each: Vec<String> = self
+            .optimizers
+            .iter()
+            .map(|o| {
+                let this = if o.selected { " (this run)" } else { "" };
+                format!("{} {}{this}", o.optim, fmt_mib(o.bytes))
+            })
+            .collect();
+        format!("  optimizer states by --optim: {}\n", each.join(", "))
     }
 }
 
@@ -287,14 +366,26 @@ pub fn plan(run: &RunShape) -> Result<MemoryPlan> {
     let persistent = persistent_lines(run, t_max);
     let persistent_bytes: usize = persistent.iter().map(|l| l.2).sum();
     let (sim, lens) = replay_peak(run, batches);
-    let metered = persistent_bytes + sim.peak;
+    let load = load::replay(run);
+    let step_metered = persistent_bytes + sim.peak;
+    let metered = step_metered.max(load.peak);
+    let peak_at = if load.peak > step_metered {
+        load.peak_at.to_string()
+    } else {
+        sim.peak_at.to_string()
+    };
     let slack = (metered * SLACK_PERCENT).div_ceil(100);
     let mut lines: Vec<PlanLine> = persistent
         .into_iter()
         .map(|(key, label, bytes)| PlanLine::metered(key, label, bytes))
         .collect();
     lines.extend(step_lines(run, &sim));
-    lines.extend(unmetered_lines(slack));
+    lines.push(PlanLine::metered(
+        "load_excess",
+        "loading: NF4 quantization above the step's peak".to_string(),
+        metered - step_metered,
+    ));
+    lines.extend(unmetered_lines(slack, load.peak));
     debug_assert_eq!(
         lines
             .iter()
@@ -303,27 +394,27 @@ pub fn plan(run: &RunShape) -> Result<MemoryPlan> {
             .sum::<usize>(),
         metered
     );
+    let mut phases: Vec<PhasePeak> = load.phases;
+    phases.extend(sim.phases.into_iter().map(|p| PhasePeak {
+        phase: p.phase,
+        bytes: p.bytes + persistent_bytes,
+    }));
     Ok(MemoryPlan {
         lines,
         metered_bytes: metered,
         total_bytes: metered + CUBLAS_WORKSPACE + slack,
         context_bytes: CUDA_CONTEXT,
         persistent_bytes,
-        peak_at: sim.peak_at.to_string(),
+        peak_at,
         micro_batch: MicroBatch {
             tokens: lens.iter().sum(),
             sequences: lens.len(),
             longest_sequence: lens.iter().copied().max().unwrap_or(0),
         },
         micro_batches: run.micro_batches.len(),
-        phases: sim
-            .phases
-            .into_iter()
-            .map(|p| PhasePeak {
-                phase: p.phase,
-                bytes: p.bytes + persistent_bytes,
-            })
-            .collect(),
+        phases,
+        load_bytes: load.peak,
+        optimizers: optimizer_options(run),
     })
 }
 
@@ -344,11 +435,15 @@ fn planned_batches(run: &RunShape) -> Result<Vec<&Vec<usize>>> {
 
 /// Replays a step of every micro-batch and keeps the one with the highest peak (the first of
 /// equals); then the evaluation forward, whose peak counts when it is higher and whose phase
-/// joins the step's.
+/// joins the step's. Each walk starts with the flash-attention tables of the batch trained
+/// before it alive: which one that is depends on the data order, so the plan takes the largest
+/// of the run's (a step replaces them at its first attention, before its peak; evaluation keeps
+/// them).
 fn replay_peak<'a>(run: &'a RunShape, batches: Vec<&'a Vec<usize>>) -> (Sim, &'a Vec<usize>) {
+    let carried = batches.iter().map(|b| table_bytes(b)).max().unwrap_or(0);
     let mut best: Option<(Sim, &Vec<usize>)> = None;
     for b in batches {
-        let sim = Walk::new(run, b).step();
+        let sim = Walk::new(run, b, carried).step();
         if best.as_ref().is_none_or(|(s, _)| sim.peak > s.peak) {
             best = Some((sim, b));
         }
@@ -356,7 +451,7 @@ fn replay_peak<'a>(run: &'a RunShape, batches: Vec<&'a Vec<usize>>) -> (Sim, &'a
     let (mut sim, lens) = best.expect("at least one micro-batch");
     if let Some(te) = run.eval_len.filter(|&n| n > 0) {
         let lens = [te];
-        let e = Walk::new(run, &lens).eval();
+        let e = Walk::new(run, &lens, carried).eval();
         if e.peak > sim.peak {
             sim.peak = e.peak;
             sim.at_peak = e.at_peak;
@@ -368,7 +463,7 @@ fn replay_peak<'a>(run: &'a RunShape, batches: Vec<&'a Vec<usize>>) -> (Sim, &'a
 }
 
 /// The step's lines: what is alive at the peak, by kind.
-fn step_lines(run: &RunShape, sim: &Sim) -> [PlanLine; 6] {
+fn step_lines(run: &RunShape, sim: &Sim) -> [PlanLine; 7] {
     let at = |k: Kind| sim.at_peak[k as usize];
     let mode = match run.recompute {
         Recompute::Selective => "selective",
@@ -405,12 +500,18 @@ fn step_lines(run: &RunShape, sim: &Sim) -> [PlanLine; 6] {
             "evaluation forward (KV cache, logits)".to_string(),
             at(Kind::Eval),
         ),
+        PlanLine::metered(
+            "attention_tables",
+            "flash-attention sequence tables, i32".to_string(),
+            at(Kind::Tables),
+        ),
     ]
 }
 
 /// What the meter does not see: cuBLAS' workspace and the allocator's `slack` (counted), the
-/// CUDA context (not counted).
-fn unmetered_lines(slack: usize) -> [PlanLine; 3] {
+/// CUDA context (not counted); and, for information, the load's metered peak `load` (in the
+/// subtotal through `load_excess` where it is the peak).
+fn unmetered_lines(slack: usize, load: usize) -> [PlanLine; 4] {
     let extra = |key, label: &str, bytes, counted| PlanLine {
         key,
         label: label.to_string(),
@@ -435,6 +536,12 @@ fn unmetered_lines(slack: usize) -> [PlanLine; 3] {
             "cuda_context",
             "CUDA context (estimate; not in the total)",
             CUDA_CONTEXT,
+            false,
+        ),
+        extra(
+            "load_peak",
+            "peak while loading the model (informational)",
+            load,
             false,
         ),
     ]

@@ -5,7 +5,9 @@
 
 use super::format::grouped;
 use super::shape::{DeviceWeight, ModelShape, RunShape, HALF_GEMV_MAX_M, NF4_GEMV_MAX_M};
+use super::OptimizerStates;
 use crate::lora::LoraTarget;
+use crate::train::{optim8, OptimKind};
 
 /// The decoder projections' bytes, NF4 and dense apart, with a label for each.
 struct BaseProjections {
@@ -49,12 +51,79 @@ impl BaseProjections {
     }
 }
 
-/// `DeviceAdamW` of tensors of `sizes` values: `m` and `v` (each tensor padded to 64 values, at
-/// least 64 in all), the launch table, per-tensor scalars and the norm output.
-fn optimizer_bytes(sizes: &[usize]) -> usize {
-    let padded: usize = sizes.iter().map(|&n| n.next_multiple_of(64)).sum();
+/// The device optimizer of `kind` over tensors of `sizes` values, as `TrainBackend::adamw_init`
+/// allocates it and its first step completes it (`nt` tensors, `t = max(nt, 1)`):
+/// - 32-bit (`DeviceAdamW`): `m` and `v` in one allocation of `2·Σ round_up(n, 64)` f32, at
+///   least 64;
+/// - 8-bit (`DeviceAdamW8`, `adamw8.rs` `Layout8`): one allocation of `8F + 8A + 2P` bytes, at
+///   least 256 — f32 `m`, `v` of the tensors under `MIN_8BIT_SIZE` (`F = Σ round_up(n, 64)`),
+///   two f32 absmax per 256-value block of the others (`A = round_up(Σ ⌈n/256⌉, 64)`) and their
+///   u8 codes (`P = Σ round_up(n, 256)`) — plus the two 256-entry f32 maps (2048 B) and the
+///   absmax pointer table `2·8` B per tensor;
+/// - both: the launch table `6·8` B per tensor (uploaded by the first step), scalars `2·4·t`,
+///   f64 sums `8·t` and the 8-byte `{norm, clip}` output.
+fn optimizer_bytes(sizes: &[usize], kind: OptimKind) -> usize {
     let nt = sizes.len();
-    4 * (2 * padded).max(64) + 48 * nt + 16 * nt.max(1) + 8
+    let common = 48 * nt + 16 * nt.max(1) + 8;
+    match kind {
+        OptimKind::PagedAdamW32bit | OptimKind::AdamW => {
+            let padded: usize = sizes.iter().map(|&n| n.next_multiple_of(64)).sum();
+            4 * (2 * padded).max(64) + common
+        }
+        OptimKind::PagedAdamW8bit => {
+            let (mut f, mut a, mut p) = (0, 0, 0);
+            for &n in sizes {
+                if optim8::uses_q8(n) {
+                    p += n.next_multiple_of(optim8::BLOCK);
+                    a += optim8::blocks(n);
+                } else {
+                    f += n.next_multiple_of(64);
+                }
+            }
+            let states = (8 * f + 8 * a.next_multiple_of(64) + 2 * p)
+                .next_multiple_of(4)
+                .max(256);
+            states + 4 * 512 + 16 * nt + common
+        }
+    }
+}
+
+/// The optimizer line's label.
+fn optimizer_label(kind: OptimKind) -> String {
+    let paged = if kind.paged() {
+        " (paged: managed memory)"
+    } else {
+        ""
+    };
+    match kind {
+        OptimKind::PagedAdamW32bit | OptimKind::AdamW => format!("AdamW states, 2 × f32{paged}"),
+        OptimKind::PagedAdamW8bit => {
+            format!("8-bit AdamW states, 2 × u8 codes + block absmax{paged}")
+        }
+    }
+}
+
+/// The optimizer line under every `--optim` kind (what changing `--optim` would change), the
+/// run's own marked.
+pub(super) fn optimizer_options(run: &RunShape) -> Vec<OptimizerStates> {
+    let sizes = run.adapter.tensor_sizes(&run.model.cfg);
+    [
+        OptimKind::PagedAdamW32bit,
+        OptimKind::PagedAdamW8bit,
+        OptimKind::AdamW,
+    ]
+    .into_iter()
+    .map(|kind| OptimizerStates {
+        optim: kind.name(),
+        bytes: if run.device_internals {
+            optimizer_bytes(&sizes, kind)
+        } else {
+            0
+        },
+        paged: kind.paged(),
+        selected: kind == run.optim,
+    })
+    .collect()
 }
 
 /// The persistent lines, in plan order: `(key, label, bytes)`.
@@ -69,15 +138,12 @@ pub(super) fn persistent_lines(run: &RunShape, t_max: usize) -> Vec<(&'static st
     let norms = 4 * (2 * d.layers + 1) * d.c + 4 * (cfg.head_dim / 2).max(1);
     let sizes = run.adapter.tensor_sizes(cfg);
     let lora: usize = sizes.iter().map(|&n| 4 * n.max(1)).sum();
-    let opt = optimizer_bytes(&sizes);
+    let opt = optimizer_bytes(&sizes, run.optim);
     let (lora_scratch, staging) = scratch_bytes(run, t_max);
+    // `FlashScratch.delta`: `dev.grown` to the largest micro-batch's rows·H by its backward.
+    let delta = 4 * (t_max * d.h).max(1);
     let tied = if cfg.tie_word_embeddings {
         " (tied: a separate copy of the embedding)"
-    } else {
-        ""
-    };
-    let paged = if run.paged_optimizer {
-        " (paged: managed memory)"
     } else {
         ""
     };
@@ -104,11 +170,7 @@ pub(super) fn persistent_lines(run: &RunShape, t_max: usize) -> Vec<(&'static st
             lora,
         ),
         ("lora_grads", "LoRA gradients, f32".into(), lora),
-        (
-            "optimizer",
-            format!("AdamW states, 2 × f32{paged}"),
-            internal(opt),
-        ),
+        ("optimizer", optimizer_label(run.optim), internal(opt)),
         (
             "lora_scratch",
             "LoRA bf16 staging scratch".into(),
@@ -118,6 +180,11 @@ pub(super) fn persistent_lines(run: &RunShape, t_max: usize) -> Vec<(&'static st
             "staging",
             "GEMM staging scratch, RoPE positions".into(),
             internal(staging),
+        ),
+        (
+            "attention_delta",
+            "flash-attention backward's Δ [T, H], f32".into(),
+            internal(delta),
         ),
     ]
 }

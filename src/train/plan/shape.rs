@@ -6,6 +6,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, LoraTarget};
 use crate::model::{BaseQuant, Recompute};
+use crate::train::OptimKind;
 use crate::weights::{DType, TensorPlan};
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -82,6 +83,11 @@ pub struct ModelShape {
     /// Format of each decoder projection: `[layer][index in LoraTarget::ALL_LINEAR]`.
     pub projections: Vec<[DeviceWeight; 7]>,
     pub lm_head: DeviceWeight,
+    /// Bytes per stored value of each decoder projection the CUDA loader quantizes on the
+    /// device (`Backend::quantize_linear`: the stored f16/bf16/f32 bytes are uploaded as they
+    /// are), 0 for one it does not (`--quant none`, a pre-quantized checkpoint); indexed as
+    /// `projections`.
+    pub raw_width: Vec<[usize; 7]>,
     /// The stored dtypes, e.g. `F16`, for display.
     pub stored: String,
 }
@@ -98,13 +104,25 @@ impl ModelShape {
     ) -> Self {
         let mut stored = BTreeSet::new();
         let mut projections = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut raw_width = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let mut row = [DeviceWeight::F32; 7];
-            for (slot, t) in row.iter_mut().zip(LoraTarget::ALL_LINEAR) {
+            let mut widths = [0; 7];
+            for ((slot, width), t) in row
+                .iter_mut()
+                .zip(widths.iter_mut())
+                .zip(LoraTarget::ALL_LINEAR)
+            {
                 let parent = t.parent().expect("decoder projection");
                 let dtype = dtype_of(&format!("model.layers.{l}.{parent}.{}.weight", t.name()));
                 stored.insert(dtype.to_string());
                 let (_, cols) = t.shape(cfg);
+                // `TensorSource::backend_linear`: NF4 from stored f16/bf16/f32 values.
+                *width = match (dtype, quant) {
+                    (DType::F16 | DType::BF16, BaseQuant::Nf4 { .. }) => 2,
+                    (DType::F32, BaseQuant::Nf4 { .. }) => 4,
+                    _ => 0,
+                };
                 *slot = match (dtype, quant) {
                     (DType::U8, BaseQuant::Nf4 { .. }) => DeviceWeight::Nf4 {
                         blocksize: 64,
@@ -126,6 +144,7 @@ impl ModelShape {
                 };
             }
             projections.push(row);
+            raw_width.push(widths);
         }
         let head_name = if cfg.tie_word_embeddings {
             "model.embed_tokens.weight"
@@ -138,6 +157,7 @@ impl ModelShape {
             cfg: cfg.clone(),
             projections,
             lm_head: dense_form(head_dtype, cfg.hidden_size),
+            raw_width,
             stored: stored.into_iter().collect::<Vec<_>>().join("+"),
         }
     }
@@ -255,8 +275,9 @@ pub struct RunShape {
     pub model: ModelShape,
     pub adapter: AdapterShape,
     pub recompute: Recompute,
-    /// `paged_adamw_32bit` (managed memory; metered the same) or `adamw`.
-    pub paged_optimizer: bool,
+    /// `--optim`: the states' form (32-bit or 8-bit) and memory (managed for the paged kinds:
+    /// metered the same).
+    pub optim: OptimKind,
     /// The sequence lengths of each distinct micro-batch the run trains on.
     pub micro_batches: Vec<Vec<usize>>,
     /// Tokens of the longest held-out example, when the run evaluates.
@@ -264,9 +285,10 @@ pub struct RunShape {
     /// Rows per chunk of the fused head ([`CE_CHUNK`](crate::model::train::CE_CHUNK)).
     pub ce_chunk: usize,
     /// Count the CUDA backend's own buffers (weights, optimizer states, scratch, uploads,
-    /// attention copies). `false` leaves only what the model code allocates through the backend
-    /// trait (`zeros`, `upload`, `stash`, `unstash`): what a metering wrapper around the CPU
-    /// backend sees, which is how the replay is tested.
+    /// flash-attention tables and Δ, the loader's quantization buffers). `false` leaves only
+    /// what the model code allocates through the backend trait (`zeros`, `upload`, `stash`,
+    /// `unstash`): what a metering wrapper around the CPU backend sees, which is how the replay
+    /// is tested.
     pub device_internals: bool,
 }
 

@@ -10,7 +10,7 @@ pub(super) enum Kind {
     /// The residual stream `x` / layer outputs / unstashed layer inputs, and its gradient `dx`.
     Residual,
     /// One layer's f32 temporaries: norms, projections' outputs, unstashed copies, gradients,
-    /// attention's per-sequence copies, small uploads.
+    /// small uploads.
     WorkingSet,
     /// Dropout masks and their per-sequence slices.
     Masks,
@@ -18,9 +18,15 @@ pub(super) enum Kind {
     Head,
     /// Evaluation forward: KV cache, forward scratch, logits.
     Eval,
+    /// The flash-attention sequence tables (`FlashScratch.tables`) of the batch being trained,
+    /// or of the one before it.
+    Tables,
+    /// Loading: the weights, norms and embedding as `Llama::assemble` uploads them, and the
+    /// NF4 quantizer's buffers.
+    Load,
 }
 
-const KINDS: usize = 6;
+const KINDS: usize = 8;
 
 /// A live allocation of the replay (freed by [`Sim::free`]; deliberately not `Copy`).
 #[must_use]

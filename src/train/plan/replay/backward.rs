@@ -1,7 +1,7 @@
 //! The backward of one step, replayed: the fused head (`head_backward`), then per layer
 //! `mlp_backward` and the attention block's backward (`layer_backward`).
 
-use super::{Alloc, Kind, Walk};
+use super::{Kind, Walk};
 use crate::lora::LoraTarget;
 
 impl Walk<'_> {
@@ -78,7 +78,8 @@ impl Walk<'_> {
         let q = self.f32(W, t * d.q);
         let k = self.f32(W, t * d.k);
         let v = self.f32(W, t * d.k);
-        self.attention_backward_scratch();
+        // The kernels' Δ is the persistent `FlashScratch.delta`; the tables are this batch's.
+        self.attention_tables();
         self.sim.free_all([q, k, v, datt, att]);
         self.sim.at("backward", Some(l), "q/k/v backward");
         let n = self.f32(W, t * d.c);
@@ -91,29 +92,5 @@ impl Walk<'_> {
             self.sim.free(tmp);
         }
         self.sim.free_all([n, dn, dq, dk, dv]);
-    }
-
-    /// The CUDA attention backward's own buffers: `Δ [T, H]` for one sequence; over several,
-    /// each sequence's `q, k, v, dout, out, lse` copied out, its `dq, dk, dv` computed apart
-    /// (and copied back), then its `Δ`.
-    fn attention_backward_scratch(&mut self) {
-        if !self.run.device_internals {
-            return;
-        }
-        let (d, t) = (self.d, self.t);
-        use Kind::WorkingSet as W;
-        if self.lens.len() == 1 {
-            let delta = self.f32(W, t * d.h);
-            self.sim.free(delta);
-            return;
-        }
-        for i in 0..self.lens.len() {
-            let s = self.lens[i];
-            let (sq, sk, sh) = (s * d.q, s * d.k, s * d.h);
-            // q, k, v, dout, out, lse copied out; dq, dk, dv apart; then Δ.
-            let sizes = [sq, sk, sk, sq, sq, sh, sq, sk, sk, sh];
-            let parts: Vec<Alloc> = sizes.iter().map(|&n| self.f32(W, n)).collect();
-            self.sim.free_all(parts);
-        }
     }
 }

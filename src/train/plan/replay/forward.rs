@@ -21,7 +21,7 @@ impl Walk<'_> {
         self.sim.at(phase, Some(l), "attention");
         let att = self.f32(WorkingSet, t * d.q);
         let lse = self.f32(Activations, t * d.h);
-        self.attention_copies();
+        self.attention_tables();
         self.sim.at(phase, Some(l), "o_proj");
         let h = self.f32(WorkingSet, t * d.c);
         xa.extend(self.project_train(OProj, t, 0, Activations));
@@ -50,23 +50,5 @@ impl Walk<'_> {
         self.sim.free(m);
         self.sim.free(n);
         (Acts(kept), out)
-    }
-
-    /// The attention kernels take one sequence: over several, the CUDA backend copies each
-    /// sequence's `q, k, v` out and its `out, lse` back, one sequence at a time.
-    fn attention_copies(&mut self) {
-        if self.lens.len() == 1 || !self.run.device_internals {
-            return;
-        }
-        let d = self.d;
-        for i in 0..self.lens.len() {
-            let s = self.lens[i];
-            let parts = [s * d.q, s * d.k, s * d.k, s * d.q, s * d.h];
-            let parts: Vec<Alloc> = parts
-                .iter()
-                .map(|&n| self.f32(Kind::WorkingSet, n))
-                .collect();
-            self.sim.free_all(parts);
-        }
     }
 }

@@ -1,8 +1,9 @@
 //! The replay of one training step (or one evaluation forward), allocation by allocation, in the
 //! order the model code performs them and with its drop points (the plan's module docs, "One
 //! step"). [`Walk`] holds the primitives — an f32 buffer, a bf16 stash, a dropout mask, an
-//! adapted projection — and the two walks the plan runs, [`Walk::step`] and [`Walk::eval`];
-//! `forward.rs` replays `layer_forward_train`, `backward.rs` the head and the layer backward.
+//! adapted projection, the flash-attention sequence tables — and the two walks the plan runs,
+//! [`Walk::step`] and [`Walk::eval`]; `forward.rs` replays `layer_forward_train`, `backward.rs`
+//! the head and the layer backward.
 
 mod backward;
 mod forward;
@@ -15,6 +16,25 @@ use crate::model::Recompute;
 /// What `layer_forward_train` returns for the backward.
 struct Acts(Vec<Alloc>);
 
+/// Bytes of the flash-attention sequence tables of a batch of `lens` (`flash_attention.rs`
+/// `seq_tables`, uploaded by `tables`): one i32 buffer `[forward tiles | backward tiles |
+/// cu_seqlens]`, a `(sequence, tile)` pair per 64-row tile in each table and `B + 1` offsets,
+/// `4·Σ⌈len/64⌉ + B + 1` values.
+pub(super) fn table_bytes(lens: &[usize]) -> usize {
+    let tiles: usize = lens.iter().map(|l| l.div_ceil(64)).sum();
+    4 * (4 * tiles + lens.len() + 1)
+}
+
+/// The flash-attention sequence tables alive during a walk.
+enum Tables {
+    /// None counted (`device_internals` off).
+    None,
+    /// The tables of the batch trained before, until this one's first attention replaces them.
+    Carried(Alloc),
+    /// This batch's.
+    Own(Alloc),
+}
+
 /// The replay of one micro-batch (or one evaluation example).
 pub(super) struct Walk<'a> {
     run: &'a RunShape,
@@ -22,17 +42,55 @@ pub(super) struct Walk<'a> {
     lens: &'a [usize],
     t: usize,
     sim: Sim,
+    tables: Tables,
 }
 
 impl<'a> Walk<'a> {
-    pub(super) fn new(run: &'a RunShape, lens: &'a [usize]) -> Self {
+    /// A walk of the batch of sequences `lens`; `carried` bytes of sequence tables are alive at
+    /// its start (the tables of the batch trained before it; 0: none).
+    pub(super) fn new(run: &'a RunShape, lens: &'a [usize], carried: usize) -> Self {
+        let mut sim = Sim::new();
+        let tables = if run.device_internals && carried > 0 {
+            Tables::Carried(sim.alloc(Kind::Tables, carried))
+        } else {
+            Tables::None
+        };
         Walk {
             run,
             d: run.model.dims(),
             lens,
             t: lens.iter().sum(),
-            sim: Sim::new(),
+            sim,
+            tables,
         }
+    }
+
+    /// `flash_attention.rs` `tables`, called by every training attention: the first call of a
+    /// step finds the tables of the batch before (unless the lengths are the same: then they
+    /// stay, of the same size), frees them and uploads this batch's; later calls reuse them.
+    fn attention_tables(&mut self) {
+        if !self.run.device_internals {
+            return;
+        }
+        match std::mem::replace(&mut self.tables, Tables::None) {
+            Tables::Own(a) => self.tables = Tables::Own(a),
+            Tables::Carried(a) => {
+                self.sim.free(a);
+                self.tables = Tables::Own(self.sim.alloc(Kind::Tables, table_bytes(self.lens)));
+            }
+            Tables::None => {
+                self.tables = Tables::Own(self.sim.alloc(Kind::Tables, table_bytes(self.lens)));
+            }
+        }
+    }
+
+    /// Frees the tables at the end of a walk (they stay on the device; the walk is over).
+    fn end(mut self) -> Sim {
+        match std::mem::replace(&mut self.tables, Tables::None) {
+            Tables::Own(a) | Tables::Carried(a) => self.sim.free(a),
+            Tables::None => {}
+        }
+        self.sim
     }
 
     fn f32(&mut self, kind: Kind, n: usize) -> Alloc {
@@ -156,11 +214,11 @@ impl<'a> Walk<'a> {
             self.sim.free(x_l);
         }
         self.sim.free(dx);
-        self.sim
+        self.end()
     }
 
     /// `example_loss` of an example of `self.t` tokens: `Llama::forward` with `Logits::All`, then
-    /// the loss.
+    /// the loss. Inference attention takes no sequence tables: the carried ones stay alive.
     pub(super) fn eval(mut self) -> Sim {
         let (d, t) = (self.d, self.t);
         let r = self.run.adapter.rank;
@@ -202,7 +260,7 @@ impl<'a> Walk<'a> {
         self.free_opt(targets);
         held.extend([logits, losses]);
         self.sim.free_all(held);
-        self.sim
+        self.end()
     }
 
     /// Whether `CudaBackend::product(.., add = true)` goes through `matmul_then_add` (a
