@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds, on a machine without a GPU, everything a GPU session runs, into .gpu/ (git-ignored,
-# carried to the device machine): release builds with --features cuda of the CUDA test binary
-# (`tests`), the CUDA kernel bench (`bench`), the 7B training-step bench (`train`, with the slim
+# carried to the device machine): release builds with --features cuda of the CUDA test binaries
+# (`tests`: tests/cuda_ops.rs and tests/plan.rs), the CUDA kernel bench (`bench`), the 7B training-step bench (`train`, with the slim
 # bitsandbytes wheel scripts/bench_train_ref.py needs), the qlora binary (`qlora`) and the 7B
 # load-time tools (`load`: examples make_random_llama and load_time), stripped and
 # xz-compressed, plus scripts/gpu_run.sh's expectations. Default: all five. The device tool
@@ -32,6 +32,9 @@ for line in sys.stdin:
 if has tests; then
   msgs=$(cargo test --release --features cuda --test cuda_ops --no-run --message-format=json 2>/dev/null)
   cp "$(pick cuda_ops <<<"$msgs")" .gpu/cuda_ops
+  # The memory plan against the device meter (tests/plan.rs plan_matches_the_cuda_meter).
+  msgs=$(cargo test --release --features cuda --test plan --no-run --message-format=json 2>/dev/null)
+  cp "$(pick plan <<<"$msgs")" .gpu/plan
 fi
 if has bench; then
   msgs=$(cargo bench --features cuda --bench cuda --no-run --message-format=json 2>/dev/null)
@@ -59,10 +62,10 @@ if has load; then
   cargo build --release --features cuda --example make_random_llama --example load_time 2>/dev/null
   for e in make_random_llama load_time; do cp "${CARGO_TARGET_DIR:-target}/release/examples/$e" .gpu/$e; done
 fi
-strip .gpu/cuda_ops .gpu/bench_cuda .gpu/bench_train .gpu/qlora .gpu/make_random_llama .gpu/load_time 2>/dev/null || true
+strip .gpu/cuda_ops .gpu/plan .gpu/bench_cuda .gpu/bench_train .gpu/qlora .gpu/make_random_llama .gpu/load_time 2>/dev/null || true
 # xz: 58 MiB of stripped binaries become ~11 (the four together with the tracked repo would
 # pass the 64 MiB carry limit otherwise); gpu_run.sh unpacks them first thing.
-for b in cuda_ops bench_cuda bench_train qlora make_random_llama load_time; do
+for b in cuda_ops plan bench_cuda bench_train qlora make_random_llama load_time; do
   [[ -e .gpu/$b ]] && xz -6 -T0 .gpu/$b
 done
 git rev-parse --short HEAD > .gpu/commit

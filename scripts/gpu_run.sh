@@ -50,6 +50,9 @@ fi
 if want tests; then
   timeout 180 ./.gpu/cuda_ops --nocapture --test-threads=1 2>&1 | tee "$out/tests.log"
   verdict tests "$([[ ${PIPESTATUS[0]} == 0 ]] && echo ok || echo FAIL) ($(grep -c '^test .* ok$' "$out/tests.log") passed)"
+  # The memory plan (qlora train --dry-run) against the device meter, byte for byte.
+  timeout 120 ./.gpu/plan plan_matches_the_cuda_meter --nocapture --test-threads=1 2>&1 | tee "$out/plan.log"
+  verdict plan "$([[ ${PIPESTATUS[0]} == 0 ]] && ! grep -q '^skipping' "$out/plan.log" && echo ok || echo FAIL)"
 fi
 
 if want sanitize; then
