@@ -222,11 +222,16 @@ mod gpu {
                 down_proj: lin(c, f, 6)?,
             });
         }
+        // bf16 values: kept 16-bit on the device, as a checkpoint's f16/bf16 table is.
         let embed: Vec<f32> = (0..v * c)
             .into_par_iter()
-            .map(|i| hashed_uniform(seed ^ 0xE, i, -0.05, 0.05))
+            .map(|i| half::bf16::from_f32(hashed_uniform(seed ^ 0xE, i, -0.05, 0.05)).to_f32())
             .collect();
-        let embed = g.upload(&embed)?;
+        let embed = g.linear(HostLinear::Dense {
+            rows: v,
+            cols: c,
+            data: embed,
+        })?;
         let head: Vec<f32> = (0..v * c)
             .into_par_iter()
             .map(|i| half::bf16::from_f32(hashed_uniform(seed ^ 0x4, i, -0.05, 0.05)).to_f32())

@@ -15,6 +15,7 @@
 //                        gives s = 0 and finite zero gradients, as on the CPU.
 // Launch: any 1-D grid; each kernel is a grid-stride loop.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include "common.cuh"
 
 extern "C" __global__ void f32_to_bf16(__nv_bfloat16* __restrict__ out, const float* __restrict__ x,
@@ -57,6 +58,18 @@ extern "C" __global__ void embedding_f32(float* __restrict__ out, const float* _
   GRID_STRIDE(i, rows * dim) {
     const int64_t r = i / dim, j = i % dim;
     out[i] = table[(int64_t)ids[r] * dim + j];
+  }
+}
+
+// embedding_half: out[r, j] = widen(table[ids[r], j]) for a 16-bit table: IEEE half when f16 != 0,
+// else bf16 (bits << 16); both widenings are exact.
+extern "C" __global__ void embedding_half(float* __restrict__ out, const uint16_t* __restrict__ table,
+                                          const uint32_t* __restrict__ ids, int64_t dim, int64_t rows,
+                                          int f16) {
+  GRID_STRIDE(i, rows * dim) {
+    const int64_t r = i / dim, j = i % dim;
+    const uint16_t b = table[(int64_t)ids[r] * dim + j];
+    out[i] = f16 ? __half2float(__ushort_as_half(b)) : __uint_as_float((uint32_t)b << 16);
   }
 }
 

@@ -310,7 +310,7 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 #[test]
 fn backend_ops_match_the_cpu_spec() {
     use qlora::backend::cpu::CpuBackend;
-    use qlora::backend::cuda::backend::CudaBackend;
+    use qlora::backend::cuda::backend::{CudaBackend, CudaLinear};
     use qlora::backend::{AttnShape, Backend, HostLinear, LoraShape};
     let Ok(g) = CudaBackend::new(0) else {
         eprintln!("skipping backend_ops_match_the_cpu_spec: no usable CUDA device");
@@ -445,14 +445,36 @@ fn backend_ops_match_the_cpu_spec() {
     g.add_assign(&mut ag, &g.upload(&b).unwrap(), 301).unwrap();
     let sum: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
     assert_eq!(g.download(&ag).unwrap(), sum);
+    // Embedding tables in f32 (kept f32 on the device) and exactly bf16 / f16 (kept 16-bit).
     let table = rvec(&mut rng, 50 * 24, 1.0);
+    let bf: Vec<f32> = table
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect();
+    let hf: Vec<f32> = table
+        .iter()
+        .map(|&x| half::f16::from_f32(x).to_f32())
+        .collect();
     let ids = [3u32, 49, 0, 7, 7];
-    let mut ec = c.zeros(5 * 24).unwrap();
-    c.embedding(&mut ec, &table, &ids, 24).unwrap();
-    let mut eg = g.zeros(5 * 24).unwrap();
-    g.embedding(&mut eg, &g.upload(&table).unwrap(), &ids, 24)
-        .unwrap();
-    assert_eq!(g.download(&eg).unwrap(), ec);
+    for (name, t, sixteen) in [
+        ("f32", &table, false),
+        ("bf16", &bf, true),
+        ("f16", &hf, true),
+    ] {
+        let dense = || HostLinear::Dense {
+            rows: 50,
+            cols: 24,
+            data: t.clone(),
+        };
+        let mut ec = c.zeros(5 * 24).unwrap();
+        c.embedding(&mut ec, &c.linear(dense()).unwrap(), &ids, 24)
+            .unwrap();
+        let gl = g.linear(dense()).unwrap();
+        assert_eq!(matches!(gl, CudaLinear::Half(_)), sixteen, "{name} table");
+        let mut eg = g.zeros(5 * 24).unwrap();
+        g.embedding(&mut eg, &gl, &ids, 24).unwrap();
+        assert_eq!(g.download(&eg).unwrap(), ec, "{name} embedding");
+    }
     let logits = rvec(&mut rng, 3 * 1000, 8.0);
     let targets = [5, -100, 999];
     let mut lc = c.zeros(3).unwrap();
@@ -786,7 +808,13 @@ fn zero_row_calls_match_the_cpu() {
         be.matmul(&mut y, &x, &l, 0).unwrap();
         be.matmul_add(&mut y, &x, &l, 0).unwrap();
     }
-    let table = be.upload(&w).unwrap();
+    let table = be
+        .linear(HostLinear::Dense {
+            rows: n,
+            cols: k,
+            data: w.clone(),
+        })
+        .unwrap();
     let mut out = be.zeros(k).unwrap();
     be.embedding(&mut out, &table, &[], k).unwrap();
     let mut losses = be.zeros(1).unwrap();

@@ -62,8 +62,8 @@ const NF4_4096X11008: usize = 22_544_384 + 4 + 704_512 + 4 * 2_752 + 1_024;
 const BASE_NF4: usize = L * (4 * NF4_4096X4096 + 3 * NF4_4096X11008);
 // lm_head: f16 in the checkpoint → CudaLinear::Half, 2 B × 32000 × 4096 = 262,144,000 B
 const LM_HEAD: usize = 2 * V * C;
-// embedding table uploaded as f32: 4 B × 32000 × 4096 = 524,288,000 B
-const EMBED: usize = 4 * V * C;
+// embedding table: f16 in the checkpoint → CudaLinear::Half like lm_head, 262,144,000 B
+const EMBED: usize = 2 * V * C;
 // 2 norms per layer + the final one, f32: 65 × 4096 × 4 = 1,064,960; inv_freq 64 × 4 = 256
 const NORMS: usize = (2 * L + 1) * C * 4 + 64 * 4;
 // The flash-attention backward's Δ [T, H] f32 (FlashScratch.delta, grown by the first backward
@@ -74,12 +74,11 @@ const ATTENTION_DELTA: usize = 4 * T * H;
 const STAGING: usize = 256 * V * 2 + 4 * T;
 
 // ---- Activations one layer keeps (selective) -------------------------------------------------
-// bf16 stashes of h [T, C], q [T, Q], k [T, K], v [T, K], att [T, Q], gate [T, F], up [T, F]:
-//   2 B × 2048 × (4096 + 4096 + 4096 + 4096 + 4096 + 11008 + 11008) = 2 × 2048 × 42,496
-//   = 174,063,616 B
-const STASH_PER_LAYER: usize = 2 * T * (5 * C + 2 * F);
-// the attention's log-sum-exp [T, H] f32: 2048 × 32 × 4 = 262,144 B
-const LSE_PER_LAYER: usize = 4 * T * H;
+// bf16 stashes of h [T, C], q [T, Q], k [T, K], v [T, K], gate [T, F], up [T, F] (the attention
+// output and its log-sum-exp are recomputed in the backward):
+//   2 B × 2048 × (4096 + 4096 + 4096 + 4096 + 11008 + 11008) = 2 × 2048 × 38,400
+//   = 157,286,400 B
+const STASH_PER_LAYER: usize = 2 * T * (4 * C + 2 * F);
 // a stashed layer input [T, C] bf16: 2 × 2048 × 4096 = 16,777,216 B
 const INPUT_STASH: usize = 2 * T * C;
 // the residual stream x (or the unstashed layer input) and its gradient dx, f32 [T, C] each
@@ -105,8 +104,8 @@ const LOAD_QUANTIZE_MOMENT: usize = (L - 1) * (4 * NF4_4096X4096 + 3 * NF4_4096X
     + 2 * L * C * 4
     + (2 * C * F + C * F / 2 + 4 * (C * F / 64) + 8);
 // The end of the load is higher: every weight, with lm_head, the embedding, the final norm and
-// the RoPE table uploaded last: 3,341,001,600 + 262,144,000 + 524,288,000 + 1,064,960 + 256
-//   = 4,128,498,816 B, the load's peak, far below any step's (the persistent lines alone hold it).
+// the RoPE table uploaded last: 3,341,001,600 + 262,144,000 + 262,144,000 + 1,064,960 + 256
+//   = 3,866,354,816 B, the load's peak, far below any step's (the persistent lines alone hold it).
 const LOAD_PEAK: usize = BASE_NF4 + LM_HEAD + EMBED + NORMS;
 
 struct Expected {
@@ -170,13 +169,13 @@ fn r16_all_linear(recompute: Recompute) -> Expected {
     // mask [T, F] f32 = 90,177,536 B and one sequence's slice of it [S, F] f32 = 22,544,384 B.
     let working_set = 4 * (4 * T * F);
     let dropout_masks = 4 * T * F + 4 * S * F;
-    // Kept per layer: the stashes, lse and 7 adapters' xa [T, 16] f32 (917,504 B).
-    let per_layer = STASH_PER_LAYER + LSE_PER_LAYER + 7 * (4 * T * 16); // 175,243,264 B
+    // Kept per layer: the stashes and 7 adapters' xa [T, 16] f32 (917,504 B).
+    let per_layer = STASH_PER_LAYER + 7 * (4 * T * 16); // 158,203,904 B
     let activations = match recompute {
         // all 32 layers' sets, and the stashed inputs of layers 0..30 (layer 31's is unstashed)
-        Recompute::Selective => 32 * per_layer + 31 * INPUT_STASH, // 6,127,878,144 B
+        Recompute::Selective => 32 * per_layer + 31 * INPUT_STASH, // 5,582,618,624 B
         // layer 31's recomputed set and the stashed inputs of layers 0..30
-        Recompute::Full => per_layer + 31 * INPUT_STASH, // 695,336,960 B
+        Recompute::Full => per_layer + 31 * INPUT_STASH, // 678,297,600 B
     };
     Expected {
         lora_params,
@@ -219,10 +218,10 @@ fn r8_q_v(recompute: Recompute) -> Expected {
     // No adapter in the MLP, so no mask there: the peak is layer 31's SwiGLU backward, with
     // gate, up (unstashed), dm, dg, du: 5 × [T, F] f32 = 450,887,680 B.
     let working_set = 5 * (4 * T * F);
-    let per_layer = STASH_PER_LAYER + LSE_PER_LAYER + 2 * (4 * T * 8); // 174,456,832 B
+    let per_layer = STASH_PER_LAYER + 2 * (4 * T * 8); // 157,417,472 B
     let activations = match recompute {
-        Recompute::Selective => 32 * per_layer + 31 * INPUT_STASH, // 6,102,712,320 B
-        Recompute::Full => per_layer + 31 * INPUT_STASH,           // 694,550,528 B
+        Recompute::Selective => 32 * per_layer + 31 * INPUT_STASH, // 5,557,452,800 B
+        Recompute::Full => per_layer + 31 * INPUT_STASH,           // 677,511,168 B
     };
     Expected {
         lora_params,
@@ -323,7 +322,7 @@ fn check_7b(p: &MemoryPlan, e: &Expected) {
     assert_eq!(p.micro_batch.tokens, T);
     // Loading peaks at its end, below the step; the quantization moment below that.
     assert_eq!(LOAD_QUANTIZE_MOMENT, 3_434_329_220);
-    assert_eq!(LOAD_PEAK, 4_128_498_816);
+    assert_eq!(LOAD_PEAK, 3_866_354_816);
     assert_eq!(p.load_bytes, LOAD_PEAK);
     assert_eq!(p.line("load_peak"), LOAD_PEAK);
     assert_eq!(p.phases[0].phase, "load");
@@ -332,14 +331,19 @@ fn check_7b(p: &MemoryPlan, e: &Expected) {
 
 // The metered totals, line by line (r 16 all-linear):
 //   persistent, paged_adamw_32bit: base 3,341,001,600 + lm_head 262,144,000 + embedding
-//     524,288,000 + norms 1,065,216 + LoRA parameters and gradients 2 × 159,907,840 + optimizer
-//     319,844,360 + LoRA scratch 181,321,728 + staging 16,392,192 + Δ 262,144
-//     = 4,966,134,920 B; with paged_adamw_8bit's 81,241,096 instead: 4,727,531,656 B
+//     262,144,000 (16-bit, as stored) + norms 1,065,216 + LoRA parameters and gradients
+//     2 × 159,907,840 + optimizer 319,844,360 + LoRA scratch 181,321,728 + staging 16,392,192
+//     + Δ 262,144 = 4,703,990,920 B; with paged_adamw_8bit's 81,241,096 instead:
+//     4,465,387,656 B
 //   the step at its peak: residual 67,108,864 + working set 360,710,144 + masks 112,721,920
-//     + tables 532 = 540,541,460 B, plus the activations: selective 6,127,878,144 (→
-//     6,668,419,604 B), full 695,336,960 (→ 1,235,878,420 B)
-//   → selective 32-bit 11,634,554,524 B; full 32-bit 6,202,013,340 B;
-//     selective 8-bit 11,395,951,260 B; full 8-bit 5,963,410,076 B.
+//     + tables 532 = 540,541,460 B, plus the activations: selective 5,582,618,624 (→
+//     6,123,160,084 B), full 678,297,600 (→ 1,218,839,060 B)
+//   → selective 32-bit 10,827,151,004 B; full 32-bit 5,922,829,980 B;
+//     selective 8-bit 10,588,547,740 B; full 8-bit 5,684,226,716 B.
+// Before the attention output was recomputed in the backward, each layer also kept att [T, Q]
+// bf16 and lse [T, H] f32: 32 × (16,777,216 + 262,144) = 545,259,520 B more with selective,
+// one layer's 17,039,360 B more with full; and the embedding was f32 (262,144,000 B more):
+// selective 32-bit was 11,634,554,524 B.
 // Against the plan before packed attention (11,634,291,848 and 6,201,750,664 B): its
 // per-sequence copies of q, k, v were freed before the peak, so the peak moment is the same and
 // only the Δ buffer (now persistent) and the tables are new, 262,144 + 532 = 262,676 B.
@@ -348,30 +352,32 @@ fn check_7b(p: &MemoryPlan, e: &Expected) {
 fn llama7b_r16_all_linear_selective() {
     let p = plan_7b(&["all-linear"], 16, Recompute::Selective);
     check_7b(&p, &r16_all_linear(Recompute::Selective));
-    // 11,634,554,524 B metered: 10.84 GiB
-    assert_eq!(p.metered_bytes, 11_634_554_524);
+    // 10,827,151,004 B metered: 10.08 GiB
+    assert_eq!(p.metered_bytes, 10_827_151_004);
 }
 
 #[test]
 fn llama7b_r16_all_linear_full() {
     let p = plan_7b(&["all-linear"], 16, Recompute::Full);
     check_7b(&p, &r16_all_linear(Recompute::Full));
-    // 6,202,013,340 B: 5.78 GiB
-    assert_eq!(p.metered_bytes, 6_202_013_340);
+    // 5,922,829,980 B: 5.52 GiB
+    assert_eq!(p.metered_bytes, 5_922_829_980);
 }
 
 #[test]
 fn llama7b_r8_q_v_selective() {
     let p = plan_7b(&["q_proj", "v_proj"], 8, Recompute::Selective);
     check_7b(&p, &r8_q_v(Recompute::Selective));
-    assert_eq!(p.metered_bytes, 10_900_350_620);
+    // 10,900,350,620 − 545,259,520 (att, lse) − 262,144,000 (embedding)
+    assert_eq!(p.metered_bytes, 10_092_947_100);
 }
 
 #[test]
 fn llama7b_r8_q_v_full() {
     let p = plan_7b(&["q_proj", "v_proj"], 8, Recompute::Full);
     check_7b(&p, &r8_q_v(Recompute::Full));
-    assert_eq!(p.metered_bytes, 5_492_188_828);
+    // 5,492,188,828 − 17,039,360 (att, lse) − 262,144,000 (embedding)
+    assert_eq!(p.metered_bytes, 5_213_005_468);
 }
 
 /// `--optim paged_adamw_8bit` (`DeviceAdamW8`, `adamw8.rs` `Layout8`), both recompute modes:
@@ -379,8 +385,8 @@ fn llama7b_r8_q_v_full() {
 #[test]
 fn llama7b_r16_all_linear_paged_adamw_8bit() {
     for (recompute, metered) in [
-        (Recompute::Selective, 11_395_951_260usize), // 10.61 GiB
-        (Recompute::Full, 5_963_410_076),            // 5.55 GiB
+        (Recompute::Selective, 10_588_547_740usize), // 9.86 GiB
+        (Recompute::Full, 5_684_226_716),            // 5.29 GiB
     ] {
         let p = plan_7b_with(&["all-linear"], 16, recompute, OptimKind::PagedAdamW8bit);
         let mut e = r16_all_linear(recompute);
@@ -564,10 +570,10 @@ fn loading_is_the_peak_of_a_toy_shape() {
     let p = plan(&run_with(BaseQuant::NF4, DType::BF16)).unwrap();
     assert_eq!(p.load_bytes, 1_375_004);
     // --quant none: no quantizer; the load peaks at its end (bf16 projections stay 16-bit:
-    // 2 layers × 2 B × (2 × 4,096 + 2 × 2,048 + 3 × 262,144) = 3,194,880 B; lm_head 2,048;
-    // norms, embedding, RoPE table 1,280 + 4,096 + 32).
+    // 2 layers × 2 B × (2 × 4,096 + 2 × 2,048 + 3 × 262,144) = 3,194,880 B; lm_head and the
+    // embedding 16-bit, 2,048 each; norms, RoPE table 1,280 + 32).
     let p = plan(&run_with(BaseQuant::None, DType::BF16)).unwrap();
-    assert_eq!(p.load_bytes, 3_194_880 + 2_048 + 1_280 + 4_096 + 32);
+    assert_eq!(p.load_bytes, 3_194_880 + 2_048 + 2_048 + 1_280 + 32);
     assert_eq!(p.line("load_excess"), 0);
 }
 
@@ -665,8 +671,8 @@ impl Backend for Counting {
     fn copy(&self, dst: &mut MBuf, d0: usize, src: &MBuf, s0: usize, len: usize) -> R<()> {
         self.cpu.copy(&mut dst.v, d0, &src.v, s0, len)
     }
-    fn embedding(&self, out: &mut MBuf, table: &MBuf, ids: &[u32], dim: usize) -> R<()> {
-        self.cpu.embedding(&mut out.v, &table.v, ids, dim)
+    fn embedding(&self, out: &mut MBuf, table: &CpuLinear, ids: &[u32], dim: usize) -> R<()> {
+        self.cpu.embedding(&mut out.v, table, ids, dim)
     }
     fn rmsnorm(&self, o: &mut MBuf, x: &MBuf, w: &MBuf, rows: usize, dim: usize, e: f32) -> R<()> {
         self.cpu.rmsnorm(&mut o.v, &x.v, &w.v, rows, dim, e)

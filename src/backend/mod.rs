@@ -189,11 +189,13 @@ pub trait Backend: Send + Sync {
         len: usize,
     ) -> Result<()>;
 
-    /// Row gather: `out[i, :] = table[ids[i], :]`; `table` is `[vocab, dim]`, `out` is `[ids.len(), dim]`.
+    /// Row gather: `out[i, :] = table[ids[i], :]`; `table` is a dense `[vocab, dim]` weight from
+    /// [`Backend::linear`] (so a device keeps it in 16 bits where that is lossless, as it does
+    /// lm_head), `out` is `[ids.len(), dim]` f32. An NF4 table or an id ≥ vocab is an error.
     fn embedding(
         &self,
         out: &mut Self::Buf,
-        table: &Self::Buf,
+        table: &Self::Linear,
         ids: &[u32],
         dim: usize,
     ) -> Result<()>;

@@ -51,7 +51,8 @@ pub struct Llama<B: Backend> {
     pub cfg: ModelConfig,
     pub backend: B,
     /// `[vocab, hidden]`
-    pub embed: B::Buf,
+    /// `[vocab, hidden]`, dense (16-bit on a device where lossless, see [`Backend::embedding`]).
+    pub embed: B::Linear,
     pub layers: Vec<LayerWeights<B>>,
     /// `[hidden]`
     pub norm: B::Buf,
@@ -473,7 +474,11 @@ impl<B: Backend> Llama<B> {
             cols: c,
             data: head_host,
         })?;
-        let embed = b.upload(&embed_host)?;
+        let embed = b.linear(HostLinear::Dense {
+            rows: v,
+            cols: c,
+            data: embed_host,
+        })?;
         let inv_freq = b.upload(&cfg.rope_inv_freq())?;
         Ok(Llama {
             cfg: cfg.clone(),

@@ -38,10 +38,12 @@
 //!
 //! # Activation memory
 //! [`Recompute::Selective`] (default) keeps per layer what backward cannot get cheaply: the
-//! layer input `x`, `h`, the post-RoPE `q`, `k`, `v`, the attention output, `g`, `u`, the
-//! attention's per-row log-sum-exp (`[T, H]`) and each adapter's `x·Aᵀ` (`[T, r]`); the norms
-//! `n₁`, `n₂`, the SwiGLU product `m` and the dropout masks are recomputed. That is
-//! `T·(2C + 2·q_dim + 2·kv_dim + 2F)` values per layer, kept through [`TrainBackend::stash`]
+//! layer input `x`, `h`, the post-RoPE `q`, `k`, `v`, `g`, `u` and each adapter's `x·Aᵀ`
+//! (`[T, r]`); the norms `n₁`, `n₂`, the SwiGLU product `m`, the dropout masks and the attention
+//! output with its log-sum-exp are recomputed — the attention forward again from the stashed
+//! `q`, `k`, `v` (FlashAttention's own backward recomputes the probabilities anyway): at 4 × 512
+//! tokens it is about 1% of a 7B layer's forward GEMM FLOPs, and it saves `T·q_dim` stashed values per
+//! layer (537 MB at 7B). That is `T·(2C + q_dim + 2·kv_dim + 2F)` values per layer, kept through [`TrainBackend::stash`]
 //! (f32 on the CPU, bf16 on CUDA). [`Recompute::Full`] keeps only each layer's input (`T·C`
 //! values) and reruns the layer's forward during backward: about a third more compute for the
 //! smallest footprint.
@@ -90,11 +92,8 @@ struct LayerActs<B: TrainBackend> {
     q: B::Saved,
     k: B::Saved,
     v: B::Saved,
-    att: B::Saved,
     gate: B::Saved,
     up: B::Saved,
-    /// The attention's per-row log-sum-exp, `[T, H]`.
-    lse: B::Buf,
     /// `x̃·Aᵀ` per adapted target, indexed like [`LoraSet::layers`].
     xa: [Option<B::Buf>; 7],
 }
@@ -275,6 +274,23 @@ impl<B: TrainBackend> Llama<B> {
         }
     }
 
+    /// Packed causal attention of post-RoPE `q`, `k`, `v`: the output `[T, q_dim]` and the
+    /// per-row log-sum-exp `[T, H]`. The forward runs it, and the backward again from the stashed
+    /// `q`, `k`, `v` (a deterministic kernel on the same inputs gives the same result).
+    fn attention(
+        &self,
+        q: &B::Buf,
+        k: &B::Buf,
+        v: &B::Buf,
+        batch: &StepBatch,
+    ) -> Result<(B::Buf, B::Buf)> {
+        let (b, t) = (&self.backend, batch.rows());
+        let mut att = b.zeros(t * self.cfg.q_dim())?;
+        let mut lse = b.zeros(t * self.cfg.num_attention_heads)?;
+        b.attention_train(&mut att, &mut lse, q, k, v, self.packed(&batch.lens))?;
+        Ok((att, lse))
+    }
+
     /// One decoder layer's training forward: returns the saved activations and the output.
     fn layer_forward_train(
         &self,
@@ -307,11 +323,11 @@ impl<B: TrainBackend> Llama<B> {
         );
         b.rope(&mut q, positions, &self.inv_freq, heads, d)?;
         b.rope(&mut k, positions, &self.inv_freq, kv_heads, d)?;
-        let mut att = b.zeros(t * qd)?;
-        let mut lse = b.zeros(t * heads)?;
-        b.attention_train(&mut att, &mut lse, &q, &k, &v, self.packed(&batch.lens))?;
+        let (att, lse) = self.attention(&q, &k, &v, batch)?;
+        drop(lse); // the backward recomputes att and lse from the stashed q, k, v
         let mut h = b.zeros(t * c)?;
         xa[3] = self.project_train(&mut h, &att, Site::layer(l, LoraTarget::OProj), t, batch)?;
+        drop(att);
         b.add_assign(&mut h, x, t * c)?;
         b.rmsnorm(&mut n, &h, &w.mlp_norm, t, c, cfg.rms_norm_eps)?;
         let mut gate = b.zeros(t * f)?;
@@ -330,10 +346,8 @@ impl<B: TrainBackend> Llama<B> {
             q: b.stash(q, t * qd)?,
             k: b.stash(k, t * kvd)?,
             v: b.stash(v, t * kvd)?,
-            att: b.stash(att, t * qd)?,
             gate: b.stash(gate, t * f)?,
             up: b.stash(up, t * f)?,
-            lse,
             xa,
         };
         Ok((acts, out))
@@ -417,25 +431,26 @@ impl<B: TrainBackend> Llama<B> {
         let eps = cfg.rms_norm_eps;
         self.mlp_backward(l, a, dx, t, grads, batch)?; // dx is now dh
                                                        // Attention block: h = x + P_o(att), att = attn(rope(P_q(n₁)), rope(P_k(n₁)), P_v(n₁)).
-        let att = b.unstash(&a.att, t * qd)?;
+        let (q, k, v) = (
+            b.unstash(&a.q, t * qd)?,
+            b.unstash(&a.k, t * kvd)?,
+            b.unstash(&a.v, t * kvd)?,
+        );
+        // The attention output and its log-sum-exp are recomputed (see the module docs).
+        let (att, lse) = self.attention(&q, &k, &v, batch)?;
         let mut datt = b.zeros(t * qd)?;
         let o = Site::layer(l, LoraTarget::OProj);
         let xa = a.xa[3].as_ref();
         self.project_backward(&mut datt, dx, &att, xa, o, t, false, grads, batch)?;
         let (mut dq, mut dk, mut dv) = (b.zeros(t * qd)?, b.zeros(t * kvd)?, b.zeros(t * kvd)?);
         {
-            let (q, k, v) = (
-                b.unstash(&a.q, t * qd)?,
-                b.unstash(&a.k, t * kvd)?,
-                b.unstash(&a.v, t * kvd)?,
-            );
             let shape = self.packed(&batch.lens);
             let (dqkv, qkv) = ((&mut dq, &mut dk, &mut dv), (&q, &k, &v));
             b.attention_backward(
-                dqkv.0, dqkv.1, dqkv.2, &datt, qkv.0, qkv.1, qkv.2, &att, &a.lse, shape,
+                dqkv.0, dqkv.1, dqkv.2, &datt, qkv.0, qkv.1, qkv.2, &att, &lse, shape,
             )?;
         }
-        drop((datt, att));
+        drop((datt, att, lse, q, k, v));
         let (heads, kv_heads, d) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,

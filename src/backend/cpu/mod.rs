@@ -139,12 +139,17 @@ impl Backend for CpuBackend {
     fn embedding(
         &self,
         out: &mut Vec<f32>,
-        table: &Vec<f32>,
+        table: &CpuLinear,
         ids: &[u32],
         dim: usize,
     ) -> Result<()> {
         check_len("embedding out", out.len(), ids.len() * dim)?;
-        let vocab = table.len() / dim;
+        let CpuWeight::Dense(table) = &table.weight else {
+            return Err(Error::Backend(
+                "embedding: the table must be dense, not NF4".into(),
+            ));
+        };
+        let vocab = table.len() / dim.max(1);
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             return Err(Error::InvalidArg(format!(
                 "token id {bad} is outside the embedding table (vocab {vocab})"

@@ -276,17 +276,28 @@ impl Backend for CudaBackend {
     fn embedding(
         &self,
         out: &mut Self::Buf,
-        table: &Self::Buf,
+        table: &CudaLinear,
         ids: &[u32],
         dim: usize,
     ) -> Result<()> {
-        let vocab = table.len() / dim.max(1);
+        let (vocab, cols) = self.linear_shape(table);
+        if cols != dim {
+            return Err(Error::Backend(format!(
+                "embedding: table rows hold {cols} values, not {dim}"
+            )));
+        }
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             return Err(Error::InvalidArg(format!(
                 "token id {bad} is outside the embedding table (vocab {vocab})"
             )));
         }
-        ops::embedding(&self.dev, out, table, ids, dim)
+        match table {
+            CudaLinear::Dense { w, .. } => ops::embedding(&self.dev, out, w, ids, dim),
+            CudaLinear::Half(h) => ops::embedding_half(&self.dev, out, &h.w, h.f16, ids, dim),
+            CudaLinear::Nf4(_) => Err(Error::Backend(
+                "embedding: the table must be dense, not NF4".into(),
+            )),
+        }
     }
 
     fn rmsnorm(

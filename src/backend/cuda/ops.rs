@@ -116,6 +116,36 @@ pub fn embedding(
     Ok(())
 }
 
+/// [`embedding`] from a 16-bit table (`f16`: IEEE half, else bf16) `[vocab, dim]`, widened to
+/// f32 exactly.
+pub fn embedding_half(
+    dev: &CudaDevice,
+    out: &mut CudaSlice<f32>,
+    table: &CudaSlice<u16>,
+    f16: bool,
+    ids: &[u32],
+    dim: usize,
+) -> Result<()> {
+    need("embedding out", out.len(), ids.len() * dim)?;
+    if ids.is_empty() || dim == 0 {
+        return Ok(());
+    }
+    let idd = dev.upload(ids)?;
+    let f = dev.function("elementwise", "embedding_half")?;
+    let (d64, r64, is_f16) = (dim as i64, ids.len() as i64, i32::from(f16));
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(out)
+        .arg(table)
+        .arg(&*idd)
+        .arg(&d64)
+        .arg(&r64)
+        .arg(&is_f16);
+    // SAFETY: matches embedding_half(float*, const uint16_t*, const uint32_t*, int64_t, int64_t,
+    // int); out holds rows·dim floats (checked above), every id < vocab (checked by the caller).
+    unsafe { b.launch(grid(ids.len() * dim)) }.map_err(launch_err("embedding_half"))?;
+    Ok(())
+}
+
 /// RoPE in place on `x` `[rows, heads, d]` at the device positions `pos[..rows]`; `sign = -1`
 /// applies the transpose.
 #[allow(clippy::too_many_arguments)]

@@ -16,10 +16,10 @@
 //! The high-water mark is step 1 of the last of the largest projections (for Llama, layer
 //! `L − 1`'s `down_proj`): every earlier weight and norm plus `n·w + ⌈n/2⌉ + 4·⌈n/b⌉ + 8`.
 //! Nothing of the adapter, its gradients, the optimizer or any scratch exists yet, and the
-//! embedding and lm_head (at least `6·V·C` bytes, uploaded last) are still to come, so the load
-//! peak stays below the step's unless a projection's stored bytes outweigh them: `F > 3V` for a
-//! 16-bit checkpoint, `F > 2V` for an f32 one (never for a Llama-family vocabulary; possible
-//! for a toy configuration).
+//! embedding and lm_head (at least `4·V·C` bytes for a 16-bit checkpoint, `8·V·C` for an f32
+//! one, uploaded last) are still to come, so the load peak stays below the step's unless a
+//! projection's stored bytes outweigh them: `F > 2V` (never for a Llama-family vocabulary;
+//! possible for a toy configuration).
 
 use super::shape::{DeviceWeight, RunShape};
 use super::sim::{Alloc, Kind, Sim};
@@ -98,8 +98,8 @@ pub(super) fn replay(run: &RunShape) -> Sim {
     kept.push(sim.alloc(Kind::Load, norm));
     if internal {
         kept.push(sim.alloc(Kind::Load, m.lm_head.bytes(d.v, d.c)));
+        kept.push(sim.alloc(Kind::Load, m.embed.bytes(d.v, d.c)));
     }
-    kept.push(sim.alloc(Kind::Load, 4 * d.v * d.c));
     kept.push(sim.alloc(Kind::Load, 4 * (cfg.head_dim / 2).max(1)));
     sim.free_all(kept);
     sim

@@ -43,9 +43,10 @@
 //!   assumed not to hold exactly-16-bit values. A pre-quantized (bitsandbytes) checkpoint is
 //!   assumed to use blocks of 64 (bitsandbytes' default; the block size lives in its
 //!   `quant_state`, which a plan does not read).
-//! - **Embedding**: the table is uploaded as f32, `4·V·C` (`Llama::assemble`). With tied
-//!   embeddings lm_head is a separate copy of the same table (`CudaLinear` built from a clone), so
-//!   tying saves no device memory.
+//! - **Embedding**: the table is a dense `Backend::linear` like lm_head (`Llama::assemble`):
+//!   16-bit, `2·V·C`, when its stored values are f16/bf16 (and `C % 8 == 0`), else f32. With
+//!   tied embeddings lm_head is a separate copy of the same table (`CudaLinear` built from a
+//!   clone), so tying saves no device memory.
 //! - **Norms and RoPE table**: `2L + 1` f32 norm vectors of `C`, and `head_dim/2` f32 inverse
 //!   frequencies.
 //! - **LoRA parameters and gradients**: per adapted module `A [r, in]`, `B [out, r]` in f32, once

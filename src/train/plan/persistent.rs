@@ -134,7 +134,7 @@ pub(super) fn persistent_lines(run: &RunShape, t_max: usize) -> Vec<(&'static st
     let internal = |b: usize| if run.device_internals { b } else { 0 };
     let base = BaseProjections::of(m);
     let head = m.lm_head.bytes(d.v, d.c);
-    let embed = 4 * d.v * d.c;
+    let embed = m.embed.bytes(d.v, d.c);
     let norms = 4 * (2 * d.layers + 1) * d.c + 4 * (cfg.head_dim / 2).max(1);
     let sizes = run.adapter.tensor_sizes(cfg);
     let lora: usize = sizes.iter().map(|&n| 4 * n.max(1)).sum();
@@ -159,7 +159,11 @@ pub(super) fn persistent_lines(run: &RunShape, t_max: usize) -> Vec<(&'static st
             format!("base: lm_head, {}{tied}", m.lm_head.label()),
             internal(head),
         ),
-        ("embedding", "base: embedding table, f32".into(), embed),
+        (
+            "embedding",
+            format!("base: embedding table, {}", m.embed.label()),
+            internal(embed),
+        ),
         ("norms", "base: norms and RoPE table, f32".into(), norms),
         (
             "lora_params",

@@ -83,6 +83,8 @@ pub struct ModelShape {
     /// Format of each decoder projection: `[layer][index in LoraTarget::ALL_LINEAR]`.
     pub projections: Vec<[DeviceWeight; 7]>,
     pub lm_head: DeviceWeight,
+    /// The embedding table (`Backend::linear` of its stored values, like lm_head).
+    pub embed: DeviceWeight,
     /// Bytes per stored value of each decoder projection the CUDA loader quantizes on the
     /// device (`Backend::quantize_linear`: the stored f16/bf16/f32 bytes are uploaded as they
     /// are), 0 for one it does not (`--quant none`, a pre-quantized checkpoint); indexed as
@@ -153,10 +155,13 @@ impl ModelShape {
         };
         let head_dtype = dtype_of(head_name);
         stored.insert(head_dtype.to_string());
+        let embed_dtype = dtype_of("model.embed_tokens.weight");
+        stored.insert(embed_dtype.to_string());
         ModelShape {
             cfg: cfg.clone(),
             projections,
             lm_head: dense_form(head_dtype, cfg.hidden_size),
+            embed: dense_form(embed_dtype, cfg.hidden_size),
             raw_width,
             stored: stored.into_iter().collect::<Vec<_>>().join("+"),
         }

@@ -67,20 +67,23 @@ impl Walk<'_> {
         use Kind::WorkingSet as W;
         use LoraTarget::*;
         self.mlp_backward(l);
-        self.sim.at("backward", Some(l), "o_proj backward");
+        self.sim.at("backward", Some(l), "attention recomputed");
+        let q = self.f32(W, t * d.q);
+        let k = self.f32(W, t * d.k);
+        let v = self.f32(W, t * d.k);
         let att = self.f32(W, t * d.q);
+        let lse = self.f32(W, t * d.h);
+        self.attention_tables();
+        self.sim.at("backward", Some(l), "o_proj backward");
         let datt = self.f32(W, t * d.q);
         self.lora_share(OProj, t, 0);
         self.sim.at("backward", Some(l), "attention backward");
         let dq = self.f32(W, t * d.q);
         let dk = self.f32(W, t * d.k);
         let dv = self.f32(W, t * d.k);
-        let q = self.f32(W, t * d.q);
-        let k = self.f32(W, t * d.k);
-        let v = self.f32(W, t * d.k);
         // The kernels' Δ is the persistent `FlashScratch.delta`; the tables are this batch's.
         self.attention_tables();
-        self.sim.free_all([q, k, v, datt, att]);
+        self.sim.free_all([datt, att, lse, q, k, v]);
         self.sim.at("backward", Some(l), "q/k/v backward");
         let n = self.f32(W, t * d.c);
         let dn = self.f32(W, t * d.c);

@@ -20,11 +20,13 @@ impl Walk<'_> {
         }
         self.sim.at(phase, Some(l), "attention");
         let att = self.f32(WorkingSet, t * d.q);
-        let lse = self.f32(Activations, t * d.h);
+        let lse = self.f32(WorkingSet, t * d.h);
         self.attention_tables();
+        self.sim.free(lse); // the backward recomputes att and lse
         self.sim.at(phase, Some(l), "o_proj");
         let h = self.f32(WorkingSet, t * d.c);
         xa.extend(self.project_train(OProj, t, 0, Activations));
+        self.sim.free(att);
         self.sim.at(phase, Some(l), "gate_proj, up_proj");
         let gate = self.f32(WorkingSet, t * d.f);
         let up = self.f32(WorkingSet, t * d.f);
@@ -41,10 +43,8 @@ impl Walk<'_> {
             self.stash(q, t * d.q),
             self.stash(k, t * d.k),
             self.stash(v, t * d.k),
-            self.stash(att, t * d.q),
             self.stash(gate, t * d.f),
             self.stash(up, t * d.f),
-            lse,
         ];
         kept.extend(xa);
         self.sim.free(m);
