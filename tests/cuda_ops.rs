@@ -257,6 +257,30 @@ fn device_memory_is_metered_with_frees() {
     assert_eq!(dev.peak_bytes(), base + (4 << 20) + 1000);
 }
 
+/// Freed buffers stay in the stream-ordered memory pool across synchronizations (a steady-state
+/// step maps no new memory) until `release_cached` hands them back.
+#[test]
+fn freed_memory_stays_cached_until_released() {
+    let Some(dev) = device("freed_memory_stays_cached_until_released") else {
+        return;
+    };
+    const BIG: usize = 512 << 20;
+    dev.release_cached().unwrap();
+    let (free0, _) = dev.mem_info().unwrap();
+    drop(dev.zeros::<u8>(BIG).unwrap());
+    dev.synchronize().unwrap();
+    let (free1, _) = dev.mem_info().unwrap();
+    assert!(free1 + BIG / 2 < free0, "not cached: {free0} → {free1} bytes free");
+    // The cached block serves the next allocation of that size without new memory.
+    drop(dev.zeros::<u8>(BIG).unwrap());
+    dev.synchronize().unwrap();
+    let (free2, _) = dev.mem_info().unwrap();
+    assert!(free2 + (64 << 20) > free1, "re-mapped: {free1} → {free2} bytes free");
+    dev.release_cached().unwrap();
+    let (free3, _) = dev.mem_info().unwrap();
+    assert!(free3 > free2 + BIG / 2, "not released: {free2} → {free3} bytes free");
+}
+
 #[test]
 fn rmsnorm_matches_the_cpu_spec() {
     let Some(dev) = device("rmsnorm_matches_the_cpu_spec") else {

@@ -174,6 +174,8 @@ pub(super) struct Managed {
 impl Managed {
     /// `bytes` of managed memory, preferring `dev`, zeroed (on the stream).
     pub(super) fn alloc(dev: &CudaDevice, bytes: usize) -> Result<Managed> {
+        // Blocks the memory pool keeps for reuse count as used in mem_info: give them back first.
+        dev.release_cached()?;
         let (free, total) = dev.mem_info()?;
         if bytes > free {
             return Err(Error::Backend(format!(

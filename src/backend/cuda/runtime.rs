@@ -101,6 +101,33 @@ fn drv(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Backend(format!("CUDA {what}: {e}"))
 }
 
+/// cudarc allocates with `cuMemAllocAsync` from the device's default memory pool, whose release
+/// threshold is 0: at every synchronization (each step reads its loss) the driver hands all freed
+/// memory back to the OS, and the next step maps it again (the same buffers, every step). An
+/// unlimited threshold keeps freed blocks in the pool for reuse, so a steady-state step makes no
+/// OS allocation — what PyTorch's caching allocator does. [`CudaDevice::release_cached`] gives
+/// the cache back (before managed allocations, and before retrying an allocation that failed).
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::{result, sys};
+    if !ctx.has_async_alloc() {
+        return Ok(()); // plain cuMemAlloc: nothing is cached
+    }
+    let mut threshold = u64::MAX;
+    // SAFETY: cu_device is this context's device; the attribute's value is a cuuint64_t, read
+    // during the call only.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device())
+            .map_err(|e| drv("default memory pool", e))?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .map_err(|e| drv("memory pool release threshold", e))
+    }
+}
+
 impl CudaDevice {
     /// Opens device `ordinal`: checks the driver, the device count and the compute capability,
     /// then loads every embedded kernel module.
@@ -138,6 +165,7 @@ impl CudaDevice {
         // order alone keeps every use of a buffer after its allocation and before its free;
         // cudarc's per-buffer events (for multi-stream use) would only add driver calls.
         unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx)?;
         let stream = ctx.default_stream();
         Ok(CudaDevice {
             ordinal,
@@ -217,14 +245,39 @@ impl CudaDevice {
         }
     }
 
-    /// A zeroed buffer of `len` elements.
+    /// A zeroed buffer of `len` elements. When the device is full, the pool's cached free
+    /// blocks are given back once and the allocation retried (they may be fragmented).
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<DevBuf<T>> {
         let bytes = len.max(1) * std::mem::size_of::<T>();
-        let s = self
-            .stream
-            .alloc_zeros::<T>(len.max(1))
-            .map_err(|e| self.oom(bytes, e))?;
+        let s = match self.stream.alloc_zeros::<T>(len.max(1)) {
+            Ok(s) => s,
+            Err(_) => {
+                self.release_cached()?;
+                self.stream
+                    .alloc_zeros::<T>(len.max(1))
+                    .map_err(|e| self.oom(bytes, e))?
+            }
+        };
         Ok(self.metered(s, bytes))
+    }
+
+    /// Waits for the stream, then returns the memory pool's cached free blocks (see
+    /// [`keep_freed_memory`]) to the OS, so that `mem_info` shows them free again.
+    pub fn release_cached(&self) -> Result<()> {
+        use cudarc::driver::{result, sys};
+        self.synchronize()?;
+        if !self.ctx.has_async_alloc() {
+            return Ok(());
+        }
+        // SAFETY: the pool is this context's device's default pool; after the synchronize no
+        // queued work can still use a freed block.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(self.ctx.cu_device())
+                .map_err(|e| drv("default memory pool", e))?;
+            sys::cuMemPoolTrimTo(pool, 0)
+                .result()
+                .map_err(|e| drv("memory pool trim", e))
+        }
     }
 
     /// The scratch buffer in `slot`, reallocated (old one freed first) when shorter than `len`.
