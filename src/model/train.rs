@@ -478,8 +478,9 @@ impl<B: TrainBackend> Llama<B> {
         Ok(())
     }
 
-    /// The head and its loss, chunked over tokens (see the module docs): returns the summed
-    /// loss and writes `dx`, the gradient of the final hidden states `x` `[T, C]`.
+    /// The head and its loss, chunked over tokens (see the module docs): returns the per-token
+    /// losses `[T]` (on the backend; read back after the backward, so no step waits on the host
+    /// mid-way) and writes `dx`, the gradient of the final hidden states `x` `[T, C]`.
     fn head_backward(
         &self,
         x: &B::Buf,
@@ -488,7 +489,7 @@ impl<B: TrainBackend> Llama<B> {
         grads: &mut LoraSet<B>,
         batch: &StepBatch,
         dx: &mut B::Buf,
-    ) -> Result<f64> {
+    ) -> Result<B::Buf> {
         let (cfg, b, t) = (&self.cfg, &self.backend, targets.len());
         let (c, vocab, eps) = (cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps);
         let mut n = b.zeros(t * c)?;
@@ -513,9 +514,9 @@ impl<B: TrainBackend> Llama<B> {
             self.project_backward(&mut dnc, &z, &nc, xa, site, rows, false, grads, batch)?;
             b.copy(&mut dn, r0 * c, &dnc, 0, rows * c)?;
         }
-        drop((z, nc, dnc, n));
+        drop((z, nc, dnc, n, lc));
         b.rmsnorm_backward(dx, &dn, x, &self.norm, t, c, eps)?;
-        Ok(b.download(&losses)?.iter().map(|&v| v as f64).sum())
+        Ok(losses)
     }
 
     /// Forward and backward of one sequence: `targets[t]` is the token position `t` must predict
@@ -570,7 +571,7 @@ impl<B: TrainBackend> Llama<B> {
             inputs.push(b.stash(std::mem::replace(&mut x, out), t * c)?);
         }
         let mut dx = b.zeros(t * c)?;
-        let loss_sum = self.head_backward(&x, &targets, scale, grads, &batch, &mut dx)?;
+        let losses = self.head_backward(&x, &targets, scale, grads, &batch, &mut dx)?;
         drop(x);
         for l in (0..self.layers.len()).rev() {
             let x_l = b.unstash(&inputs.pop().expect("one input per layer"), t * c)?;
@@ -580,6 +581,7 @@ impl<B: TrainBackend> Llama<B> {
             };
             self.layer_backward(l, &x_l, &acts, &mut dx, grads, &batch, l > 0)?;
         }
+        let loss_sum = b.download(&losses)?.iter().map(|&v| v as f64).sum();
         Ok(StepStats {
             loss_sum,
             targets: targets.iter().filter(|&&t| t >= 0).count(),

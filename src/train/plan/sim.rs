@@ -5,16 +5,17 @@ use super::PhasePeak;
 /// Kinds of step buffers (the plan's step lines).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
-    /// Kept for the backward: bf16 stashes, `lse`, `xa`, stashed layer inputs.
+    /// Kept for the backward: bf16 stashes, `xa`, stashed layer inputs.
     Activations,
-    /// The residual stream `x` / layer outputs / unstashed layer inputs, and its gradient `dx`.
+    /// The residual stream `x` / layer outputs / unstashed layer inputs, its gradient `dx`, and
+    /// the micro-batch's per-token losses (read back after the backward).
     Residual,
     /// One layer's f32 temporaries: norms, projections' outputs, unstashed copies, gradients,
     /// small uploads.
     WorkingSet,
     /// Dropout masks and their per-sequence slices.
     Masks,
-    /// The head: final norm and its gradient, the chunk buffers, the logits chunk, losses.
+    /// The head: final norm and its gradient, the chunk buffers, the logits chunk.
     Head,
     /// Evaluation forward: KV cache, forward scratch, logits.
     Eval,

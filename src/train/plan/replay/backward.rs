@@ -1,12 +1,13 @@
 //! The backward of one step, replayed: the fused head (`head_backward`), then per layer
 //! `mlp_backward` and the attention block's backward (`layer_backward`).
 
-use super::{Kind, Walk};
+use super::{Alloc, Kind, Walk};
 use crate::lora::LoraTarget;
 
 impl Walk<'_> {
-    /// `head_backward` (called with `x` and `dx` alive).
-    pub(super) fn head(&mut self) {
+    /// `head_backward` (called with `x` and `dx` alive): returns the per-token losses, alive until
+    /// the end of the micro-batch's backward.
+    pub(super) fn head(&mut self) -> Alloc {
         let (d, t) = (self.d, self.t);
         use Kind::Head;
         self.sim.at("head", None, "final norm");
@@ -17,7 +18,7 @@ impl Walk<'_> {
         let dnc = self.f32(Head, chunk * d.c);
         self.sim.at("head", None, "logits chunk");
         let z = self.f32(Head, chunk * d.v);
-        let losses = self.f32(Head, t);
+        let losses = self.f32(Kind::Residual, t);
         let lc = self.f32(Head, chunk);
         for r0 in (0..t).step_by(chunk) {
             let rows = chunk.min(t - r0);
@@ -28,8 +29,9 @@ impl Walk<'_> {
             self.lora_share(LoraTarget::LmHead, rows, r0);
             self.free_opt(xa);
         }
-        self.sim.free_all([z, nc, dnc, n]);
-        self.sim.free_all([dn, losses, lc]);
+        self.sim.free_all([z, nc, dnc, n, lc]);
+        self.sim.free(dn);
+        losses
     }
 
     /// `mlp_backward` (with `x_l`, `dx` and the activations alive).

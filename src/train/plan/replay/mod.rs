@@ -195,7 +195,7 @@ impl<'a> Walk<'a> {
         }
         self.sim.at("head", None, "dx");
         let dx = self.f32(Kind::Residual, t * d.c);
-        self.head();
+        let losses = self.head();
         self.sim.free(x);
         for l in (0..d.layers).rev() {
             self.sim.at("backward", Some(l), "unstash the layer input");
@@ -213,7 +213,7 @@ impl<'a> Walk<'a> {
             self.sim.free_all(acts.0);
             self.sim.free(x_l);
         }
-        self.sim.free(dx);
+        self.sim.free_all([dx, losses]);
         self.end()
     }
 
