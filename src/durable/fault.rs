@@ -57,9 +57,11 @@ impl std::str::FromStr for Plan {
             "erofs" => Kind::ReadOnly,
             "eio" => Kind::Io,
             "gone" => Kind::Gone,
+            "term" => Kind::Term,
+            "term2" => Kind::Term2,
             k => {
                 return Err(format!(
-                    "`{k}`: unknown fault (kill, enospc, erofs, eio, gone)"
+                    "`{k}`: unknown fault (kill, enospc, erofs, eio, gone, term, term2)"
                 ))
             }
         };
@@ -183,6 +185,7 @@ mod tests {
             })
         );
         assert_eq!("enospc@12".parse::<Plan>().unwrap().kind, Kind::NoSpace);
+        assert_eq!("term2@5".parse::<Plan>().unwrap().kind, Kind::Term2);
         for bad in ["kill", "kill@0", "kill@x", "boom@3", ""] {
             assert!(bad.parse::<Plan>().is_err(), "{bad}");
         }

@@ -77,9 +77,8 @@ pub fn manifest_bytes(files: &[(&str, &[u8])]) -> Vec<u8> {
         files_sha256: list_digest(&files),
         files,
     };
-    let mut v = serde_json::to_vec_pretty(&m).expect("manifest serializes");
-    v.push(b'\n');
-    v
+    // No trailing newline: a manifest cut at any offset loses its closing brace and fails.
+    serde_json::to_vec_pretty(&m).expect("manifest serializes")
 }
 
 /// Writes `files` (name, bytes) as the folder `dir` (see the module docs). An existing `dir` is
