@@ -15,4 +15,4 @@ kills=${1:-200}
 export QLORA_CRASH_KILLS=$kills QLORA_CRASH_CORRUPT=all QLORA_CRASH_SEED=${QLORA_CRASH_SEED:-2026}
 cargo test --test crash -- --nocapture --test-threads 1 \
   kill_9_anywhere corrupt_checkpoints 2>&1 |
-  grep -E '^(crash harness|corrupt checkpoints refused)|test result|panicked|FAILED'
+  grep -E 'crash harness:|corrupt checkpoints refused:|test result|panicked|FAILED'

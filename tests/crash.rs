@@ -11,6 +11,8 @@
 //! its seed; `QLORA_CRASH_CORRUPT=all` corrupts every byte offset instead of a sample. The long
 //! run recorded in the README is `scripts/crash_harness.sh`.
 
+#![cfg(unix)]
+
 use qlora::train::checkpoint::{resume_dir, verify_checkpoint};
 use qlora::train::config::Resume;
 use std::collections::BTreeMap;
