@@ -148,7 +148,8 @@ pub struct TrainArgs {
     /// Log loss, lr, grad norm and throughput every N steps.
     #[arg(long, default_value_t = 25)]
     pub logging_steps: usize,
-    /// Continue from the latest OUTPUT/checkpoint-N, or from the given checkpoint folder.
+    /// Continue from the latest OUTPUT/checkpoint-N, or from the given checkpoint folder (checked
+    /// against its manifest first: a damaged one is refused, naming the newest valid one).
     #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
     pub resume: Option<String>,
     /// Replace an existing adapter and checkpoints in OUTPUT.

@@ -327,5 +327,12 @@ mod tests {
             .map(|r| r.step)
             .collect();
         assert_eq!(steps, [1, 2, 3, 4]);
+        // A run killed while appending leaves a torn last line: a resumed run drops it.
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        text.push_str("{\"step\":5,\"epo");
+        std::fs::write(&p, text).unwrap();
+        assert!(MetricsLog::read_all(&p).is_err());
+        drop(MetricsLog::open(&p, 4).unwrap());
+        assert_eq!(MetricsLog::read_all(&p).unwrap().len(), 4);
     }
 }
