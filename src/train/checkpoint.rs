@@ -6,6 +6,7 @@
 //!   adapter_config.json, adapter_model.safetensors   the LoRA adapter after step N (PEFT, f32)
 //!   optimizer.safetensors                            AdamW exp_avg / exp_avg_sq / step per tensor
 //!   trainer_state.json                               step, schedule, seed, data position, counters
+//!   manifest.json                                    size and SHA-256 of the four, written last
 //! ```
 //! The data position and every random draw are pure functions of `(seed, step)` (batches of an
 //! epoch come from a seeded shuffle, dropout masks from counter-based hashes), so the step number
