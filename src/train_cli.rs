@@ -361,6 +361,7 @@ fn on_stop_signals(stop: Arc<AtomicBool>) -> Result<()> {
                     std::process::exit(128 + sig);
                 }
                 eprintln!("\n{name}: finishing this step, writing a checkpoint, then exiting (send it again to exit at once)");
+                qlora::durable::fault::note_signal_handled();
             }
         })
         .context("starting the signal thread")?;

@@ -12,7 +12,8 @@
 //!     system" or an I/O error, and so does every later step that modifies the file system
 //!     (a full disk stays full, a read-only folder stays read-only);
 //!   - `term`, `term2`: the process sends itself `SIGTERM` once (a preemption notice arriving
-//!     at that moment), or twice (the impatient second notice), pausing 200 ms after each;
+//!     at that moment), or twice (the impatient second notice), and waits until the handler
+//!     has acted on each ([`note_signal_handled`]; 10 s at most);
 //!   - `gone`: the output folder (the nearest ancestor of the path holding the run's
 //!     [`super::lock::LOCK_FILE`]) is moved away to `FOLDER.gone`, as if someone removed it, and
 //!     the step goes on and fails as it then must.
@@ -130,16 +131,30 @@ pub(crate) fn point(step: &'static str, path: &Path) -> std::io::Result<()> {
             Ok(())
         }
         Kind::Term | Kind::Term2 => {
-            // Each pause lets the handler thread take the signal before the run goes on.
-            let pause = || std::thread::sleep(std::time::Duration::from_millis(200));
             let _ = signal_hook::low_level::raise(signal_hook::consts::SIGTERM);
-            pause();
+            signals_handled(1);
             if p.kind == Kind::Term2 {
                 let _ = signal_hook::low_level::raise(signal_hook::consts::SIGTERM);
-                pause();
+                signals_handled(2);
             }
             Ok(())
         }
+    }
+}
+
+static SIGNALS_HANDLED: AtomicU64 = AtomicU64::new(0);
+
+/// Called by the binary's signal handler thread once it has acted on a stop signal, so that a
+/// `term` fault point can wait for that instead of guessing a delay.
+pub fn note_signal_handled() {
+    SIGNALS_HANDLED.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Waits (10 s at most) until `n` stop signals have been handled.
+fn signals_handled(n: u64) {
+    let t0 = std::time::Instant::now();
+    while SIGNALS_HANDLED.load(Ordering::SeqCst) < n && t0.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
 }
 
