@@ -12,9 +12,7 @@ use crate::durable::lock::OutputLock;
 use crate::error::{Error, Result};
 use crate::lora::{peft_key, trainable_report, LoraConfig, LoraWeights};
 use crate::model::{Llama, Lora, LoraSet, SeqInput};
-use crate::train::checkpoint::{
-    checkpoint_dir, list_checkpoints, lock_output, prepare_output, save_checkpoint, TrainerState,
-};
+use crate::train::checkpoint::{lock_output, prepare_output, save_checkpoint, TrainerState};
 use crate::train::config::{TrainConfig, Warmup};
 use crate::train::data::{epoch_batches, Batch, BatchOptions, Example};
 use crate::train::metrics::{loss_curve_svg, MetricsLog, MetricsRecord};
@@ -222,16 +220,13 @@ impl<B: TrainBackend> Run<B> {
     }
 
     /// The error that stops a diverged run, naming the last good checkpoint.
-    fn diverged(&self, cfg: &TrainConfig, step: usize, what: String) -> Error {
-        let last = list_checkpoints(&cfg.output)
-            .ok()
-            .and_then(|v| v.last().copied());
+    fn diverged(&self, step: usize, what: String) -> Error {
         Error::Training(format!(
             "step {step}: {what}; stopping. {}",
-            match last {
-                Some(n) => format!(
+            match &self.last_checkpoint {
+                Some(d) => format!(
                     "The last good checkpoint is {} (resume with --resume, e.g. at a lower --learning-rate)",
-                    checkpoint_dir(&cfg.output, n).display()
+                    d.display()
                 ),
                 None => "No checkpoint was saved yet.".to_string(),
             }
@@ -316,12 +311,12 @@ impl<B: TrainBackend> Run<B> {
         }
         let loss = loss_sum / n_targets.max(1) as f64;
         if !loss.is_finite() {
-            return Err(self.diverged(cfg, step, format!("the loss is {loss}")));
+            return Err(self.diverged(step, format!("the loss is {loss}")));
         }
         let lr = self.schedule.lr_at(step - 1);
         let norm = self.optimizer_step(cfg, lr)?;
         if !norm.is_finite() {
-            return Err(self.diverged(cfg, step, format!("the gradient norm is {norm}")));
+            return Err(self.diverged(step, format!("the gradient norm is {norm}")));
         }
         self.state.step = step;
         self.state.tokens += n_targets as u64;
