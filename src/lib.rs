@@ -13,6 +13,7 @@
 //! - [`loader`]: model id → tokenizer + model on a backend, with progress
 //! - [`lora`]: LoRA adapters (config, weights, init, PEFT file I/O)
 //! - [`train`]: AdamW, gradient clipping, learning-rate schedules
+//! - [`durable`]: crash-safe output files (fsync, atomic renames, fault injection), the output lock
 //!
 //! The binary (`src/main.rs`, `src/cli.rs`) parses arguments and reports errors; everything else
 //! lives here.
@@ -21,6 +22,7 @@ pub mod backend;
 pub mod check;
 pub mod config;
 pub mod data;
+pub mod durable;
 pub mod error;
 pub mod eval;
 pub mod generate;

@@ -1,5 +1,5 @@
 //! `qlora train`: flags (and `--config run.toml`) → [`TrainConfig`] → the training loop, with a
-//! progress bar, Ctrl-C handling and an end-of-run summary.
+//! progress bar, SIGINT / SIGTERM handling and an end-of-run summary.
 
 use crate::cli::BaseArgs;
 use anyhow::{bail, Context, Result};
@@ -148,7 +148,8 @@ pub struct TrainArgs {
     /// Log loss, lr, grad norm and throughput every N steps.
     #[arg(long, default_value_t = 25)]
     pub logging_steps: usize,
-    /// Continue from the latest OUTPUT/checkpoint-N, or from the given checkpoint folder.
+    /// Continue from the latest OUTPUT/checkpoint-N, or from the given checkpoint folder (checked
+    /// against its manifest first: a damaged one is refused, naming the newest valid one).
     #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
     pub resume: Option<String>,
     /// Replace an existing adapter and checkpoints in OUTPUT.
@@ -328,17 +329,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         return dry_run(a, &cfg);
     }
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // A second Ctrl-C exits at once.
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                eprintln!("\ninterrupted again: exiting without saving");
-                std::process::exit(130);
-            }
-            eprintln!("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)");
-        });
-    }
+    on_stop_signals(stop.clone())?;
     let summary = match backend::select_for_training(a.base.device)? {
         AnyBackend::Cpu(b) => run_on(b, &cfg, &stop)?,
         #[cfg(feature = "cuda")]
@@ -348,6 +339,32 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         }
     };
     print_summary(&summary);
+    Ok(())
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM (what Slurm, Kubernetes and spot reclaims send): the first sets
+/// `stop`, so the run finishes its step, writes a checkpoint and exits 0; a second exits at once
+/// (status 128 + signal). Exiting mid-write cannot corrupt anything: every output file and
+/// checkpoint is written under a temporary name and renamed into place, and the next run on the
+/// folder removes the leftovers.
+fn on_stop_signals(stop: Arc<AtomicBool>) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing the SIGINT / SIGTERM handlers")?;
+    std::thread::Builder::new()
+        .name("stop-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let name = if sig == SIGINT { "SIGINT (Ctrl-C)" } else { "SIGTERM" };
+                if stop.swap(true, Ordering::SeqCst) {
+                    eprintln!("\n{name} again: exiting now, without a new checkpoint; continue from the last one with --resume");
+                    std::process::exit(128 + sig);
+                }
+                eprintln!("\n{name}: finishing this step, writing a checkpoint, then exiting (send it again to exit at once)");
+                qlora::durable::fault::note_signal_handled();
+            }
+        })
+        .context("starting the signal thread")?;
     Ok(())
 }
 

@@ -17,8 +17,7 @@ use crate::weights::DType;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The `A` / `B` matrices of one adapted linear layer, row-major f32.
 #[derive(Debug, Clone, PartialEq)]
@@ -302,54 +301,16 @@ pub fn load_adapter(dir: &Path, model: &ModelConfig) -> Result<(LoraConfig, Lora
     Ok((cfg, weights))
 }
 
-/// A file in `dir` that is removed on drop unless [`TempFile::persist`] renamed it.
-struct TempFile {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl TempFile {
-    fn write(dir: &Path, final_name: &str, bytes: &[u8]) -> Result<TempFile> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let path = dir.join(format!(".{final_name}.tmp-{}-{nanos}", std::process::id()));
-        let tmp = TempFile { path, keep: false };
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp.path)
-            .map_err(|e| Error::io(&tmp.path, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp.path, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp.path, e))?;
-        Ok(tmp)
-    }
-
-    fn persist(mut self, to: &Path) -> Result<()> {
-        std::fs::rename(&self.path, to).map_err(|e| Error::io(to, e))?;
-        self.keep = true;
-        Ok(())
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
+/// The two files of an adapter, serialized: `adapter_model.safetensors` and
+/// `adapter_config.json`.
+pub struct AdapterFiles {
+    pub weights: Vec<u8>,
+    pub config: Vec<u8>,
 }
 
 /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (created if needed),
 /// with the weights stored as `dtype` (F32, BF16 or F16), so that PEFT's
-/// `PeftModel.from_pretrained(base, dir)` loads them.
-///
-/// Atomic per file: both files are first written and synced as hidden temporary files in `dir`,
-/// then renamed into place, config first and weights last, so `adapter_model.safetensors`
-/// appears only once everything has been written; on any failure the temporary files are
-/// removed. Refuses (an `AlreadyExists` I/O error naming the file) when `dir` already holds an
-/// adapter (`adapter_model.safetensors` or `adapter_config.json`) unless `overwrite` is true.
+/// `PeftModel.from_pretrained(base, dir)` loads them. See [`write_adapter`] for how.
 pub fn save_adapter(
     dir: &Path,
     cfg: &LoraConfig,
@@ -357,6 +318,58 @@ pub fn save_adapter(
     dtype: DType,
     overwrite: bool,
 ) -> Result<()> {
+    let files = adapter_files(cfg, weights, dtype)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    write_adapter(dir, &files, overwrite)
+}
+
+/// Writes an adapter's files into the existing folder `dir` through [`crate::durable`]. Atomic
+/// per file: both files are first written and `fsync`ed as hidden temporary files in `dir`, then
+/// renamed into place, config first and weights last, so `adapter_model.safetensors` appears
+/// only once everything has been written, and the folder is synced; on any failure the
+/// temporary files are removed and the files already there are untouched. Refuses (an
+/// `AlreadyExists` I/O error naming the file) when `dir` already holds an adapter
+/// (`adapter_model.safetensors` or `adapter_config.json`) unless `overwrite` is true.
+pub fn write_adapter(dir: &Path, files: &AdapterFiles, overwrite: bool) -> Result<()> {
+    use crate::durable;
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let config_path = dir.join(CONFIG_FILE);
+    if !overwrite {
+        for p in [&weights_path, &config_path] {
+            if p.exists() {
+                return Err(Error::io(
+                    p,
+                    std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        "an adapter already exists here; refusing to overwrite it",
+                    ),
+                ));
+            }
+        }
+    }
+    let (tmp_weights, tmp_config) = (
+        durable::temp_path(&weights_path),
+        durable::temp_path(&config_path),
+    );
+    let r = durable::write_file(&tmp_weights, &files.weights)
+        .and_then(|_| durable::write_file(&tmp_config, &files.config))
+        .and_then(|_| durable::rename(&tmp_config, &config_path))
+        .and_then(|_| durable::rename(&tmp_weights, &weights_path));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp_weights);
+        let _ = std::fs::remove_file(&tmp_config);
+    }
+    r?;
+    durable::sync_dir(dir)
+}
+
+/// Serializes an adapter with its weights stored as `dtype` (F32, BF16 or F16), after checking
+/// that the weights match the config, are finite and are not empty.
+pub fn adapter_files(
+    cfg: &LoraConfig,
+    weights: &LoraWeights,
+    dtype: DType,
+) -> Result<AdapterFiles> {
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         return Err(Error::InvalidArg(format!(
             "adapter dtype {dtype} is not supported (F32, BF16, F16)"
@@ -412,23 +425,6 @@ pub fn save_adapter(
         return Err(Error::InvalidArg("no LoRA weights to save".into()));
     }
 
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let config_path = dir.join(CONFIG_FILE);
-    if !overwrite {
-        for p in [&weights_path, &config_path] {
-            if p.exists() {
-                return Err(Error::io(
-                    p,
-                    std::io::Error::new(
-                        std::io::ErrorKind::AlreadyExists,
-                        "an adapter already exists here; refusing to overwrite it",
-                    ),
-                ));
-            }
-        }
-    }
-
     let st_dtype = match dtype {
         DType::BF16 => safetensors::Dtype::BF16,
         DType::F16 => safetensors::Dtype::F16,
@@ -447,15 +443,10 @@ pub fn save_adapter(
         .map_err(|e| Error::InvalidArg(format!("serializing the adapter config: {e}")))?;
     cfg_text.push('\n');
 
-    let tmp_weights = TempFile::write(dir, WEIGHTS_FILE, &st_bytes)?;
-    let tmp_config = TempFile::write(dir, CONFIG_FILE, cfg_text.as_bytes())?;
-    tmp_config.persist(&config_path)?;
-    tmp_weights.persist(&weights_path)?;
-    // Make the renames durable; not all platforms can open a directory, so best effort.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    Ok(AdapterFiles {
+        weights: st_bytes,
+        config: cfg_text.into_bytes(),
+    })
 }
 
 /// Number of LoRA parameters the config adds to this model: Σ r·(in + out) over the adapted

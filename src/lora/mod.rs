@@ -8,7 +8,8 @@ pub mod adapter;
 pub mod config;
 
 pub use adapter::{
-    base_params, format_trainable, kaiming_uniform_bound, load_adapter, save_adapter,
-    trainable_params, trainable_report, LoraPair, LoraWeights,
+    adapter_files, base_params, format_trainable, kaiming_uniform_bound, load_adapter,
+    save_adapter, trainable_params, trainable_report, write_adapter, AdapterFiles, LoraPair,
+    LoraWeights,
 };
 pub use config::{peft_key, LoraConfig, LoraModule, LoraTarget, CONFIG_FILE, WEIGHTS_FILE};

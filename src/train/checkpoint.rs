@@ -6,16 +6,25 @@
 //!   adapter_config.json, adapter_model.safetensors   the LoRA adapter after step N (PEFT, f32)
 //!   optimizer.safetensors                            AdamW exp_avg / exp_avg_sq / step per tensor
 //!   trainer_state.json                               step, schedule, seed, data position, counters
+//!   manifest.json                                    size and SHA-256 of the four, written last
 //! ```
 //! The data position and every random draw are pure functions of `(seed, step)` (batches of an
 //! epoch come from a seeded shuffle, dropout masks from counter-based hashes), so the step number
-//! and seed *are* the data-loader and RNG state. A checkpoint is written into a hidden temporary
-//! folder beside its final name and renamed into place only when complete, so a crash never leaves
-//! a half-written `checkpoint-N`.
+//! and seed *are* the data-loader and RNG state.
+//!
+//! Crash safety (see [`crate::durable::manifest`]): a checkpoint is written into a hidden
+//! temporary folder, every file `fsync`ed, `manifest.json` (sizes and SHA-256 of the four files)
+//! written last, the folder renamed into place and the output folder `fsync`ed, so a crash never
+//! leaves a half-written `checkpoint-N`. Resuming verifies the manifest before reading anything:
+//! a truncated, bit-flipped or missing file is an error naming it and the newest checkpoint that
+//! does verify, never a run trained from a corrupt state.
 
 use crate::config::ModelConfig;
+use crate::durable::lock::OutputLock;
+use crate::durable::manifest::{verify_folder, write_folder};
 use crate::error::{Error, Result};
-use crate::lora::{load_adapter, save_adapter, LoraConfig, LoraWeights};
+use crate::lora::{adapter_files, load_adapter, LoraConfig, LoraWeights};
+use crate::train::config::Resume;
 use crate::train::AdamWState;
 use crate::weights::DType;
 use serde::{Deserialize, Serialize};
@@ -53,7 +62,8 @@ pub fn checkpoint_dir(output: &Path, step: usize) -> PathBuf {
     output.join(format!("checkpoint-{step}"))
 }
 
-/// The step numbers of the checkpoints in `output`, ascending.
+/// The step numbers of the `checkpoint-N` folders in `output`, ascending (complete or not: see
+/// [`verify_checkpoint`]).
 pub fn list_checkpoints(output: &Path) -> Result<Vec<usize>> {
     let mut steps = Vec::new();
     let rd = match std::fs::read_dir(output) {
@@ -69,7 +79,7 @@ pub fn list_checkpoints(output: &Path) -> Result<Vec<usize>> {
             .and_then(|s| s.strip_prefix("checkpoint-"))
             .and_then(|s| s.parse().ok())
         {
-            if entry.path().join(STATE_FILE).is_file() {
+            if entry.path().is_dir() {
                 steps.push(n);
             }
         }
@@ -78,8 +88,8 @@ pub fn list_checkpoints(output: &Path) -> Result<Vec<usize>> {
     Ok(steps)
 }
 
-/// Writes `checkpoint-{state.step}` atomically (temporary folder, then rename). An existing
-/// checkpoint of the same step is replaced (it is the same step of the same run).
+/// Writes `checkpoint-{state.step}` whole or not at all ([`write_folder`]). An existing
+/// checkpoint of the same step is replaced.
 pub fn save_checkpoint(
     output: &Path,
     lora_cfg: &LoraConfig,
@@ -88,38 +98,85 @@ pub fn save_checkpoint(
     state: &TrainerState,
 ) -> Result<PathBuf> {
     let dir = checkpoint_dir(output, state.step);
-    let tmp = output.join(format!(
-        ".checkpoint-{}.tmp-{}",
-        state.step,
-        std::process::id()
-    ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    let write = || -> Result<()> {
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        save_adapter(&tmp, lora_cfg, weights, DType::F32, false)?;
-        optim.save(&tmp.join(OPTIMIZER_FILE))?;
-        let json = serde_json::to_string_pretty(state)
-            .map_err(|e| Error::InvalidArg(format!("trainer state: {e}")))?;
-        let p = tmp.join(STATE_FILE);
-        std::fs::write(&p, json).map_err(|e| Error::io(&p, e))?;
-        for f in [OPTIMIZER_FILE, STATE_FILE] {
-            let p = tmp.join(f);
-            std::fs::File::open(&p)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| Error::io(&p, e))?;
+    let adapter = adapter_files(lora_cfg, weights, DType::F32)?;
+    let optimizer = optim.state_bytes()?;
+    let json = serde_json::to_string_pretty(state)
+        .map_err(|e| Error::InvalidArg(format!("trainer state: {e}")))?;
+    write_folder(
+        &dir,
+        &[
+            (crate::lora::CONFIG_FILE, &adapter.config),
+            (crate::lora::WEIGHTS_FILE, &adapter.weights),
+            (OPTIMIZER_FILE, &optimizer),
+            (STATE_FILE, json.as_bytes()),
+        ],
+    )?;
+    Ok(dir)
+}
+
+/// Checks a checkpoint folder against its manifest; the error names the bad file.
+pub fn verify_checkpoint(dir: &Path) -> Result<()> {
+    verify_folder(dir).map(|_| ())
+}
+
+/// The newest checkpoint in `output` that verifies, other than `except`.
+pub fn newest_valid(output: &Path, except: &Path) -> Option<PathBuf> {
+    let steps = list_checkpoints(output).ok()?;
+    steps
+        .iter()
+        .rev()
+        .map(|&n| checkpoint_dir(output, n))
+        .filter(|d| d != except)
+        .find(|d| verify_checkpoint(d).is_ok())
+}
+
+/// The checkpoint `--resume` continues from (the newest in `output`, or the folder given), once
+/// it verifies. A damaged or incomplete one is an error naming the bad file and the newest
+/// checkpoint that does verify.
+pub fn resume_dir(output: &Path, resume: &Resume) -> Result<PathBuf> {
+    let dir = match resume {
+        Resume::Path(p) => p.clone(),
+        Resume::Latest => {
+            let steps = list_checkpoints(output)?;
+            let last = steps.last().ok_or_else(|| {
+                Error::NotFound(format!(
+                    "{}: no checkpoint-N folder to resume from",
+                    output.display()
+                ))
+            })?;
+            checkpoint_dir(output, *last)
         }
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))
     };
-    let r = write();
-    if r.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+    if !dir.is_dir() {
+        return Err(Error::NotFound(format!(
+            "{}: no such checkpoint folder",
+            dir.display()
+        )));
     }
-    r.map(|_| dir)
+    verify_checkpoint(&dir).map_err(|e| {
+        let Error::BadFile { path, msg } = e else {
+            return e;
+        };
+        let parent = dir.parent().unwrap_or(output);
+        let advice = match newest_valid(parent, &dir) {
+            Some(v) => format!(
+                "the newest valid checkpoint is {0}: continue from it with --resume {0}",
+                v.display()
+            ),
+            None => format!(
+                "no valid checkpoint is left in {}: start again with --overwrite",
+                parent.display()
+            ),
+        };
+        Error::bad_file(
+            path,
+            format!(
+                "{msg}. Not resuming from {}, which is damaged or incomplete; {advice}",
+                dir.display()
+            ),
+        )
+    })?;
+    Ok(dir)
 }
 
 /// A checkpoint read back.
@@ -131,8 +188,10 @@ pub struct Checkpoint {
     pub state: TrainerState,
 }
 
-/// Reads a checkpoint folder written by [`save_checkpoint`] for a model with config `model`.
+/// Reads a checkpoint folder written by [`save_checkpoint`] for a model with config `model`,
+/// after checking it against its manifest.
 pub fn load_checkpoint(dir: &Path, model: &ModelConfig) -> Result<Checkpoint> {
+    verify_checkpoint(dir)?;
     let state_path = dir.join(STATE_FILE);
     if !state_path.is_file() {
         return Err(Error::NotFound(format!(
@@ -154,10 +213,19 @@ pub fn load_checkpoint(dir: &Path, model: &ModelConfig) -> Result<Checkpoint> {
     })
 }
 
-/// Makes sure `output` can take a new run: refuses a folder that already holds an adapter or
-/// checkpoints unless `overwrite` (then the old adapter files, checkpoints and metrics are
-/// removed), creates it, and checks it is writable. Nothing is touched before the checks pass.
-pub fn prepare_output(output: &Path, overwrite: bool) -> Result<()> {
+/// Makes sure `output` can take a new run and takes its lock: refuses a folder that another run
+/// is writing to (whatever `overwrite` says), or that already holds an adapter or checkpoints
+/// unless `overwrite` (then the old adapter files, checkpoints and metrics are removed). Creates
+/// the folder when missing. Nothing of an earlier run is touched before the checks pass.
+pub fn prepare_output(output: &Path, overwrite: bool) -> Result<OutputLock> {
+    if output.exists() && !output.is_dir() {
+        return Err(Error::InvalidArg(format!(
+            "{}: exists and is not a folder",
+            output.display()
+        )));
+    }
+    std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
+    let lock = lock_output(output)?;
     let has_run = output.join(crate::lora::CONFIG_FILE).exists()
         || output.join(crate::lora::WEIGHTS_FILE).exists()
         || !list_checkpoints(output)?.is_empty();
@@ -167,25 +235,9 @@ pub fn prepare_output(output: &Path, overwrite: bool) -> Result<()> {
             output.display()
         )));
     }
-    if output.exists() && !output.is_dir() {
-        return Err(Error::InvalidArg(format!(
-            "{}: exists and is not a folder",
-            output.display()
-        )));
-    }
-    std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
-    let probe = output.join(format!(".qlora-write-test-{}", std::process::id()));
-    std::fs::write(&probe, b"ok").map_err(|e| {
-        Error::InvalidArg(format!(
-            "{}: output folder is not writable: {e}",
-            output.display()
-        ))
-    })?;
-    let _ = std::fs::remove_file(&probe);
     if has_run {
         for step in list_checkpoints(output)? {
-            let d = checkpoint_dir(output, step);
-            std::fs::remove_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+            crate::durable::remove_dir_all(&checkpoint_dir(output, step))?;
         }
         for f in [
             crate::lora::CONFIG_FILE,
@@ -199,5 +251,26 @@ pub fn prepare_output(output: &Path, overwrite: bool) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(lock)
+}
+
+/// Takes the lock of the existing output folder `output` (refused while another run holds it;
+/// a lock left by a crashed run is taken over) and removes the leftovers of interrupted writes.
+pub fn lock_output(output: &Path) -> Result<OutputLock> {
+    let lock = OutputLock::acquire(output)?;
+    if let Some(previous) = &lock.stale {
+        tracing::warn!(
+            "{}: taking over the lock left by a run that ended without releasing it ({previous})",
+            output.display()
+        );
+    }
+    let removed = crate::durable::remove_stale_temps(output)?;
+    if !removed.is_empty() {
+        tracing::info!(
+            "{}: removed the leftovers of interrupted writes: {}",
+            output.display(),
+            removed.join(", ")
+        );
+    }
+    Ok(lock)
 }

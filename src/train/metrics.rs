@@ -4,7 +4,6 @@
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 /// One line of `metrics.jsonl`.
@@ -39,9 +38,10 @@ impl MetricsLog {
     /// Opens `path` for a run that starts after step `resume_step` (0: a new run). Lines of steps
     /// after `resume_step` (written by the interrupted run after its checkpoint) are dropped, so
     /// a resumed run's file equals an uninterrupted run's.
+    /// An unterminated last line (the run was killed while appending it) is dropped too.
     pub fn open(path: &Path, resume_step: usize) -> Result<Self> {
         let keep: Vec<MetricsRecord> = if resume_step > 0 && path.exists() {
-            Self::read_all(path)?
+            Self::read_complete(path)?
                 .into_iter()
                 .filter(|r| r.step <= resume_step)
                 .collect()
@@ -64,19 +64,37 @@ impl MetricsLog {
         })
     }
 
-    /// Appends one record and flushes it.
+    /// Appends one record and flushes it to the OS (durable at the next [`MetricsLog::sync`]).
     pub fn write(&mut self, r: &MetricsRecord) -> Result<()> {
         let mut line = serde_json::to_string(r).expect("metrics serialize");
         line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|_| self.file.flush())
-            .map_err(|e| Error::io(&self.path, e))
+        crate::durable::append(&mut self.file, &self.path, line.as_bytes())
+    }
+
+    /// Makes the lines written so far durable (`fsync`); called before each checkpoint.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// The file this log appends to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The records of the complete (newline-terminated) lines of a metrics file.
+    fn read_complete(path: &Path) -> Result<Vec<MetricsRecord>> {
+        let mut text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
+        Self::parse(&text, path)
     }
 
     /// Every record of a metrics file.
     pub fn read_all(path: &Path) -> Result<Vec<MetricsRecord>> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path)
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<Vec<MetricsRecord>> {
         text.lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
@@ -88,18 +106,9 @@ impl MetricsLog {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// Replaces `path` by `bytes` atomically ([`crate::durable::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let r = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
-        .and_then(|_| std::fs::rename(&tmp, path));
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r.map_err(|e| Error::io(path, e))
+    crate::durable::write_atomic(path, bytes)
 }
 
 /// About five "nice" tick values (1, 2 or 5 × 10ᵏ apart) covering `[lo, hi]`.
@@ -318,5 +327,12 @@ mod tests {
             .map(|r| r.step)
             .collect();
         assert_eq!(steps, [1, 2, 3, 4]);
+        // A run killed while appending leaves a torn last line: a resumed run drops it.
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        text.push_str("{\"step\":5,\"epo");
+        std::fs::write(&p, text).unwrap();
+        assert!(MetricsLog::read_all(&p).is_err());
+        drop(MetricsLog::open(&p, 4).unwrap());
+        assert_eq!(MetricsLog::read_all(&p).unwrap().len(), 4);
     }
 }

@@ -8,12 +8,11 @@ use super::trainer::{
 };
 use crate::backend::cpu::dropout::splitmix64;
 use crate::backend::{Backend, TrainBackend};
+use crate::durable::lock::OutputLock;
 use crate::error::{Error, Result};
 use crate::lora::{peft_key, trainable_report, LoraConfig, LoraWeights};
 use crate::model::{Llama, Lora, LoraSet, SeqInput};
-use crate::train::checkpoint::{
-    checkpoint_dir, list_checkpoints, prepare_output, save_checkpoint, TrainerState,
-};
+use crate::train::checkpoint::{lock_output, prepare_output, save_checkpoint, TrainerState};
 use crate::train::config::{TrainConfig, Warmup};
 use crate::train::data::{epoch_batches, Batch, BatchOptions, Example};
 use crate::train::metrics::{loss_curve_svg, MetricsLog, MetricsRecord};
@@ -72,6 +71,10 @@ pub(crate) struct Run<B: TrainBackend> {
     metrics: MetricsLog,
     /// Losses of the steps since the last metrics line.
     window: Vec<f64>,
+    /// The newest checkpoint known complete: written by this session or resumed from.
+    last_checkpoint: Option<PathBuf>,
+    /// The output folder's lock, held until the run ends.
+    _lock: OutputLock,
 }
 
 /// `(PEFT key, element count)` of every trainable tensor of `set`, in [`LoraSet::modules`] order.
@@ -107,14 +110,16 @@ impl<B: TrainBackend> Run<B> {
     /// adapter and the optimizer; returns the run, its data and the trainable-parameter report.
     pub fn setup(cfg: &TrainConfig, backend: B) -> Result<(Self, Data, String)> {
         cfg.validate()?;
-        if cfg.resume.is_none() {
-            prepare_output(&cfg.output, cfg.overwrite)?;
+        let lock = if cfg.resume.is_none() {
+            prepare_output(&cfg.output, cfg.overwrite)?
         } else if !cfg.output.is_dir() {
             return Err(Error::NotFound(format!(
                 "{}: output folder to resume in does not exist",
                 cfg.output.display()
             )));
-        }
+        } else {
+            lock_output(&cfg.output)?
+        };
         // Tokenizer and data first: bad data fails before the slow model load.
         let model_dir = crate::hub::resolve_model(&cfg.model)?;
         let tokenizer = crate::tokenizer::Tokenizer::from_dir(&model_dir)?;
@@ -125,6 +130,7 @@ impl<B: TrainBackend> Run<B> {
             weights,
             optim,
             state: resumed,
+            from,
         } = starting_point(cfg, &model.cfg)?;
         model.lora = Some(Lora::new(&model.backend, &lora_cfg, &weights, &model.cfg)?);
         let trainable = trainable_report(&lora_cfg, &model.cfg);
@@ -188,6 +194,8 @@ impl<B: TrainBackend> Run<B> {
             total_steps,
             metrics,
             window: Vec::new(),
+            last_checkpoint: from,
+            _lock: lock,
             model,
         };
         Ok((run, data, trainable))
@@ -212,20 +220,44 @@ impl<B: TrainBackend> Run<B> {
     }
 
     /// The error that stops a diverged run, naming the last good checkpoint.
-    fn diverged(&self, cfg: &TrainConfig, step: usize, what: String) -> Error {
-        let last = list_checkpoints(&cfg.output)
-            .ok()
-            .and_then(|v| v.last().copied());
+    fn diverged(&self, step: usize, what: String) -> Error {
         Error::Training(format!(
             "step {step}: {what}; stopping. {}",
-            match last {
-                Some(n) => format!(
+            match &self.last_checkpoint {
+                Some(d) => format!(
                     "The last good checkpoint is {} (resume with --resume, e.g. at a lower --learning-rate)",
-                    checkpoint_dir(&cfg.output, n).display()
+                    d.display()
                 ),
                 None => "No checkpoint was saved yet.".to_string(),
             }
         ))
+    }
+
+    /// The error that stops a run whose output could not be written (disk full, folder removed or
+    /// read-only), naming the last good checkpoint; other errors are returned as they are.
+    pub fn write_failed(&self, e: Error) -> Error {
+        if !matches!(e, Error::Io { .. }) {
+            return e;
+        }
+        let gone = if self.metrics_dir_exists() {
+            String::new()
+        } else {
+            " (the output folder itself is gone)".to_string()
+        };
+        Error::Training(format!(
+            "writing the output failed: {e}; stopping. {}{gone}",
+            match &self.last_checkpoint {
+                Some(d) => format!(
+                    "The last good checkpoint is {}: once the disk has room and the folder is writable, continue with --resume",
+                    d.display()
+                ),
+                None => "No checkpoint was written yet.".to_string(),
+            }
+        ))
+    }
+
+    fn metrics_dir_exists(&self) -> bool {
+        self.metrics.path().parent().is_some_and(|p| p.is_dir())
     }
 
     /// One optimizer step: forward + backward of each of its micro-batches, the batch's sequences
@@ -279,12 +311,12 @@ impl<B: TrainBackend> Run<B> {
         }
         let loss = loss_sum / n_targets.max(1) as f64;
         if !loss.is_finite() {
-            return Err(self.diverged(cfg, step, format!("the loss is {loss}")));
+            return Err(self.diverged(step, format!("the loss is {loss}")));
         }
         let lr = self.schedule.lr_at(step - 1);
         let norm = self.optimizer_step(cfg, lr)?;
         if !norm.is_finite() {
-            return Err(self.diverged(cfg, step, format!("the gradient norm is {norm}")));
+            return Err(self.diverged(step, format!("the gradient norm is {norm}")));
         }
         self.state.step = step;
         self.state.tokens += n_targets as u64;
@@ -394,11 +426,15 @@ impl<B: TrainBackend> Run<B> {
         })
     }
 
-    /// Writes `checkpoint-{step}` (adapter, optimizer, trainer state) atomically.
-    pub fn save_checkpoint(&self, cfg: &TrainConfig) -> Result<PathBuf> {
+    /// Writes `checkpoint-{step}` (adapter, optimizer, trainer state) atomically, after making
+    /// the metrics lines so far durable.
+    pub fn save_checkpoint(&mut self, cfg: &TrainConfig) -> Result<PathBuf> {
         let weights = self.weights()?;
         let optim = self.optimizer_state()?;
-        save_checkpoint(&cfg.output, &self.lora_cfg, &weights, &optim, &self.state)
+        self.metrics.sync()?;
+        let dir = save_checkpoint(&cfg.output, &self.lora_cfg, &weights, &optim, &self.state)?;
+        self.last_checkpoint = Some(dir.clone());
+        Ok(dir)
     }
 
     /// Writes the final adapter (unless interrupted) and the loss curve; the run's summary.
@@ -408,14 +444,21 @@ impl<B: TrainBackend> Run<B> {
         interrupted: bool,
         clock: &Clock,
     ) -> Result<TrainSummary> {
-        if !interrupted {
-            let weights = self.weights()?;
-            let dtype = crate::weights::DType::F32;
-            crate::lora::save_adapter(&cfg.output, &self.lora_cfg, &weights, dtype, true)?;
-        }
         let st = &self.state;
         let svg = loss_curve_svg(&st.losses, &st.eval_losses, "qlora training loss");
-        crate::train::metrics::write_atomic(&cfg.output.join("loss_curve.svg"), svg.as_bytes())?;
+        let write = || -> Result<()> {
+            if !interrupted {
+                let weights = self.weights()?;
+                let files = crate::lora::adapter_files(
+                    &self.lora_cfg,
+                    &weights,
+                    crate::weights::DType::F32,
+                )?;
+                crate::lora::write_adapter(&cfg.output, &files, true)?;
+            }
+            crate::durable::write_atomic(&cfg.output.join("loss_curve.svg"), svg.as_bytes())
+        };
+        write().map_err(|e| self.write_failed(e))?;
         Ok(TrainSummary {
             output: cfg.output.clone(),
             steps: st.step,

@@ -24,8 +24,8 @@ use crate::backend::{Backend, TrainBackend};
 use crate::error::{Error, Result};
 use crate::lora::{peft_key, LoraConfig, LoraWeights};
 use crate::model::{Llama, Logits};
-use crate::train::checkpoint::{checkpoint_dir, list_checkpoints, load_checkpoint, TrainerState};
-use crate::train::config::{EvalData, Resume, TrainConfig};
+use crate::train::checkpoint::{load_checkpoint, resume_dir, TrainerState};
+use crate::train::config::{EvalData, TrainConfig};
 use crate::train::data::{build_examples, split_eval, DataStats, Example};
 use crate::train::metrics::MetricsRecord;
 use crate::train::run::{Clock, Run};
@@ -196,6 +196,8 @@ pub(crate) struct Start {
     pub weights: LoraWeights,
     pub optim: AdamWState,
     pub state: Option<TrainerState>,
+    /// The checkpoint resumed from.
+    pub from: Option<PathBuf>,
 }
 
 pub(crate) fn starting_point(
@@ -203,19 +205,7 @@ pub(crate) fn starting_point(
     model: &crate::config::ModelConfig,
 ) -> Result<Start> {
     if let Some(resume) = &cfg.resume {
-        let dir = match resume {
-            Resume::Path(p) => p.clone(),
-            Resume::Latest => {
-                let steps = list_checkpoints(&cfg.output)?;
-                let last = steps.last().ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "{}: no checkpoint-N folder to resume from",
-                        cfg.output.display()
-                    ))
-                })?;
-                checkpoint_dir(&cfg.output, *last)
-            }
-        };
+        let dir = resume_dir(&cfg.output, resume)?;
         let ck = load_checkpoint(&dir, model)?;
         tracing::info!(checkpoint = %dir.display(), step = ck.state.step, "resuming");
         return Ok(Start {
@@ -223,6 +213,7 @@ pub(crate) fn starting_point(
             weights: ck.weights,
             optim: ck.optim,
             state: Some(ck.state),
+            from: Some(dir),
         });
     }
     let (mut lora_cfg, weights) = match &cfg.init_adapter {
@@ -243,6 +234,7 @@ pub(crate) fn starting_point(
         weights,
         optim: AdamWState::new(),
         state: None,
+        from: None,
     })
 }
 
@@ -319,10 +311,11 @@ pub fn train<B: TrainBackend>(
         let info = run.step(cfg, &data, step, &mut clock)?;
         on(Event::Step(&info));
         let last = step == run.total_steps;
-        run.log_and_evaluate(cfg, &data, &info, &clock, on)?;
+        run.log_and_evaluate(cfg, &data, &info, &clock, on)
+            .map_err(|e| run.write_failed(e))?;
         let stopping = stop.load(Ordering::SeqCst) && !last;
         if step % cfg.save_steps == 0 || stopping {
-            let dir = run.save_checkpoint(cfg)?;
+            let dir = run.save_checkpoint(cfg).map_err(|e| run.write_failed(e))?;
             on(Event::Saved(&dir));
         }
         if stopping {
