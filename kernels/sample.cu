@@ -19,12 +19,15 @@
 // order, so the device is deterministic however threads interleave. A weight below 2⁻⁴⁰ is 0.
 //
 // The one primitive, search(target): among the keys in [lo, hi], the first token (in the order)
-// whose cumulative weight, or count, reaches target. It is a radix descent: with hb the highest
-// bit in which lo and hi differ, each pass histograms the candidates by the 8 key bits below and
-// including hb (count, weight and largest key per bin, shared-memory atomics), walks the bins
-// from the top to the first non-empty one where the running sum reaches the target, and narrows
-// [lo, hi] to that bin (hi = the bin's largest key). A bin of one token ends it. Keys are
-// distinct, so hb drops by ≥ 8 per pass: at most 8 passes, 2–4 on real logits.
+// whose cumulative weight, or count, reaches target. It is a descent over bins, one pass over the
+// row per level: each pass histograms the candidates into 256 bins that are intervals of the
+// order (weight or count, smallest and largest key per bin, shared-memory atomics), walks the
+// bins from the top to the first non-empty one where the running sum reaches the target, and
+// narrows [lo, hi] to that bin's [smallest, largest] key; a bin of one token ends it. Level 0
+// bins by value (256 linear buckets over the candidates' z range, so a row spreads over many
+// bins: the exponent bits alone would pile most of it onto a few addresses); later levels by the
+// 8 key bits below the highest bit in which lo and hi differ, so they drop ≥ 8 bits each. At
+// most 9 levels; 2–3 on a 32,000-token row (the emulator's count).
 //
 // sample_f32 (T > 0):
 //   pass 0: lo, hi = smallest and largest key64 (block reduction);
@@ -41,7 +44,8 @@
 // lies within rounding distance of p or u (src/check/sample.rs measures that band).
 //
 // Launch: one block of SAMPLE_THREADS (1024) threads (a row is 128–512 KB, read from L2 once per
-// pass, typically ~10 passes in all); shared memory 256 bins × 20 bytes + a few words.
+// pass: ~7 passes for top-k + top-p + draw on a 32,000-token row); static shared memory 6.3 KB
+// (256 bins × 24 bytes, the reduction partials, the search state).
 #include "common.cuh"
 
 #define SAMPLE_THREADS 1024
@@ -127,15 +131,32 @@ struct SampleState {
   int done;
 };
 
+// Bin of key k at the first level of a search: a linear bucket of z below the interval's top
+// value zh, 255 for the top key itself. Non-decreasing in k (a rounded (zh − z)·c never grows
+// with z), so every bin is an interval of the order; NaN, ∞ and overflow fall into bin 0.
+__device__ __forceinline__ int sample_range_bin(u64 k, uint32_t hi32, float zh, float c) {
+  const uint32_t k32 = (uint32_t)(k >> 32);
+  if (k32 == hi32) return SAMPLE_BINS - 1;
+  const float d = (zh - sample_value(k32)) * c;
+  return d < (float)(SAMPLE_BINS - 1) ? SAMPLE_BINS - 1 - (int)d : 0;
+}
+
 // search(target) of the header over [st->lo, st->hi], with st->above = 0 on entry. Leaves
 // st->found and st->cum. All threads call it; it starts and ends with a barrier.
+//
+// Level 0 bins the candidates by value (sample_range_bin: 256 buckets spanning their z range,
+// so the row spreads over many bins instead of the few its exponent bits would give, which
+// keeps the shared atomics from piling onto one address); later levels by the 8 key bits below
+// the highest bit in which lo and hi differ. Each bin records its weight (or count), smallest
+// and largest key, so the chosen bin's [kmin, kmax] is the next interval, tight; a bin with
+// kmin = kmax holds one token.
 __device__ void sample_search(const float* __restrict__ x, int64_t vocab, float t, uint32_t mkey,
-                              float m, bool by_weight, u64 target, SampleState* st,
-                              uint32_t* cnt, u64* wsum, u64* kmax) {
+                              float m, bool by_weight, u64 target, SampleState* st, u64* bw,
+                              u64* kmin, u64* kmax) {
   const int lane = threadIdx.x & 31;
   __syncthreads();
   if (threadIdx.x == 0) st->done = 0;
-  for (int level = 0; level < 9; level++) {
+  for (int level = 0; level < 10; level++) {
     __syncthreads();
     const u64 lo = st->lo, hi = st->hi;
     if (st->done) break;
@@ -150,28 +171,29 @@ __device__ void sample_search(const float* __restrict__ x, int64_t vocab, float 
     }
     const int hb = 63 - __clzll((long long)(lo ^ hi));
     const int shift = hb >= 7 ? hb - 7 : 0;
+    const uint32_t hi32 = (uint32_t)(hi >> 32);
+    const float zh = sample_value(hi32), span = zh - sample_value((uint32_t)(lo >> 32));
+    const float c = span > 0.0f && span < 3.0e38f ? (float)SAMPLE_BINS / span : 0.0f;
     for (int b = threadIdx.x; b < SAMPLE_BINS; b += blockDim.x) {
-      cnt[b] = 0u;
-      wsum[b] = 0ull;
+      bw[b] = 0ull;
+      kmin[b] = ~0ull;
       kmax[b] = 0ull;
     }
     __syncthreads();
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
       const u64 k = sample_key(x, i, t);
       if (k < lo || k > hi) continue;
-      const int d = (int)((k >> shift) & (SAMPLE_BINS - 1));
-      atomicAdd(&cnt[d], 1u);
-      if (by_weight) atomicAdd(&wsum[d], sample_weight(k, mkey, m));
+      const int d = level == 0 ? sample_range_bin(k, hi32, zh, c)
+                               : (int)((k >> shift) & (SAMPLE_BINS - 1));
+      atomicAdd(&bw[d], by_weight ? sample_weight(k, mkey, m) : 1ull);
+      atomicMin(&kmin[d], k);
       atomicMax(&kmax[d], k);
     }
     __syncthreads();
     if (threadIdx.x < 32) {
       // Lane l owns bins 255 − 8l … 248 − 8l (top first); exclusive scan of their sums.
       u64 local = 0;
-      for (int j = 0; j < 8; j++) {
-        const int b = SAMPLE_BINS - 1 - 8 * lane - j;
-        local += by_weight ? wsum[b] : (u64)cnt[b];
-      }
+      for (int j = 0; j < 8; j++) local += bw[SAMPLE_BINS - 1 - 8 * lane - j];
       u64 incl = local;
       for (int o = 1; o < 32; o <<= 1) {
         const u64 v = __shfl_up_sync(0xffffffffu, incl, o);
@@ -184,16 +206,15 @@ __device__ void sample_search(const float* __restrict__ x, int64_t vocab, float 
       u64 hit_above = 0, last_above = 0;
       for (int j = 0; j < 8; j++) {
         const int b = SAMPLE_BINS - 1 - 8 * lane - j;
-        const u64 wb = by_weight ? wsum[b] : (u64)cnt[b];
-        if (cnt[b] != 0u) {
-          if (hit < 0 && run + wb >= target) {
+        if (kmax[b] != 0ull) {  // no key is 0 (its index part is 2³² − 1 − i ≥ 1)
+          if (hit < 0 && run + bw[b] >= target) {
             hit = b;
             hit_above = run;
           }
           last = b;
           last_above = run;
         }
-        run += wb;
+        run += bw[b];
       }
       const u64 best_hit = warp_max_u64((u64)(hit + 1));  // 0: no lane hit
       const u64 lowest = ~warp_max_u64(~(u64)(last < 0 ? SAMPLE_BINS : last));
@@ -201,15 +222,12 @@ __device__ void sample_search(const float* __restrict__ x, int64_t vocab, float 
       const bool mine = best_hit ? hit == b : last == b;
       if (mine) {
         const u64 above = best_hit ? hit_above : last_above;
-        const u64 wb = by_weight ? wsum[b] : (u64)cnt[b];
-        const u64 base = lo & ~((2ull << hb) - 1ull);
-        const u64 blo = base | ((u64)b << shift);
         st->above = above;
-        st->lo = blo > lo ? blo : lo;
+        st->lo = kmin[b];
         st->hi = kmax[b];
-        if (cnt[b] == 1u) {
+        if (kmin[b] == kmax[b]) {
           st->found = kmax[b];
-          st->cum = above + wb;
+          st->cum = above + bw[b];
           st->done = 1;
         }
       }
@@ -239,21 +257,21 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_f32(const float* __restrict__ x, int64_t vocab, float temperature, int64_t top_k,
                float top_p, float u, uint32_t* __restrict__ out) {
   __shared__ u64 red[SAMPLE_THREADS / 32];
-  __shared__ uint32_t cnt[SAMPLE_BINS];
-  __shared__ u64 wsum[SAMPLE_BINS];
+  __shared__ u64 bw[SAMPLE_BINS];
+  __shared__ u64 kmin[SAMPLE_BINS];
   __shared__ u64 kmax[SAMPLE_BINS];
   __shared__ SampleState st;
   const float t = temperature;
 
   // Pass 0: the extreme keys.
-  u64 kmin = ~0ull, kmx = 0ull;
+  u64 k_lo = ~0ull, k_hi = 0ull;
   for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
     const u64 k = sample_key(x, i, t);
-    kmin = k < kmin ? k : kmin;
-    kmx = k > kmx ? k : kmx;
+    k_lo = k < k_lo ? k : k_lo;
+    k_hi = k > k_hi ? k : k_hi;
   }
-  const u64 hi = block_u64(kmx, 1, red);
-  const u64 lo_all = block_u64(kmin, 2, red);
+  const u64 hi = block_u64(k_hi, 1, red);
+  const u64 lo_all = block_u64(k_lo, 2, red);
   const uint32_t mkey = (uint32_t)(hi >> 32);
   const float m = sample_value(mkey);
   if (threadIdx.x == 0) {
@@ -264,7 +282,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 
   // Top-k: the k-th token of the order bounds the candidates from below.
   if (top_k > 0 && top_k < vocab) {
-    sample_search(x, vocab, t, mkey, m, false, (u64)top_k, &st, cnt, wsum, kmax);
+    sample_search(x, vocab, t, mkey, m, false, (u64)top_k, &st, bw, kmin, kmax);
     if (threadIdx.x == 0) {
       st.lo = st.found;
       st.hi = hi;
@@ -285,7 +303,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
   // Top-p: the shortest prefix whose weight reaches ⌈p·S⌉.
   if (top_p < 1.0f) {
     const u64 target = (u64)ceil((double)top_p * (double)mass);
-    sample_search(x, vocab, t, mkey, m, true, target, &st, cnt, wsum, kmax);
+    sample_search(x, vocab, t, mkey, m, true, target, &st, bw, kmin, kmax);
     mass = st.cum;
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -301,6 +319,6 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     st.hi = hi;
     st.above = 0ull;
   }
-  sample_search(x, vocab, t, mkey, m, true, target, &st, cnt, wsum, kmax);
+  sample_search(x, vocab, t, mkey, m, true, target, &st, bw, kmin, kmax);
   if (threadIdx.x == 0) out[0] = sample_index(st.found);
 }

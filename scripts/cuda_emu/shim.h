@@ -743,6 +743,11 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
   *p = o + v;
   return o;
 }
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+  const unsigned long long o = *p;
+  *p = v < o ? v : o;
+  return o;
+}
 inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) {
   const unsigned long long o = *p;
   *p = o < v ? v : o;
