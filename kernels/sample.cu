@@ -189,7 +189,7 @@ __device__ void sample_search(const float* __restrict__ x, int64_t vocab, float 
       atomicMin(&kmin[d], k);
       atomicMax(&kmax[d], k);
     }
-    __syncthreads();
+    __syncthreads();  // the histogram is complete
     if (threadIdx.x < 32) {
       // Lane l owns bins 255 − 8l … 248 − 8l (top first); exclusive scan of their sums.
       u64 local = 0;

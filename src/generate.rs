@@ -166,6 +166,104 @@ mod tests {
         }
     }
 
+    /// The sampler before it moved behind `Backend::sample` (drawing inside), verbatim.
+    fn sample_before(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
+        if s.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i as u32, v / s.temperature))
+            .collect();
+        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        if s.top_k > 0 {
+            cand.truncate(s.top_k);
+        }
+        let max = cand[0].1;
+        let mut probs: Vec<f32> = cand.iter().map(|&(_, v)| (v - max).exp()).collect();
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        if s.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = probs
+                .iter()
+                .position(|&p| {
+                    acc += p;
+                    acc >= s.top_p
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+        }
+        let total: f32 = probs.iter().sum();
+        let mut r = rng.random::<f32>() * total;
+        for (i, &p) in probs.iter().enumerate() {
+            r -= p;
+            if r <= 0.0 {
+                return cand[i].0;
+            }
+        }
+        cand[probs.len() - 1].0
+    }
+
+    /// `--seed` keeps its meaning: on logits without ties or NaN, the same seed gives the same
+    /// tokens as before the sampler took its uniform from the host (one f32 per sampled token,
+    /// none when greedy).
+    #[test]
+    fn seeded_tokens_are_unchanged() {
+        let logits = crate::check::test_values(5, 3000, 6.0);
+        for (i, &(temperature, top_k, top_p)) in [
+            (1.0, 0, 1.0),
+            (0.7, 40, 0.9),
+            (1.3, 0, 0.5),
+            (0.0, 0, 1.0),
+            (0.9, 1, 1.0),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let s = Sampling {
+                temperature,
+                top_k,
+                top_p,
+                seed: i as u64,
+            };
+            let mut before = rand::rngs::StdRng::seed_from_u64(s.seed);
+            let mut now = rand::rngs::StdRng::seed_from_u64(s.seed);
+            for _ in 0..200 {
+                assert_eq!(
+                    sample(&logits, &s, &mut now),
+                    sample_before(&logits, &s, &mut before),
+                    "{s:?}"
+                );
+            }
+            // Both generators took the same number of draws.
+            assert_eq!(now.random::<u64>(), before.random::<u64>());
+        }
+    }
+
+    #[test]
+    fn one_uniform_per_sampled_token_none_when_greedy() {
+        let logits = [0.5f32, 1.0, -0.3, 2.0, 0.0];
+        let s = Sampling {
+            temperature: 0.8,
+            top_k: 3,
+            top_p: 0.9,
+            seed: 0,
+        };
+        let mut a = rand::rngs::StdRng::seed_from_u64(42);
+        let mut b = rand::rngs::StdRng::seed_from_u64(42);
+        for _ in 0..50 {
+            let u: f32 = b.random();
+            assert_eq!(
+                sample(&logits, &s, &mut a),
+                crate::backend::cpu::sample::sample(&logits, &s, u)
+            );
+            assert_eq!(sample(&logits, &Sampling::GREEDY, &mut a), 3);
+        }
+        assert_eq!(a.random::<u64>(), b.random::<u64>());
+    }
+
     #[test]
     fn sampling_follows_the_distribution() {
         let logits = [0.0f32, (3.0f32).ln()]; // p = [0.25, 0.75]

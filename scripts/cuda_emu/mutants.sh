@@ -34,6 +34,13 @@ mutants=(
   "rms-shfl|rmsnorm.cu|0,/for (int s = 16; s > 0; s >>= 1) ss +=/s//for (int s = 8; s > 0; s >>= 1) ss +=/|misc|warp reduction skips a level"
   "rms-diverge|rmsnorm.cu|s/if (threadIdx.x < 32) {/if (threadIdx.x < 16) {/|misc|warp shuffle in divergent code"
   "adamw-fma|adamw.cu|s/lerp_lo ? f_fma(w1, d, mi)/lerp_lo ? f_add(f_mul(w1, d), mi)/|misc|m not computed with one rounding"
+  "sample-tie|sample.cu|s/(u64)(0xffffffffu - (uint32_t)i)/(u64)(uint32_t)i/|sample|ties go to the higher index"
+  "sample-neg-zero|sample.cu|/if ((b << 1) == 0u) b = 0u;/d|sample|-0 and +0 ordered as different values"
+  "sample-no-sync|sample.cu|/the histogram is complete/d|sample|bins read before every thread added to them"
+  "sample-above|sample.cu|s/u64 run = st->above + (incl - local);/u64 run = incl - local;/|sample|weight above the interval forgotten after the first level"
+  "sample-range-bin|sample.cu|s/? SAMPLE_BINS - 1 - (int)d : 0;/? (int)d : 0;/|sample|value bins in reverse order"
+  "sample-top-weight|sample.cu|/if (k32 == mkey) return (u64)SAMPLE_ONE;/d|sample|exp(inf - inf) for tied +inf maxima"
+  "sample-top-k|sample.cu|s/if (top_k > 0 \&\& top_k < vocab) {/if (top_k > 1 \&\& top_k < vocab) {/|sample|k = 1 ignored"
 )
 
 missed=0

@@ -159,7 +159,7 @@ bool in_band(const Band& b, const Samp& s, float u) {
 
 // ---- Cases. -----------------------------------------------------------------------------------
 
-enum Kind { NORMAL, TIES, MASKED, PEAKED, ALL_MASKED };
+enum Kind { NORMAL, TIES, MASKED, PEAKED, ALL_MASKED, ZEROS };
 
 vector<float> logits(Kind kind, size_t v, uint64_t seed) {
   vector<float> x = drv::test_values(seed, v, 8.0f);
@@ -167,6 +167,7 @@ vector<float> logits(Kind kind, size_t v, uint64_t seed) {
     if (kind == TIES) x[i] = std::round(x[i] * 2.0f) / 2.0f;
     if (kind == MASKED) x[i] = i % 97 == 5 ? NAN : (i % 10 != 3 ? -INFINITY : x[i]);
     if (kind == ALL_MASKED) x[i] = i % 3 == 1 ? NAN : -INFINITY;
+    if (kind == ZEROS) x[i] = i % 3 == 0 ? -0.0f : (i % 3 == 1 ? 0.0f : x[i] - 9.0f);
   }
   if (kind == PEAKED && v > 7) x[7] += 30.0f;
   return x;
@@ -221,6 +222,7 @@ int main() {
   sample_case("greedy masked", MASKED, 1000, {0, 0, 1}, 2, 13);
   sample_case("greedy all masked", ALL_MASKED, 100, {0, 0, 1}, 2, 14);
   sample_case("greedy V=1", NORMAL, 1, {0, 0, 1}, 2, 15);
+  sample_case("greedy signed zeros", ZEROS, 301, {0, 0, 1}, 2, 16);
   // Sampled: the Llama-2 vocabulary with the usual settings, then the edges.
   sample_case("sample", NORMAL, 32000, {1.0f, 0, 1.0f}, 24, 21);
   sample_case("sample", NORMAL, 32000, {0.7f, 40, 0.9f}, 24, 22);
@@ -238,6 +240,7 @@ int main() {
   sample_case("sample T huge top-k", NORMAL, 4000, {1e30f, 100, 0.5f}, 24, 34);
   sample_case("sample T tiny", NORMAL, 4000, {1e-3f, 0, 1.0f}, 8, 35);
   sample_case("sample T tiny, +inf ties", NORMAL, 4000, {1e-38f, 0, 1.0f}, 16, 36);
+  sample_case("sample signed zeros", ZEROS, 301, {1.0f, 50, 1.0f}, 24, 39);
   sample_case("sample V=1", NORMAL, 1, {1.0f, 0, 0.5f}, 4, 37);
   sample_case("sample V=7", TIES, 7, {2.0f, 3, 0.7f}, 24, 38);
   return drv::finish("sample", t0);

@@ -3,7 +3,7 @@
 //! the same token.
 //!
 //! Cases: the Llama-2 vocabulary with the usual settings, then the edges: exact ties (logits on
-//! a 0.5 grid, cut by top-k and by the order), masked rows (−∞ and NaN), an all-masked row, a
+//! a 0.5 grid, cut by top-k and by the order; −0 and +0 tied at the top), masked rows (−∞ and NaN), an all-masked row, a
 //! peaked row, k = 1, k = V, k > V, p tiny, p = 1, T huge (a flat row), T tiny (a one-hot row, and
 //! `1e-38`, where z overflows to +∞ and the maximum ties), V = 1 and V = 7. Uniforms: 0, the
 //! largest f32 below 1, then pseudo-random ones.
@@ -47,6 +47,8 @@ enum Kind {
     AllMasked,
     /// Normal with token 7 raised by 30.
     Peaked,
+    /// −0, +0, then a value below −1, in turn: the maximum is a tie of signed zeros.
+    Zeros,
 }
 
 fn logits(kind: Kind, v: usize, seed: u64) -> Vec<f32> {
@@ -75,12 +77,13 @@ fn logits(kind: Kind, v: usize, seed: u64) -> Vec<f32> {
 /// `(name, kind, vocab, temperature, top_k, top_p, draws)`.
 type Case = (&'static str, Kind, usize, f32, usize, f32, usize);
 
-const CASES: [Case; 23] = [
+const CASES: [Case; 25] = [
     ("greedy", Kind::Normal, 32000, 0.0, 0, 1.0, 2),
     ("greedy ties", Kind::Ties, 5001, 0.0, 0, 1.0, 2),
     ("greedy masked", Kind::Masked, 1000, 0.0, 0, 1.0, 2),
     ("greedy all masked", Kind::AllMasked, 100, 0.0, 0, 1.0, 2),
     ("greedy", Kind::Normal, 1, 0.0, 0, 1.0, 2),
+    ("greedy signed zeros", Kind::Zeros, 301, 0.0, 0, 1.0, 2),
     ("sample", Kind::Normal, 32000, 1.0, 0, 1.0, 64),
     ("sample", Kind::Normal, 32000, 0.7, 40, 0.9, 64),
     ("sample top-p", Kind::Normal, 32000, 0.8, 0, 0.95, 64),
@@ -113,6 +116,7 @@ const CASES: [Case; 23] = [
         1.0,
         32,
     ),
+    ("sample signed zeros", Kind::Zeros, 301, 1.0, 50, 1.0, 64),
     ("sample", Kind::Normal, 1, 1.0, 0, 0.5, 8),
     ("sample", Kind::Ties, 7, 2.0, 3, 0.7, 64),
 ];
