@@ -114,12 +114,16 @@ pub fn generate<B: Backend>(
     };
     let vocab = model.cfg.vocab_size;
     let be = &model.backend;
+    let mut pick =
+        |logits: &B::Buf| be.sample(logits, vocab, sampling, draw_uniform(sampling, &mut rng));
+    // Prefill ends when the first token is known: on a device, reading the sampled id is the
+    // first wait for the queued work.
     let t0 = Instant::now();
-    let mut logits = model.forward(prompt, &mut cache, Logits::Last)?;
+    let logits = model.forward(prompt, &mut cache, Logits::Last)?;
+    let mut next = if max_new > 0 { pick(&logits)? } else { 0 };
     stats.prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     for step in 0..max_new {
-        let next = be.sample(&logits, vocab, sampling, draw_uniform(sampling, &mut rng))?;
         if eos.contains(&next) {
             stats.stopped_at_eos = true;
             break;
@@ -127,7 +131,7 @@ pub fn generate<B: Backend>(
         stats.ids.push(next);
         on_token(next)?;
         if step + 1 < max_new {
-            logits = model.forward(&[next], &mut cache, Logits::Last)?;
+            next = pick(&model.forward(&[next], &mut cache, Logits::Last)?)?;
         }
     }
     stats.decode_secs = t1.elapsed().as_secs_f64();
