@@ -173,7 +173,12 @@ __device__ void sample_search(const float* __restrict__ x, int64_t vocab, float 
     const int shift = hb >= 7 ? hb - 7 : 0;
     const uint32_t hi32 = (uint32_t)(hi >> 32);
     const float zh = sample_value(hi32), span = zh - sample_value((uint32_t)(lo >> 32));
-    const float c = span > 0.0f && span < 3.0e38f ? (float)SAMPLE_BINS / span : 0.0f;
+    // Buckets of span / 256; when the span is not finite (masked −∞ tokens, say) but the top
+    // value is, buckets of 1/4 over [zh − 64, zh] (weights below e⁻⁶⁴ are 0 anyway).
+    const bool zh_finite = (__float_as_uint(zh) & 0x7f800000u) != 0x7f800000u;
+    const float c = span > 0.0f && span < 3.0e38f ? (float)SAMPLE_BINS / span
+                    : zh_finite                   ? (float)SAMPLE_BINS / 64.0f
+                                                  : 0.0f;
     for (int b = threadIdx.x; b < SAMPLE_BINS; b += blockDim.x) {
       bw[b] = 0ull;
       kmin[b] = ~0ull;
