@@ -776,11 +776,12 @@ fn generate_samples_on_the_device_like_the_cpu() {
     let gpu = qlora::loader::load_model_dir(&dir, g, BaseQuant::NF4)
         .unwrap()
         .model;
-    let prompt: Vec<u32> = (0..9)
-        .map(|i| (i * 37 % cpu.cfg.vocab_size) as u32)
+    // The prompt and length of tiny_model_on_cuda_matches_the_cpu's greedy decode.
+    let prompt: Vec<u32> = (0..23)
+        .map(|i| (i * 53 % cpu.cfg.vocab_size) as u32)
         .collect();
-    let on_cpu = |s: &Sampling| generate(&cpu, &prompt, 12, s, &[], |_| Ok(())).unwrap().ids;
-    let on_gpu = |s: &Sampling| generate(&gpu, &prompt, 12, s, &[], |_| Ok(())).unwrap().ids;
+    let on_cpu = |s: &Sampling| generate(&cpu, &prompt, 8, s, &[], |_| Ok(())).unwrap().ids;
+    let on_gpu = |s: &Sampling| generate(&gpu, &prompt, 8, s, &[], |_| Ok(())).unwrap().ids;
     assert_eq!(
         on_gpu(&Sampling::GREEDY),
         on_cpu(&Sampling::GREEDY),
