@@ -227,6 +227,7 @@ int main() {
   sample_case("sample", NORMAL, 32000, {1.0f, 0, 1.0f}, 24, 21);
   sample_case("sample", NORMAL, 32000, {0.7f, 40, 0.9f}, 24, 22);
   sample_case("sample top-p", NORMAL, 32000, {0.8f, 0, 0.95f}, 16, 23);
+  sample_case("sample Llama-3 vocabulary", NORMAL, 128256, {0.6f, 50, 0.9f}, 8, 40);
   sample_case("sample ties", TIES, 5001, {1.0f, 50, 0.8f}, 24, 24);
   sample_case("sample ties", TIES, 5001, {1.0f, 0, 1.0f}, 24, 25);
   sample_case("sample masked", MASKED, 3001, {1.0f, 0, 0.9f}, 24, 26);

@@ -2,7 +2,7 @@
 //! specification (`backend/cpu/sample.rs`): the same logits row and the same uniform must give
 //! the same token.
 //!
-//! Cases: the Llama-2 vocabulary with the usual settings, then the edges: exact ties (logits on
+//! Cases: the Llama-2 and Llama-3 vocabularies with the usual settings, then the edges: exact ties (logits on
 //! a 0.5 grid, cut by top-k and by the order; −0 and +0 tied at the top), masked rows (−∞ and NaN), an all-masked row, a
 //! peaked row, k = 1, k = V, k > V, p tiny, p = 1, T huge (a flat row), T tiny (a one-hot row, and
 //! `1e-38`, where z overflows to +∞ and the maximum ties), V = 1 and V = 7. Uniforms: 0, the
@@ -77,7 +77,7 @@ fn logits(kind: Kind, v: usize, seed: u64) -> Vec<f32> {
 /// `(name, kind, vocab, temperature, top_k, top_p, draws)`.
 type Case = (&'static str, Kind, usize, f32, usize, f32, usize);
 
-const CASES: [Case; 25] = [
+const CASES: [Case; 26] = [
     ("greedy", Kind::Normal, 32000, 0.0, 0, 1.0, 2),
     ("greedy ties", Kind::Ties, 5001, 0.0, 0, 1.0, 2),
     ("greedy masked", Kind::Masked, 1000, 0.0, 0, 1.0, 2),
@@ -87,6 +87,15 @@ const CASES: [Case; 25] = [
     ("sample", Kind::Normal, 32000, 1.0, 0, 1.0, 64),
     ("sample", Kind::Normal, 32000, 0.7, 40, 0.9, 64),
     ("sample top-p", Kind::Normal, 32000, 0.8, 0, 0.95, 64),
+    (
+        "sample Llama-3 vocabulary",
+        Kind::Normal,
+        128256,
+        0.6,
+        50,
+        0.9,
+        32,
+    ),
     ("sample ties", Kind::Ties, 5001, 1.0, 50, 0.8, 64),
     ("sample ties", Kind::Ties, 5001, 1.0, 0, 1.0, 64),
     ("sample masked", Kind::Masked, 3001, 1.0, 0, 0.9, 64),
