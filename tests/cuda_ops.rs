@@ -798,6 +798,56 @@ check_test!(check_flash_attention, attention);
 check_test!(check_adamw, adamw);
 check_test!(check_adamw8, adam8);
 check_test!(check_training_step, model);
+check_test!(check_sample, sample);
+
+/// `generate` on the device (sampling in `kernels/sample.cu`) against the CPU on the tiny
+/// fixture: greedy must give the CPU's tokens; a seeded sampled run must repeat itself exactly
+/// and, where the logits agree, give the CPU's tokens (the agreement is printed: a token whose
+/// cumulative probability lies within f32 rounding of the uniform may differ, see
+/// src/check/sample.rs).
+#[test]
+fn generate_samples_on_the_device_like_the_cpu() {
+    use qlora::backend::cpu::CpuBackend;
+    use qlora::backend::cuda::backend::Prefill;
+    use qlora::generate::{generate, Sampling};
+    use qlora::model::BaseQuant;
+    let Some(mut g) = cuda_backend("generate_samples_on_the_device_like_the_cpu") else {
+        return;
+    };
+    g.prefill = Prefill::DequantSgemm;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/gqa");
+    let cpu = qlora::loader::load_model_dir(&dir, CpuBackend::new(), BaseQuant::NF4)
+        .unwrap()
+        .model;
+    let gpu = qlora::loader::load_model_dir(&dir, g, BaseQuant::NF4)
+        .unwrap()
+        .model;
+    // The prompt and length of tiny_model_on_cuda_matches_the_cpu's greedy decode.
+    let prompt: Vec<u32> = (0..23)
+        .map(|i| (i * 53 % cpu.cfg.vocab_size) as u32)
+        .collect();
+    let on_cpu = |s: &Sampling| generate(&cpu, &prompt, 8, s, &[], |_| Ok(())).unwrap().ids;
+    let on_gpu = |s: &Sampling| generate(&gpu, &prompt, 8, s, &[], |_| Ok(())).unwrap().ids;
+    assert_eq!(
+        on_gpu(&Sampling::GREEDY),
+        on_cpu(&Sampling::GREEDY),
+        "greedy tokens differ"
+    );
+    let s = Sampling {
+        temperature: 0.9,
+        top_k: 20,
+        top_p: 0.95,
+        seed: 1234,
+    };
+    let (a, b, c) = (on_gpu(&s), on_gpu(&s), on_cpu(&s));
+    assert_eq!(a, b, "a seeded device run did not repeat itself");
+    assert!(a.iter().all(|&t| (t as usize) < cpu.cfg.vocab_size));
+    let same = a.iter().zip(&c).take_while(|(x, y)| x == y).count();
+    eprintln!(
+        "sampled: device {a:?}\n         cpu    {c:?}\n         first {same} of {} agree",
+        a.len()
+    );
+}
 
 /// Zero-row calls succeed on the CPU, so they must on the GPU (an empty batch, an empty prompt).
 #[test]

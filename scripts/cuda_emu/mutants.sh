@@ -38,6 +38,13 @@ mutants=(
   "quant-absmax|nf4_quantize.cu|s/for (int m = 16; m > 0; m >>= 1) am = fmaxf/for (int m = 8; m > 0; m >>= 1) am = fmaxf/|nf4_quantize|block absmax over half a warp"
   "adam8-signfix|adamw8.cu|s/c = f_gt(m, 0.0f) ? c + 1 : c - 1;/c = c;/|adamw8|bnb's sign fix of the m code dropped"
   "adam8-absmax-shfl|adamw8.cu|s/for (int o = 16; o > 0; o >>= 1) {/for (int o = 8; o > 0; o >>= 1) {/|adamw8|block absmax over half a warp"
+  "sample-tie|sample.cu|s/(u64)(0xffffffffu - (uint32_t)i)/(u64)(uint32_t)i/|sample|ties go to the higher index"
+  "sample-neg-zero|sample.cu|/if ((b << 1) == 0u) b = 0u;/d|sample|-0 and +0 ordered as different values"
+  "sample-no-sync|sample.cu|/the histogram is complete/d|sample|bins read before every thread added to them"
+  "sample-above|sample.cu|s/u64 run = st->above + (incl - local);/u64 run = incl - local;/|sample|weight above the interval forgotten after the first level"
+  "sample-range-bin|sample.cu|s/? SAMPLE_BINS - 1 - (int)d : 0;/? (int)d : 0;/|sample|value bins in reverse order"
+  "sample-top-weight|sample.cu|/if (k32 == mkey) return (u64)SAMPLE_ONE;/d|sample|exp(inf - inf) for tied +inf maxima"
+  "sample-top-k|sample.cu|s/if (top_k > 0 \&\& top_k < vocab) {/if (top_k > 1 \&\& top_k < vocab) {/|sample|k = 1 ignored"
 )
 
 missed=0

@@ -192,6 +192,7 @@ inline float __int_as_float(int i) { return emu::bits_f32((uint32_t)i); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
+inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll((unsigned long long)x); }
 // CUDA's device min/max overloads (same-type arguments).
 template <class T>
 inline T min(T a, T b) {
@@ -746,14 +747,24 @@ inline int atomicAdd(int* p, int v) {
   *p = o + v;
   return o;
 }
-inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
-  const unsigned long long o = *p;
-  *p = std::min(o, v);
-  return o;
-}
 inline unsigned atomicAdd(unsigned* p, unsigned v) {
   const unsigned o = *p;
   *p = o + v;
+  return o;
+}
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  const unsigned long long o = *p;
+  *p = o + v;
+  return o;
+}
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+  const unsigned long long o = *p;
+  *p = v < o ? v : o;
+  return o;
+}
+inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) {
+  const unsigned long long o = *p;
+  *p = o < v ? v : o;
   return o;
 }
 // The shared-window address of a shared-memory pointer (checked to point into shared memory).

@@ -294,6 +294,27 @@ pub trait Backend: Send + Sync {
         targets: &[i32],
         vocab: usize,
     ) -> Result<()>;
+
+    /// The next token from one row of logits `[vocab]` (the first `vocab` values of `logits`)
+    /// under `s`, with `u ∈ [0, 1)` the only random input (drawn by the host, ignored when
+    /// greedy). Specification: `cpu/sample.rs`. The default downloads the row and runs it; a
+    /// device backend samples in place and returns only the id.
+    fn sample(
+        &self,
+        logits: &Self::Buf,
+        vocab: usize,
+        s: &crate::generate::Sampling,
+        u: f32,
+    ) -> Result<u32> {
+        let row = self.download(logits)?;
+        if row.len() < vocab || vocab == 0 {
+            return Err(crate::Error::Backend(format!(
+                "sample: logits hold {} values, vocab is {vocab}",
+                row.len()
+            )));
+        }
+        Ok(cpu::sample::sample(&row[..vocab], s, u))
+    }
 }
 
 /// [`Backend::matmul_add`] without a fused path: the product into a temporary, then the add.

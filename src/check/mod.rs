@@ -7,7 +7,8 @@
 //! One file per op group: `attention.rs` (flash attention forward/backward), `nf4_dx.rs` (the
 //! backward NF4 product), `ops.rs` (RMSNorm/SwiGLU backward, dropout, cross-entropy, stash),
 //! `lora.rs` (the LoRA products), `adamw.rs` and `adam8.rs` (the device optimizers, 32- and
-//! 8-bit), `model.rs` (a whole step), `quantize.rs` (NF4 quantization while loading, bit for bit).
+//! 8-bit), `model.rs` (a whole step), `quantize.rs` (NF4 quantization while loading, bit for bit),
+//! `sample.rs` (the device sampler: the CPU's token for the same logits and uniform).
 
 #[cfg(feature = "cuda")]
 pub mod adam8;
@@ -25,6 +26,8 @@ pub mod nf4_dx;
 pub mod ops;
 #[cfg(feature = "cuda")]
 pub mod quantize;
+#[cfg(feature = "cuda")]
+pub mod sample;
 
 /// One comparison of a device result against its specification.
 #[derive(Debug, Clone, PartialEq)]
@@ -181,6 +184,7 @@ pub fn run_all(be: &crate::backend::cuda::backend::CudaBackend) -> Vec<CheckRow>
     rows.extend(rows_or_failure("adamw8", || adam8::run(be)));
     rows.extend(rows_or_failure("training step", || model::run(be)));
     rows.extend(rows_or_failure("nf4 quantize", || quantize::run(be)));
+    rows.extend(rows_or_failure("sample", || sample::run(be)));
     rows
 }
 

@@ -14,6 +14,7 @@ mod nf4_gemm;
 pub mod nf4_gemm_dx;
 mod rmsnorm;
 mod rope;
+pub mod sample;
 mod train;
 pub use train::CpuOptState;
 
@@ -293,6 +294,20 @@ impl Backend for CpuBackend {
         }
         cross_entropy(&mut losses[..rows], &logits[..rows * vocab], targets, vocab);
         Ok(())
+    }
+
+    fn sample(
+        &self,
+        logits: &Vec<f32>,
+        vocab: usize,
+        s: &crate::generate::Sampling,
+        u: f32,
+    ) -> Result<u32> {
+        check_len("sample logits", logits.len(), vocab)?;
+        if vocab == 0 {
+            return Err(Error::Backend("cpu sample: empty vocabulary".into()));
+        }
+        Ok(sample::sample(&logits[..vocab], s, u))
     }
 }
 

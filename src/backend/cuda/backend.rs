@@ -43,6 +43,8 @@ pub struct CudaBackend {
     /// The last RoPE positions uploaded: every layer of a forward pass rotates at the same
     /// positions, so they cross the bus once per pass instead of twice per layer.
     positions: Mutex<Option<(Vec<u32>, DevBuf<u32>)>>,
+    /// The sampled token id (`Backend::sample`), one u32 reused every token.
+    sample_out: Mutex<Option<DevBuf<u32>>>,
 }
 
 /// A projection weight on the device.
@@ -74,6 +76,7 @@ impl CudaBackend {
             lora_scratch: Mutex::default(),
             flash: Mutex::default(),
             positions: Mutex::default(),
+            sample_out: Mutex::default(),
         })
     }
 
@@ -411,5 +414,17 @@ impl Backend for CudaBackend {
             )));
         }
         ops::cross_entropy(&self.dev, losses, logits, targets, vocab)
+    }
+
+    fn sample(
+        &self,
+        logits: &Self::Buf,
+        vocab: usize,
+        s: &crate::generate::Sampling,
+        u: f32,
+    ) -> Result<u32> {
+        let mut slot = self.sample_out.lock().unwrap_or_else(|p| p.into_inner());
+        let out = self.dev.grown(&mut slot, 1)?;
+        super::sample::sample(&self.dev, logits, vocab, s, u, out)
     }
 }

@@ -5,7 +5,8 @@
 //!   messages that give the amount;
 //! - `nf4.rs` (dequantize to f32/bf16, decode GEMV), `nf4_gemm.rs` (fused tensor-core GEMM and
 //!   the dequantize + cuBLAS bf16 baseline), `nf4_quantize.rs` (NF4 quantization while loading), `dense_half.rs` (16-bit dense weights),
-//!   `rmsnorm.rs`, `ops.rs` (elementwise, RoPE, embedding, attention, cross-entropy, sgemm):
+//!   `rmsnorm.rs`, `ops.rs` (elementwise, RoPE, embedding, attention, cross-entropy, sgemm),
+//!   `sample.rs` (greedy / top-k / top-p sampling of the next token on the device):
 //!   launchers of `kernels/*.cu`, each tested against its CPU spec in `tests/cuda_ops.rs`;
 //! - `backend.rs`: [`crate::backend::Backend`] on top of them (`eval`, `generate`, the forward);
 //! - `train.rs`: [`crate::backend::TrainBackend`] (the training step's backward ops, bf16
@@ -52,6 +53,8 @@ pub mod ops;
 pub mod rmsnorm;
 #[cfg(feature = "cuda")]
 pub mod runtime;
+#[cfg(feature = "cuda")]
+pub mod sample;
 #[cfg(feature = "cuda")]
 pub mod train;
 
@@ -110,6 +113,7 @@ mod tests {
             "nf4_quantize",
             "rmsnorm",
             "rope",
+            "sample",
         ] {
             assert!(names.contains(&m), "{names:?}");
         }
