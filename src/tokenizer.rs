@@ -170,29 +170,120 @@ impl Tokenizer {
                 self.path.parent().unwrap_or(Path::new(".")).display()
             ))
         })?;
-        let mut env = minijinja::Environment::new();
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", template)
-            .map_err(|e| Error::Tokenizer(format!("chat template does not parse: {e}")))?;
-        let tmpl = env.get_template("chat").expect("template was just added");
-        tmpl.render(minijinja::context! {
+        render_chat_template(
+            template,
+            messages,
+            self.bos_token.as_deref().unwrap_or_default(),
+            self.eos_token.as_deref().unwrap_or_default(),
+            add_generation_prompt,
+        )
+    }
+}
+
+/// Instructions one chat-template render may execute (minijinja fuel): a base allowance plus an
+/// allowance per message. Real templates spend far less (measured in the tests: Llama-2's ~25,
+/// ChatML's ~15, Llama-3's ~30 per message, plus a few dozen), so a template that loops (a
+/// `range(100000)` nested in another) stops with an error in well under a second instead of
+/// running for hours.
+pub const CHAT_TEMPLATE_FUEL_BASE: u64 = 100_000;
+/// See [`CHAT_TEMPLATE_FUEL_BASE`].
+pub const CHAT_TEMPLATE_FUEL_PER_MESSAGE: u64 = 2_000;
+/// Nesting depth of macro calls, includes, loops and conditions in a chat template render (real
+/// templates stay below 10; minijinja's own cap is 500).
+pub const CHAT_TEMPLATE_RECURSION_LIMIT: usize = 100;
+/// Largest rendered conversation: the messages' own bytes plus this allowance for the template's
+/// markup, times [`CHAT_TEMPLATE_OUTPUT_FACTOR`].
+pub const CHAT_TEMPLATE_OUTPUT_BASE: usize = 1 << 20;
+/// See [`CHAT_TEMPLATE_OUTPUT_BASE`].
+pub const CHAT_TEMPLATE_OUTPUT_FACTOR: usize = 4;
+
+/// Renders a chat template as transformers' `apply_chat_template` does (variables `messages`,
+/// `bos_token`, `eos_token`, `add_generation_prompt`; `raise_exception`; Python string methods),
+/// in bounded time and memory: the render runs on [fuel](CHAT_TEMPLATE_FUEL_BASE), with a
+/// [recursion limit](CHAT_TEMPLATE_RECURSION_LIMIT), and its output is capped
+/// ([`CHAT_TEMPLATE_OUTPUT_BASE`]); a template that exceeds any of them is an error saying which.
+pub fn render_chat_template(
+    template: &str,
+    messages: &[Message],
+    bos_token: &str,
+    eos_token: &str,
+    add_generation_prompt: bool,
+) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    let fuel = CHAT_TEMPLATE_FUEL_BASE
+        .saturating_add(CHAT_TEMPLATE_FUEL_PER_MESSAGE.saturating_mul(messages.len() as u64));
+    env.set_fuel(Some(fuel));
+    env.set_recursion_limit(CHAT_TEMPLATE_RECURSION_LIMIT);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template("chat", template)
+        .map_err(|e| Error::Tokenizer(format!("chat template does not parse: {e}")))?;
+    let tmpl = env.get_template("chat").expect("template was just added");
+    let content: usize = messages
+        .iter()
+        .map(|m| m.role.len() + m.content.len())
+        .sum();
+    let limit = content
+        .saturating_add(CHAT_TEMPLATE_OUTPUT_BASE)
+        .saturating_mul(CHAT_TEMPLATE_OUTPUT_FACTOR);
+    let mut out = CappedWriter {
+        buf: Vec::new(),
+        limit,
+        hit: false,
+    };
+    let rendered = tmpl.render_captured_to(
+        minijinja::context! {
             messages => messages,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
+            bos_token => bos_token,
+            eos_token => eos_token,
             add_generation_prompt => add_generation_prompt,
-        })
-        .map_err(|e| Error::Tokenizer(format!("chat template failed: {e}")))
+        },
+        &mut out,
+    );
+    match rendered {
+        Ok(_) => String::from_utf8(out.buf)
+            .map_err(|e| Error::Tokenizer(format!("chat template output is not UTF-8: {e}"))),
+        Err(e) if out.hit => Err(Error::Tokenizer(format!(
+            "chat template failed: its output exceeds {limit} bytes ({e})"
+        ))),
+        Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(Error::Tokenizer(format!(
+            "chat template failed: it runs more than {fuel} instructions for {} message(s) (a loop that does not end?): {e}",
+            messages.len()
+        ))),
+        Err(e) => Err(Error::Tokenizer(format!("chat template failed: {e}"))),
+    }
+}
+
+/// An output buffer that fails once it would pass `limit` bytes.
+struct CappedWriter {
+    buf: Vec<u8>,
+    limit: usize,
+    /// The limit was reached (minijinja reports only a generic write error).
+    hit: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len().saturating_add(data.len()) > self.limit {
+            self.hit = true;
+            return Err(std::io::Error::other("output limit reached"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
