@@ -51,8 +51,7 @@ impl Tokenizer {
                 path.display()
             )));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::bad_file(&path, format!("cannot load tokenizer: {e}")))?;
+        let inner = load_tokenizer_json(&path)?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = if cfg_path.is_file() {
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
@@ -180,6 +179,55 @@ impl Tokenizer {
     }
 }
 
+/// Parses `tokenizer.json`. The `tokenizers` crate panics on some malformed files (a decoder
+/// entry that fits none of its forms: `expect("Helper")` in `decoders/mod.rs`, found by the fuzz
+/// target `tokenizer_json`), so its parser runs under `catch_unwind` and a panic becomes an error.
+fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let bad = |msg: String| Error::bad_file(path, format!("cannot load tokenizer: {msg}"));
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    // Unwind-safe: the closure only reads `text`; no state it touches outlives a panic.
+    let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>());
+    match parsed {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(bad(e.to_string())),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown");
+            Err(bad(format!(
+                "the file is malformed (the tokenizers library panicked: {why})"
+            )))
+        }
+    }
+}
+
+/// The largest chat template accepted (real ones are a few kB; the longest known are ~20 kB).
+pub const MAX_CHAT_TEMPLATE_BYTES: usize = 1 << 20;
+/// The longest line of a chat template, in characters: minijinja counts columns in a `u16` and
+/// overflows past it on a syntax error (a panic, found by the fuzz target `chat_template`).
+pub const MAX_CHAT_TEMPLATE_LINE: usize = 60_000;
+
+/// Refuses a template too large for the renderer's limits (see the constants).
+fn check_template_size(template: &str) -> Result<()> {
+    if template.len() > MAX_CHAT_TEMPLATE_BYTES {
+        return Err(Error::Tokenizer(format!(
+            "chat template is {} bytes, more than the limit of {MAX_CHAT_TEMPLATE_BYTES}",
+            template.len()
+        )));
+    }
+    for (i, line) in template.split('\n').enumerate() {
+        if line.len() > MAX_CHAT_TEMPLATE_LINE && line.chars().count() > MAX_CHAT_TEMPLATE_LINE {
+            return Err(Error::Tokenizer(format!(
+                "chat template line {} is longer than {MAX_CHAT_TEMPLATE_LINE} characters",
+                i + 1
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Instructions one chat-template render may execute (minijinja fuel): a base allowance plus an
 /// allowance per message. Real templates spend far less (measured in the tests: Llama-2's ~25,
 /// ChatML's ~15, Llama-3's ~30 per message, plus a few dozen), so a template that loops (a
@@ -226,6 +274,7 @@ pub fn render_chat_template(
             ))
         },
     );
+    check_template_size(template)?;
     env.add_template("chat", template)
         .map_err(|e| Error::Tokenizer(format!("chat template does not parse: {e}")))?;
     let tmpl = env.get_template("chat").expect("template was just added");
