@@ -1,0 +1,81 @@
+//! One test per panic the fuzz targets found, with the input that caused it (reduced by hand to
+//! the part that matters), so each fix stays fixed whatever bolero generates next time.
+
+use crate::{fixture, model_config, scratch, write};
+use qlora::tokenizer::{render_chat_template, Message, Tokenizer};
+
+fn hello() -> Vec<Message> {
+    vec![Message {
+        role: "user".into(),
+        content: "Hi".into(),
+    }]
+}
+
+/// Found by `tokenizer_json`: a `decoder` entry that matches none of its forms made the
+/// `tokenizers` crate panic (`expect("Helper")` in decoders/mod.rs) instead of returning an error.
+#[test]
+fn regression_tokenizer_json_with_a_malformed_decoder() {
+    let text = String::from_utf8(fixture("tiny/tokenizer/tokenizer.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let dir = scratch();
+    write(
+        dir.path(),
+        "tokenizer_config.json",
+        &fixture("tiny/tokenizer/tokenizer_config.json"),
+    );
+    for decoder in [
+        serde_json::json!(42),
+        serde_json::json!("ByteLevel"),
+        serde_json::json!({"type": 7}),
+        serde_json::json!([1, 2]),
+    ] {
+        json["decoder"] = decoder.clone();
+        write(dir.path(), "tokenizer.json", json.to_string().as_bytes());
+        let err = Tokenizer::from_dir(dir.path()).err().unwrap_or_else(|| {
+            panic!("decoder {decoder}: accepted");
+        });
+        let msg = err.to_string();
+        assert!(
+            msg.contains("tokenizer.json") && msg.contains("cannot load tokenizer"),
+            "decoder {decoder}: {msg}"
+        );
+    }
+}
+
+/// Found by `chat_template`: minijinja counts columns in a `u16`; a syntax error past column
+/// 65,535 overflowed it (a panic in builds with overflow checks, a wrong position without).
+#[test]
+fn regression_chat_template_with_a_very_long_line() {
+    let template = format!("{}{{{{ 1 +", "x".repeat(70_000));
+    let err = render_chat_template(&template, &hello(), "<s>", "</s>", false).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("line 1 is longer than 60000 characters"),
+        "{err}"
+    );
+    // Long, but within the limit, and on several lines: rendered.
+    let ok = format!("{}\n{{{{ messages[0]['content'] }}}}", "y".repeat(50_000));
+    let out = render_chat_template(&ok, &hello(), "<s>", "</s>", false).unwrap();
+    assert!(out.ends_with("Hi"));
+}
+
+/// Found by `adapter_config`: a rank of 2^53 + 1 was accepted, and counting the adapter's
+/// parameters (`r × (in + out)` summed over modules) overflowed.
+#[test]
+fn regression_adapter_config_with_a_huge_rank() {
+    let model = model_config("tiny/gqa/config.json");
+    let text = String::from_utf8(fixture("peft/gqa-lora/adapter_config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for r in [9007199254740993u64, 1 << 40, 65_537] {
+        json["r"] = r.into();
+        let err = qlora::lora::LoraConfig::from_json_str(&json.to_string())
+            .map_err(|e| e.to_string())
+            .and_then(|c| c.validate_for(&model).map_err(|e| e.to_string()))
+            .unwrap_err();
+        assert!(err.contains("beyond any usable rank"), "r = {r}: {err}");
+    }
+    json["r"] = 65_536.into();
+    let cfg = qlora::lora::LoraConfig::from_json_str(&json.to_string()).unwrap();
+    cfg.validate_for(&model).unwrap();
+    assert!(qlora::lora::trainable_params(&cfg, &model) > 0);
+}
