@@ -3,10 +3,59 @@
 //! Each key is a long flag with `_` or `-` (`learning_rate = 1e-4`, `target_modules = ["q_proj",
 //! "v_proj"]`, `packing = true`). The caller says which flags exist and whether they take a
 //! value (the binary asks clap), so this stays a pure function of the text: parsed once, in
-//! bounded time and memory (the `toml` crate limits nesting), tested by the fuzz target
-//! `run_config_toml` in `tests/fuzz/`.
+//! bounded time and memory, tested by the fuzz target `run_config_toml` in `tests/fuzz/`. The
+//! `toml` crate parses nested arrays and inline tables recursively with no depth limit (the fuzz
+//! target overflowed the stack with 20,000 `[`), so the nesting depth is checked first.
 
 use crate::error::{Error, Result};
+
+/// The deepest nesting of arrays and inline tables accepted (a run config needs 1).
+pub const MAX_NESTING: usize = 64;
+
+/// The deepest nesting of `[` / `{` in TOML `text` outside strings and comments (table headers
+/// count for their line). Conservative: never less than what the parser recurses on.
+fn nesting_depth(text: &str) -> usize {
+    let b = text.as_bytes();
+    // The end of the string starting at `i` (quote `q`, tripled when `multi`).
+    let skip_string = |mut i: usize, q: u8, multi: bool| -> usize {
+        i += if multi { 3 } else { 1 };
+        while i < b.len() {
+            if b[i] == b'\\' && q == b'"' {
+                i += 2;
+            } else if !multi && b[i] == b'\n' {
+                return i;
+            } else if b[i] == q && (!multi || b[i..].starts_with(&[q, q, q])) {
+                return i + if multi { 3 } else { 1 };
+            } else {
+                i += 1;
+            }
+        }
+        i
+    };
+    let (mut i, mut depth, mut max) = (0, 0usize, 0usize);
+    while i < b.len() {
+        match b[i] {
+            b'#' => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            q @ (b'"' | b'\'') => {
+                let multi = b[i..].starts_with(&[q, q, q]);
+                i = skip_string(i, q, multi);
+                continue;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    max
+}
 
 /// What a known long flag is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +77,12 @@ pub fn config_flags(
     kind: impl Fn(&str) -> Option<FlagKind>,
 ) -> Result<Vec<String>> {
     let bad = |msg: String| Error::bad_file(path, msg);
+    let depth = nesting_depth(text);
+    if depth > MAX_NESTING {
+        return Err(bad(format!(
+            "arrays or tables nested {depth} deep (the limit is {MAX_NESTING})"
+        )));
+    }
     let table: toml::Table =
         toml::from_str(text).map_err(|e| bad(format!("not valid TOML: {e}")))?;
     let mut flags = Vec::new();
@@ -116,6 +171,13 @@ mod tests {
     }
 
     #[test]
+    fn nesting_is_counted_outside_strings_and_comments() {
+        assert_eq!(nesting_depth("a = [[1], [2]]\n[t]\nb = {c = [1]}"), 2);
+        assert_eq!(nesting_depth("a = \"[[[\\\"[[\"\nb = '[[[' # [[[[\n"), 0);
+        assert_eq!(nesting_depth("a = \"\"\"\n[[[\n\"\"\" \nb = '''[[\n'''"), 0);
+    }
+
+    #[test]
     fn bad_files_are_clean_errors() {
         for (text, want) in [
             ("learning_rate = ", "not valid TOML"),
@@ -124,6 +186,7 @@ mod tests {
             ("packing = 1", "expected true or false"),
             ("target_modules = [1]", "must be a list of strings"),
             ("learning_rate = {a = 1}", "wrong type (table)"),
+            (&format!("x = {}", "[".repeat(20_000)), "nested 20000 deep"),
         ] {
             let e = config_flags("run.toml", text, kind)
                 .unwrap_err()

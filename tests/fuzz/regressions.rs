@@ -79,3 +79,19 @@ fn regression_adapter_config_with_a_huge_rank() {
     cfg.validate_for(&model).unwrap();
     assert!(qlora::lora::trainable_params(&cfg, &model) > 0);
 }
+
+/// Found by `run_config_toml` in the long run: the `toml` crate parses nested arrays
+/// recursively, and 20,000 `[` overflowed the stack (an abort no `catch_unwind` stops). The
+/// nesting depth is now checked before parsing; this runs on a test thread's small stack.
+#[test]
+fn regression_run_config_nested_20000_deep() {
+    use qlora::train::config_file::{config_flags, FlagKind};
+    for text in [
+        format!("lora_r = {}", "[".repeat(20_000)),
+        format!("lora_r = {}1{}", "[".repeat(5_000), "]".repeat(5_000)),
+        format!("lora_r = {}", "{a = ".repeat(20_000)),
+    ] {
+        let err = config_flags("run.toml", &text, |_| Some(FlagKind::Value)).unwrap_err();
+        assert!(err.to_string().contains("deep (the limit is 64)"), "{err}");
+    }
+}
