@@ -499,7 +499,8 @@ mod fake_hub {
         Truncate { after: usize, times: usize },
         /// Send the right number of bytes, one of them wrong.
         Corrupt,
-        /// Announce `delta` more (or fewer) bytes in the listing than the file has.
+        /// Announce `delta` more (or fewer) bytes than the file has, in the listing and in
+        /// `X-Linked-Size`.
         ListedSize { delta: i64 },
         /// Ignore `Range` and send the whole file with status 200.
         NoRange,
@@ -694,6 +695,15 @@ mod fake_hub {
             ("ETag".to_owned(), format!("\"{etag}\"")),
             ("X-Repo-Commit".to_owned(), COMMIT.to_owned()),
         ];
+        if is_lfs(file) {
+            // What the Hub puts on an LFS file's resolve response (its redirect, really).
+            let size = match fault {
+                Some(Fault::ListedSize { delta }) => content.len() as i64 + delta,
+                _ => content.len() as i64,
+            };
+            headers.push(("X-Linked-Size".to_owned(), size.to_string()));
+            headers.push(("X-Linked-Etag".to_owned(), format!("\"{etag}\"")));
+        }
         if fault == Some(Fault::NoRange) {
             return ("200 OK".to_owned(), headers, content.clone(), None);
         }
@@ -1154,4 +1164,59 @@ fn a_hostile_listing_cannot_write_outside_the_cache() {
     };
     let msg = hub_err(resolve_model_in("org/evil", &e));
     assert!(msg.contains("not a relative path inside the repo"), "{msg}");
+}
+
+#[test]
+fn without_a_detailed_listing_the_resolve_headers_are_checked() {
+    // An older mirror: the listing names files only; X-Linked-Size and X-Linked-Etag (SHA-256)
+    // on the resolve response announce what the download must match.
+    let weights = weights_bytes(30_000);
+    for (fault, needle) in [
+        (
+            fake_hub::Fault::Corrupt,
+            "model.safetensors: SHA-256 mismatch",
+        ),
+        (
+            fake_hub::Fault::ListedSize { delta: -100 },
+            "more than the announced 29900",
+        ),
+        (
+            fake_hub::Fault::ListedSize { delta: 100 },
+            "download interrupted after 30000 of 30100 bytes",
+        ),
+    ] {
+        let server = fake_hub::start_with(
+            vec![(
+                "org/w",
+                vec![
+                    ("config.json", b"{\"hidden_size\": 8}".to_vec()),
+                    ("model.safetensors", weights.clone()),
+                ],
+            )],
+            false,
+        );
+        let cache = tempfile::tempdir().unwrap();
+        let Some(e) = online_env(cache.path(), &server.endpoint) else {
+            return;
+        };
+        server
+            .faults
+            .lock()
+            .unwrap()
+            .insert("model.safetensors".into(), fault);
+        let msg = hub_err(resolve_model_in("org/w", &e));
+        assert!(msg.contains(needle), "{fault:?}: {msg}");
+        assert!(!cache
+            .path()
+            .join("models--org--w/snapshots")
+            .join(fake_hub::COMMIT)
+            .join("model.safetensors")
+            .exists());
+        server.faults.lock().unwrap().clear();
+        let dir = resolve_model_in("org/w", &e).unwrap();
+        assert_eq!(
+            std::fs::read(dir.join("model.safetensors")).unwrap(),
+            weights
+        );
+    }
 }
