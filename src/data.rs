@@ -422,7 +422,33 @@ fn first_line_is_object(text: &str) -> bool {
         .is_some_and(|v| v.is_object())
 }
 
+/// Reads a Parquet file's rows. The `parquet` crate panics on some corrupt files (a page whose
+/// lengths point past its end trips a slice index in `bit_util::read_num_bytes`; found by the
+/// fuzz target `dataset_rows`), so the reading runs under `catch_unwind` and a panic becomes an
+/// error naming the file. Nothing outlives a panic: the reader and the rows read so far are
+/// dropped with it.
 fn read_parquet(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
+    let read = std::panic::AssertUnwindSafe(|| read_parquet_rows(path, limit));
+    match std::panic::catch_unwind(read) {
+        Ok(rows) => rows,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown");
+            Err(dataset_err(
+                path,
+                None,
+                format!(
+                    "cannot read Parquet file: it is corrupt (the parquet library panicked: {why})"
+                ),
+            ))
+        }
+    }
+}
+
+fn read_parquet_rows(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let bad = |e: parquet::errors::ParquetError| {

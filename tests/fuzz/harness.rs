@@ -577,7 +577,10 @@ pub fn fuzz(name: &str, seeds: &[Seed], ci_cases: usize, check: impl Fn(usize, &
                 std::thread::sleep(Duration::from_millis(200));
                 if let Some((t, desc)) = &*current.lock().unwrap_or_else(|e| e.into_inner()) {
                     if t.elapsed() > HANG_LIMIT {
-                        eprintln!(
+                        // Straight to stderr: `eprintln!` is captured by the test harness, and
+                        // the capture is lost when the process aborts.
+                        let _ = writeln!(
+                            std::io::stderr(),
                             "\nfuzz {name}: a case has run for over {} s (a hang): {desc}",
                             HANG_LIMIT.as_secs()
                         );

@@ -95,3 +95,26 @@ fn regression_run_config_nested_20000_deep() {
         assert!(err.to_string().contains("deep (the limit is 64)"), "{err}");
     }
 }
+
+/// Found by `dataset_rows` in the long run: one flipped bit in a Parquet page made the `parquet`
+/// crate index past a slice (`bit_util::read_num_bytes`) while decoding a dictionary page. The
+/// case as bolero generated it, replayed on the same seed.
+#[test]
+fn regression_parquet_with_a_flipped_bit_in_a_dictionary_page() {
+    use crate::harness::{mutate, Case, Mutation, Seed};
+    let case = Case {
+        seed: 0,
+        mutations: vec![Mutation::FlipBit {
+            at: 513335752,
+            bit: 108,
+        }],
+    };
+    let (_, bytes) = mutate(&[Seed::fixture("data/chat.parquet")], &case);
+    let dir = scratch();
+    let path = write(dir.path(), "rows.parquet", &bytes);
+    let msg = qlora::data::load_rows(&path, None).unwrap_err().to_string();
+    assert!(
+        msg.contains("rows.parquet") && msg.contains("it is corrupt"),
+        "{msg}"
+    );
+}
