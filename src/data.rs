@@ -431,20 +431,14 @@ fn read_parquet(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
     let read = std::panic::AssertUnwindSafe(|| read_parquet_rows(path, limit));
     match std::panic::catch_unwind(read) {
         Ok(rows) => rows,
-        Err(panic) => {
-            let why = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown");
-            Err(dataset_err(
-                path,
-                None,
-                format!(
-                    "cannot read Parquet file: it is corrupt (the parquet library panicked: {why})"
-                ),
-            ))
-        }
+        Err(panic) => Err(dataset_err(
+            path,
+            None,
+            format!(
+                "cannot read Parquet file: it is corrupt (the parquet library panicked: {})",
+                crate::tokenizer::panic_message(&*panic)
+            ),
+        )),
     }
 }
 

@@ -115,9 +115,7 @@ impl Tokenizer {
     /// [`Tokenizer::encode`] with each token's byte span `[start, end)` in `text` (special tokens
     /// added by the post-processor, such as BOS, have an empty span).
     pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<TokenSpan>)> {
-        let enc = self.inner.encode(text, true).map_err(|e| {
-            Error::Tokenizer(format!("{}: encode failed: {e}", self.path.display()))
-        })?;
+        let enc = self.guarded("encode", || self.inner.encode(text, true))?;
         let mut ids = enc.get_ids().to_vec();
         let mut offsets = enc.get_offsets().to_vec();
         if let Some(bos) = self.bos_id {
@@ -131,16 +129,30 @@ impl Tokenizer {
 
     /// Plain `tokenizers` encode; `add_special` runs the post-processor.
     pub fn encode_raw(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special).map_err(|e| {
-            Error::Tokenizer(format!("{}: encode failed: {e}", self.path.display()))
-        })?;
+        let enc = self.guarded("encode", || self.inner.encode(text, add_special))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| Error::Tokenizer(format!("decode failed: {e}")))
+        self.guarded("decode", || self.inner.decode(ids, skip_special))
+    }
+
+    /// Runs a `tokenizers` call, turning its error, or its panic, into [`Error::Tokenizer`]. The
+    /// crate panics on some malformed files that it loads without complaint (a template
+    /// post-processor naming a special token it does not define: "no entry found for key" in
+    /// `processors/template.rs`, found by the fuzz target `tokenizer_json`). Unwind-safe: the
+    /// tokenizer is only read.
+    fn guarded<T>(&self, what: &str, f: impl FnOnce() -> tokenizers::Result<T>) -> Result<T> {
+        let fail = |msg: String| {
+            Error::Tokenizer(format!("{}: {what} failed: {msg}", self.path.display()))
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(r) => r.map_err(|e| fail(e.to_string())),
+            Err(panic) => Err(fail(format!(
+                "the tokenizer file is malformed (the tokenizers library panicked: {})",
+                panic_message(&*panic)
+            ))),
+        }
     }
 
     /// Incremental detokenizer for streaming output: feed ids, get text once it forms whole characters.
@@ -190,17 +202,20 @@ fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
     match parsed {
         Ok(Ok(t)) => Ok(t),
         Ok(Err(e)) => Err(bad(e.to_string())),
-        Err(panic) => {
-            let why = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown");
-            Err(bad(format!(
-                "the file is malformed (the tokenizers library panicked: {why})"
-            )))
-        }
+        Err(panic) => Err(bad(format!(
+            "the file is malformed (the tokenizers library panicked: {})",
+            panic_message(&*panic)
+        ))),
     }
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("no message")
 }
 
 /// The largest chat template accepted (real ones are a few kB; the longest known are ~20 kB).

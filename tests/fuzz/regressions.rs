@@ -118,3 +118,33 @@ fn regression_parquet_with_a_flipped_bit_in_a_dictionary_page() {
         "{msg}"
     );
 }
+
+/// Found by `tokenizer_json` in the long run: 15,645 copies of `{% if x %}` inserted into a
+/// special token's id in the template post-processor. The file loads, and then `encode` panicked
+/// ("no entry found for key" in `processors/template.rs`); the case as bolero generated it.
+#[test]
+fn regression_tokenizer_json_post_processor_naming_an_unknown_token() {
+    use crate::harness::{mutate, Bracket, Case, Mutation, Seed};
+    let case = Case {
+        seed: 0,
+        mutations: vec![Mutation::Nest {
+            at: 4271947288,
+            depth: 35645,
+            open: Bracket::Jinja,
+        }],
+    };
+    let (_, bytes) = mutate(&[Seed::fixture("tiny/tokenizer/tokenizer.json")], &case);
+    let dir = scratch();
+    write(
+        dir.path(),
+        "tokenizer_config.json",
+        &fixture("tiny/tokenizer/tokenizer_config.json"),
+    );
+    write(dir.path(), "tokenizer.json", &bytes);
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    let msg = tok.encode("<s>[INST] Hi [/INST]").unwrap_err().to_string();
+    assert!(
+        msg.contains("tokenizer.json: encode failed") && msg.contains("malformed"),
+        "{msg}"
+    );
+}
