@@ -15,7 +15,7 @@
 //! Process-global environment variables are read only by [`HubEnv::from_env`]; everything else
 //! takes a [`HubEnv`], so tests can point at a temporary cache without touching the process env.
 //!
-//! Downloads (`hub/download.rs`: blocking, resumable, size- and hash-checked, atomic, with
+//! Downloads (`hub/download/`: blocking, resumable, size- and hash-checked, atomic, with
 //! progress bars) fetch only what qlora needs: for a model `config.json`, the tokenizer files and
 //! chat template when the repo has them, and `model.safetensors` or the index and every shard it
 //! lists; for a dataset the data files [`data::select_data_files`] picks from the repo listing
