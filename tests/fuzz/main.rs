@@ -11,7 +11,8 @@
 //! `cargo test --test fuzz` runs each target's short CI budget (seconds); `scripts/fuzz_long.sh`
 //! runs 100,000 cases per target and writes the figures the README's "Reliability" section
 //! quotes. Replaying one failing case: `BOLERO_RANDOM_SEED=<seed from the failure> cargo test
-//! --test fuzz <target>`. Why bolero: see the README ("Fuzzing").
+//! --test fuzz <target>`. Why bolero, and the figures: the README, "Reliability" → "Fuzzing and
+//! input guards".
 
 mod guards;
 mod harness;
