@@ -10,7 +10,7 @@
 //!    `~/.cache/huggingface/hub`, the layout `huggingface_hub` and `hf-hub` write) is searched
 //!    by [`cached_snapshot`], a pure function of (cache dir, kind, id, revision).
 //! 4. If the cache has no usable snapshot: with `HF_HUB_OFFLINE` set, a clear error; otherwise
-//!    the needed files are downloaded with `hf-hub` into that same cache.
+//!    the needed files are downloaded (see below) into that same cache.
 //!
 //! Process-global environment variables are read only by [`HubEnv::from_env`]; everything else
 //! takes a [`HubEnv`], so tests can point at a temporary cache without touching the process env.

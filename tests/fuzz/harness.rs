@@ -10,7 +10,7 @@
 //!   single request above [`HARD_LIMIT`] is refused outright (the process aborts naming the case)
 //!   before it can take the machine's memory.
 //!
-//! Budget: `QLORA_FUZZ_CASES` cases per target (default: each target's CI budget, a few hundred;
+//! Budget: `QLORA_FUZZ_CASES` cases per target (default: each target's CI budget, 400 to 2,000;
 //! the README's long run sets 100000) and at most `QLORA_FUZZ_SECONDS` seconds per target
 //! (default 20). bolero's own `BOLERO_RANDOM_ITERATIONS` / `BOLERO_RANDOM_TEST_TIME_MS` /
 //! `BOLERO_RANDOM_SEED` take precedence. With `QLORA_FUZZ_REPORT=FILE` each target appends one

@@ -96,7 +96,7 @@ fn fuzz_safetensors_header() {
         model_config("tiny/gqa/config.json"),
     ];
     let dir = scratch();
-    fuzz("safetensors_header", &seeds, 300, |which, bytes| {
+    fuzz("safetensors_header", &seeds, 600, |which, bytes| {
         write(dir.path(), "model.safetensors", bytes);
         let ckpt = match qlora::weights::Checkpoint::open(dir.path()) {
             Ok(c) => c,
@@ -146,7 +146,7 @@ fn fuzz_shard_index() {
         &fixture("tiny/gqa/config.json"),
     );
     write_tiny_shards(dirtiny.path());
-    fuzz("shard_index", &seeds, 300, |which, bytes| {
+    fuzz("shard_index", &seeds, 600, |which, bytes| {
         let (dir, cfg) = if which < 2 {
             (dir7b.path(), &cfg7b)
         } else {
@@ -224,7 +224,7 @@ fn fuzz_config_json() {
     .map(Seed::fixture);
     let dir = scratch();
     let lora = qlora::lora::LoraConfig::new(8, 16.0, &["all-linear"]).unwrap();
-    fuzz("config_json", &seeds, 600, |_, bytes| {
+    fuzz("config_json", &seeds, 1200, |_, bytes| {
         let path = write(dir.path(), "config.json", bytes);
         let cfg = match qlora::loader::read_config(dir.path()) {
             Ok(c) => c,
@@ -272,7 +272,7 @@ fn fuzz_tokenizer_config() {
         "tokenizer.json",
         &fixture("tiny/tokenizer/tokenizer.json"),
     );
-    fuzz("tokenizer_config", &seeds, 300, |_, bytes| {
+    fuzz("tokenizer_config", &seeds, 600, |_, bytes| {
         write(dir.path(), "tokenizer_config.json", bytes);
         let tok = match Tokenizer::from_dir(dir.path()) {
             Ok(t) => t,
@@ -309,7 +309,7 @@ fn fuzz_chat_template() {
         Seed::new("llama-3 template", LLAMA3.into()),
         Seed::new("zephyr template", ZEPHYR.into()),
     ];
-    fuzz("chat_template", &seeds, 1000, |which, bytes| {
+    fuzz("chat_template", &seeds, 2000, |which, bytes| {
         let template = String::from_utf8_lossy(bytes);
         let c = &conversations()[which % 2];
         qlora::tokenizer::render_chat_template(&template, c, "<s>", "</s>", which % 3 == 0).into()
@@ -325,7 +325,7 @@ fn fuzz_tokenizer_json() {
         "tokenizer_config.json",
         &fixture("tiny/tokenizer/tokenizer_config.json"),
     );
-    fuzz("tokenizer_json", &seeds, 200, |_, bytes| {
+    fuzz("tokenizer_json", &seeds, 400, |_, bytes| {
         write(dir.path(), "tokenizer.json", bytes);
         let tok = match Tokenizer::from_dir(dir.path()) {
             Ok(t) => t,
@@ -351,7 +351,7 @@ const ADAPTERS: [&str; 3] = [
 fn fuzz_adapter_config() {
     let seeds = ADAPTERS.map(|a| Seed::fixture(&format!("{a}/adapter_config.json")));
     let model = model_config("tiny/gqa/config.json");
-    fuzz("adapter_config", &seeds, 600, |_, bytes| {
+    fuzz("adapter_config", &seeds, 1200, |_, bytes| {
         let text = match std::str::from_utf8(bytes) {
             Ok(t) => t,
             Err(e) => return Outcome::Refused(e.to_string()),
@@ -389,7 +389,7 @@ fn fuzz_adapter_file() {
             d
         })
         .collect();
-    fuzz("adapter_file", &seeds, 300, |which, bytes| {
+    fuzz("adapter_file", &seeds, 600, |which, bytes| {
         let dir = dirs[which].path();
         write(dir, "adapter_model.safetensors", bytes);
         qlora::lora::load_adapter(dir, &model).into()
@@ -432,7 +432,7 @@ fn fuzz_bnb_quant_state() {
         .map(|b| model_config(&format!("{b}/config.json")))
         .collect();
     let dir = scratch();
-    fuzz("bnb_quant_state", &seeds, 300, |which, bytes| {
+    fuzz("bnb_quant_state", &seeds, 600, |which, bytes| {
         let model = which % 2;
         let cfg = &configs[model];
         let file = if which < 2 {
@@ -524,7 +524,7 @@ fn fuzz_dataset_rows() {
     ];
     let (exts, seeds): (Vec<&str>, Vec<Seed>) = seeds.into_iter().unzip();
     let dir = scratch();
-    fuzz("dataset_rows", &seeds, 400, |which, bytes| {
+    fuzz("dataset_rows", &seeds, 800, |which, bytes| {
         let path = write(dir.path(), &format!("rows{}", exts[which]), bytes);
         let rows = match qlora::data::load_rows(&path, None) {
             Ok(r) => r,
@@ -604,7 +604,7 @@ fn fuzz_run_config_toml() {
             None
         }
     };
-    fuzz("run_config_toml", &seeds, 1000, |_, bytes| {
+    fuzz("run_config_toml", &seeds, 2000, |_, bytes| {
         let text = match std::str::from_utf8(bytes) {
             Ok(t) => t,
             Err(e) => return Outcome::Refused(e.to_string()),
@@ -670,7 +670,7 @@ fn fuzz_trainer_state() {
     for (name, bytes) in &files {
         write(dir.path(), name, bytes);
     }
-    fuzz("trainer_state", &seeds, 300, |which, bytes| {
+    fuzz("trainer_state", &seeds, 600, |which, bytes| {
         let name = &files[which].0;
         write(dir.path(), name, bytes);
         let r = load_checkpoint(dir.path(), &model);
