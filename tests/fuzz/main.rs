@@ -673,9 +673,66 @@ fn fuzz_trainer_state() {
     fuzz("trainer_state", &seeds, 600, |which, bytes| {
         let name = &files[which].0;
         write(dir.path(), name, bytes);
+        let sealed = reseal_manifest(dir.path(), &files, name, bytes);
         let r = load_checkpoint(dir.path(), &model);
-        // Put the file back for the next case.
+        // Put the files back for the next case.
         write(dir.path(), name, &files[which].1);
+        if sealed {
+            let manifest = files.iter().find(|(n, _)| n == MANIFEST).expect("sealed");
+            write(dir.path(), MANIFEST, &manifest.1);
+        }
         r.into()
     });
+}
+
+const MANIFEST: &str = "manifest.json";
+
+/// A checkpoint written with a manifest (`manifest.json`: each file's size and SHA-256, and the
+/// SHA-256 of that list as compact JSON) is refused on any changed byte before its files are
+/// parsed. So that the parsers behind it are fuzzed too, the manifest is re-sealed for the
+/// mutated file; cases that mutate the manifest itself fuzz its own parser. Returns whether a
+/// manifest was rewritten (none: a checkpoint without one, or the manifest is the mutated file).
+fn reseal_manifest(dir: &Path, files: &[(String, Vec<u8>)], changed: &str, bytes: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    let Some((_, original)) = files.iter().find(|(n, _)| n == MANIFEST) else {
+        return false;
+    };
+    if changed == MANIFEST {
+        return false;
+    }
+    let m: serde_json::Value = serde_json::from_slice(original).expect("the written manifest");
+    let hex = |b: &[u8]| -> String {
+        Sha256::digest(b)
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect()
+    };
+    let entries: Vec<String> = m["files"]
+        .as_array()
+        .expect("manifest files")
+        .iter()
+        .map(|e| {
+            let name = e["name"].as_str().expect("entry name");
+            let (size, sha) = if name == changed {
+                (bytes.len() as u64, hex(bytes))
+            } else {
+                (
+                    e["size"].as_u64().expect("entry size"),
+                    e["sha256"].as_str().expect("entry sha256").to_owned(),
+                )
+            };
+            format!(
+                "{{\"name\":{},\"size\":{size},\"sha256\":\"{sha}\"}}",
+                serde_json::Value::from(name)
+            )
+        })
+        .collect();
+    let list = format!("[{}]", entries.join(","));
+    let sealed = format!(
+        "{{\"format\":{},\"files\":{list},\"files_sha256\":\"{}\"}}",
+        m["format"],
+        hex(list.as_bytes())
+    );
+    write(dir, MANIFEST, sealed.as_bytes());
+    true
 }
