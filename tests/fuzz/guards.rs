@@ -232,3 +232,55 @@ fn guard_chat_templates_that_loop_recurse_or_grow() {
     let out = render_chat_template(llama2, &long, "<s>", "</s>", false).unwrap();
     assert!(out.contains("turn 199"));
 }
+
+/// The same refusal through the binary: `qlora inspect` on a folder whose config.json has
+/// `hidden_size` 10⁹ and 10⁶ layers fails at once, naming the memory the config needs, and the
+/// process never grows past a small resident size (it took 1.2 GB before the guard).
+#[test]
+fn guard_absurd_config_through_the_binary() {
+    let dir = scratch();
+    let model = dir.path().join("m");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        write(&model, f, &fixture(&format!("tiny/tokenizer/{f}")));
+    }
+    write(
+        &model,
+        "model.safetensors",
+        &fixture("tiny/gqa/model.safetensors"),
+    );
+    let edits = [
+        ("hidden_size", 1_000_000_000.into()),
+        ("num_hidden_layers", 1_000_000.into()),
+    ];
+    write(&model, "config.json", tiny_config_with(&edits).as_bytes());
+    let t = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .args(["inspect", "--model", model.to_str().unwrap()])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("parameters") && err.contains("as stored"),
+        "{err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    // The largest resident size of any child this process has waited for (only this test
+    // starts one), in KiB on Linux.
+    #[cfg(target_os = "linux")]
+    {
+        let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes a rusage into the pointer it is given; it is zeroed and ours.
+        let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, ru.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        // SAFETY: initialised by the successful call above.
+        let max_rss_kib = unsafe { ru.assume_init() }.ru_maxrss;
+        assert!(
+            max_rss_kib < 200 * 1024,
+            "qlora inspect peaked at {max_rss_kib} KiB"
+        );
+        eprintln!("qlora inspect refused the config at a peak RSS of {max_rss_kib} KiB");
+    }
+}
