@@ -25,6 +25,30 @@ pub enum RopeScaling {
     },
 }
 
+/// The most parameters a config may describe (10 T; the largest published models are about 2 T).
+pub const MAX_PARAMS: f64 = 1e13;
+/// The most decoder layers (the largest Llama has 126).
+pub const MAX_LAYERS: usize = 10_000;
+/// The largest hidden / intermediate / vocabulary size (16 M).
+pub const MAX_WIDTH: usize = 1 << 24;
+/// The most attention heads, KV heads, and the largest head_dim.
+pub const MAX_HEADS: usize = 1 << 16;
+/// The longest context (`max_position_embeddings`, 268 M; Llama 4 has 10 M).
+pub const MAX_POSITIONS: usize = 1 << 28;
+
+/// Bytes with a decimal unit, e.g. `13.5 GB`; scientific notation past exabytes.
+fn fmt_bytes(b: f64) -> String {
+    const UNITS: [&str; 7] = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
+    let mut x = b;
+    for unit in UNITS {
+        if x < 1000.0 {
+            return format!("{x:.1} {unit}");
+        }
+        x /= 1000.0;
+    }
+    format!("{b:.2e} bytes")
+}
+
 /// The architecture hyper-parameters of a Llama-family decoder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -176,7 +200,7 @@ impl ModelConfig {
         if !(eps > 0.0 && eps.is_finite()) {
             return Err(format!("rms_norm_eps must be positive, got {eps}"));
         }
-        Ok(ModelConfig {
+        let cfg = ModelConfig {
             hidden_size,
             intermediate_size,
             num_hidden_layers,
@@ -192,7 +216,87 @@ impl ModelConfig {
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id),
             torch_dtype: raw.torch_dtype.or(raw.dtype),
-        })
+        };
+        cfg.check_sizes()?;
+        Ok(cfg)
+    }
+
+    /// Parameters this config implies, in floating point (no overflow for any input): the
+    /// embedding, per layer two norms, q/k/v/o and gate/up/down, the final norm, `lm_head` unless
+    /// tied. Returns `(total, in decoder linear layers)`.
+    pub fn param_count(&self) -> (f64, f64) {
+        let (h, f, v) = (
+            self.hidden_size as f64,
+            self.intermediate_size as f64,
+            self.vocab_size as f64,
+        );
+        let q = self.num_attention_heads as f64 * self.head_dim as f64;
+        let kv = self.num_key_value_heads as f64 * self.head_dim as f64;
+        let linear_per_layer = 2.0 * q * h + 2.0 * kv * h + 3.0 * f * h;
+        let layers = self.num_hidden_layers as f64;
+        let linear = layers * linear_per_layer;
+        let head = if self.tie_word_embeddings { 0.0 } else { v * h };
+        (v * h + linear + layers * 2.0 * h + h + head, linear)
+    }
+
+    /// The resource guard: refuses sizes no real model has, before anything is allocated from
+    /// them, with the memory the config would need. Every later product of two dimensions
+    /// (`heads × head_dim`, `vocab × hidden`, per-layer tensor lists) is then far from overflow.
+    fn check_sizes(&self) -> std::result::Result<(), String> {
+        let (params, linear) = self.param_count();
+        let width = self
+            .torch_dtype
+            .as_deref()
+            .and_then(crate::weights::DType::from_torch_dtype)
+            .and_then(crate::weights::DType::size_in_bytes)
+            .unwrap_or(2);
+        // NF4: half a byte per linear weight plus an f32 absmax per block of 64; the rest 16-bit.
+        let nf4 = linear * (0.5 + 4.0 / 64.0) + (params - linear) * 2.0;
+        let needs = format!(
+            "{params:.3e} parameters: {} as stored ({width}-byte weights), about {} with NF4 base weights",
+            fmt_bytes(params * width as f64),
+            fmt_bytes(nf4)
+        );
+        if params > MAX_PARAMS {
+            return Err(format!(
+                "the sizes describe {needs}; refusing a model over {MAX_PARAMS:.0e} parameters \
+                 (hidden_size {}, intermediate_size {}, num_hidden_layers {}, vocab_size {})",
+                self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+            ));
+        }
+        let limits = [
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("vocab_size", self.vocab_size, MAX_WIDTH),
+            ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_key_value_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_HEADS),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+        ];
+        for (name, value, limit) in limits {
+            if value > limit {
+                return Err(format!(
+                    "`{name}` = {value} is beyond any Llama model (limit {limit}); the config describes {needs}"
+                ));
+            }
+        }
+        if let RopeScaling::Llama3 {
+            original_max_position_embeddings: o,
+            ..
+        } = self.rope_scaling
+        {
+            if o > MAX_POSITIONS {
+                return Err(format!(
+                    "rope_scaling.original_max_position_embeddings = {o} is beyond any Llama model (limit {MAX_POSITIONS})"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Query projection width: heads × head_dim.
@@ -253,10 +357,17 @@ fn parse_rope_scaling(v: Option<&Value>) -> std::result::Result<RopeScaling, Str
         .and_then(Value::as_str)
         .unwrap_or("default");
     let num = |k: &str| -> std::result::Result<f32, String> {
-        v.get(k)
+        let x = v
+            .get(k)
             .and_then(Value::as_f64)
             .map(|x| x as f32)
-            .ok_or_else(|| format!("rope_scaling of type {kind:?} needs a numeric `{k}`"))
+            .ok_or_else(|| format!("rope_scaling of type {kind:?} needs a numeric `{k}`"))?;
+        if !(x.is_finite() && x > 0.0) {
+            return Err(format!(
+                "rope_scaling `{k}` must be a positive number, got {x}"
+            ));
+        }
+        Ok(x)
     };
     match kind {
         "default" => Ok(RopeScaling::None),

@@ -19,7 +19,7 @@
 use crate::error::{Error, Result};
 use serde_json::Value;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 /// One dataset row as JSON, with where it came from (for error messages).
@@ -32,6 +32,11 @@ pub struct Row {
     /// 1-based line number for JSONL rows; `None` for JSON arrays and Parquet.
     pub line: Option<usize>,
 }
+
+/// The largest dataset row accepted, in bytes (a JSONL line, or a JSON / Parquet row's strings
+/// and values): 16 MiB, far beyond any context length (a 128 k-token context is well under 1 MiB
+/// of text). A larger row is an error naming it, found without reading more than this much of it.
+pub const MAX_ROW_BYTES: usize = 16 << 20;
 
 /// File extensions [`load_rows`] understands, for error messages.
 pub const SUPPORTED_FORMATS: &str = ".jsonl, .ndjson, .json, .parquet";
@@ -231,19 +236,42 @@ pub(crate) fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-fn read_jsonl(path: &Path, reader: impl BufRead, limit: Option<usize>) -> Result<Vec<Row>> {
+fn read_jsonl(path: &Path, mut reader: impl BufRead, limit: Option<usize>) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
+    let mut buf = Vec::new();
+    for n in 1.. {
         if limit.is_some_and(|l| rows.len() >= l) {
             break;
         }
-        let n = i + 1;
-        let line =
-            line.map_err(|e| dataset_err(path, Some(n), format!("cannot read line: {e}")))?;
+        buf.clear();
+        // At most one byte past the limit is read, so a huge line costs no more than that.
+        let got = (&mut reader)
+            .take(MAX_ROW_BYTES as u64 + 2)
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| dataset_err(path, Some(n), format!("cannot read line: {e}")))?;
+        if got == 0 {
+            break;
+        }
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+        }
+        if buf.len() > MAX_ROW_BYTES {
+            return Err(dataset_err(
+                path,
+                Some(n),
+                format!("the line is longer than {MAX_ROW_BYTES} bytes, the limit for one row"),
+            ));
+        }
+        let line = std::str::from_utf8(&buf).map_err(|e| {
+            dataset_err(path, Some(n), format!("cannot read line: not UTF-8 ({e})"))
+        })?;
         let text = if n == 1 {
             line.trim_start_matches('\u{feff}')
         } else {
-            &line
+            line
         };
         if text.trim().is_empty() {
             continue;
@@ -264,6 +292,49 @@ fn read_jsonl(path: &Path, reader: impl BufRead, limit: Option<usize>) -> Result
         });
     }
     Ok(rows)
+}
+
+/// A row's size as [`MAX_ROW_BYTES`] counts it: its strings' and keys' bytes plus 8 per other
+/// value (about its JSON size), stopping early once past `cap`.
+fn row_bytes(v: &Value, cap: usize) -> usize {
+    fn walk(v: &Value, total: &mut usize, cap: usize) {
+        if *total > cap {
+            return;
+        }
+        match v {
+            Value::String(s) => *total += s.len() + 2,
+            Value::Array(a) => {
+                *total += 2;
+                for x in a {
+                    walk(x, total, cap);
+                }
+            }
+            Value::Object(o) => {
+                *total += 2;
+                for (k, x) in o {
+                    *total += k.len() + 3;
+                    walk(x, total, cap);
+                }
+            }
+            _ => *total += 8,
+        }
+    }
+    let mut total = 0;
+    walk(v, &mut total, cap);
+    total
+}
+
+/// Refuses a JSON or Parquet row larger than [`MAX_ROW_BYTES`] (`n` is 1-based).
+fn check_row_size(path: &Path, n: usize, v: &Value) -> Result<()> {
+    let size = row_bytes(v, MAX_ROW_BYTES);
+    if size > MAX_ROW_BYTES {
+        return Err(dataset_err(
+            path,
+            None,
+            format!("row {n} is larger than {MAX_ROW_BYTES} bytes, the limit for one row"),
+        ));
+    }
+    Ok(())
 }
 
 fn read_json(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
@@ -333,6 +404,7 @@ fn read_json(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
                     ),
                 ));
             }
+            check_row_size(path, i + 1, &value)?;
             Ok(Row {
                 value,
                 file: path.to_path_buf(),
@@ -350,20 +422,48 @@ fn first_line_is_object(text: &str) -> bool {
         .is_some_and(|v| v.is_object())
 }
 
+/// Reads a Parquet file's rows. The `parquet` crate panics on some corrupt files (a page whose
+/// lengths point past its end trips a slice index in `bit_util::read_num_bytes`; found by the
+/// fuzz target `dataset_rows`), so the reading runs under `catch_unwind` and a panic becomes an
+/// error naming the file. Nothing outlives a panic: the reader and the rows read so far are
+/// dropped with it.
 fn read_parquet(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
+    let read = std::panic::AssertUnwindSafe(|| read_parquet_rows(path, limit));
+    match std::panic::catch_unwind(read) {
+        Ok(rows) => rows,
+        Err(panic) => Err(dataset_err(
+            path,
+            None,
+            format!(
+                "cannot read Parquet file: it is corrupt (the parquet library panicked: {})",
+                crate::tokenizer::panic_message(&*panic)
+            ),
+        )),
+    }
+}
+
+fn read_parquet_rows(path: &Path, limit: Option<usize>) -> Result<Vec<Row>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let bad = |e: parquet::errors::ParquetError| {
         dataset_err(path, None, format!("cannot read Parquet file: {e}"))
     };
     let reader = SerializedFileReader::new(file).map_err(bad)?;
+    // The footer's row count is only a hint: a corrupt file may claim anything.
     let total = usize::try_from(reader.metadata().file_metadata().num_rows()).unwrap_or(0);
     let take = limit.unwrap_or(usize::MAX);
-    let mut rows = Vec::with_capacity(total.min(take));
-    for row in reader.get_row_iter(None).map_err(bad)?.take(take) {
+    let mut rows = Vec::with_capacity(total.min(take).min(1 << 16));
+    for (i, row) in reader
+        .get_row_iter(None)
+        .map_err(bad)?
+        .take(take)
+        .enumerate()
+    {
         let row = row.map_err(bad)?;
+        let value = row_to_json(&row);
+        check_row_size(path, i + 1, &value)?;
         rows.push(Row {
-            value: row_to_json(&row),
+            value,
             file: path.to_path_buf(),
             line: None,
         });

@@ -7,6 +7,7 @@ use clap::{Args, CommandFactory, ValueEnum};
 use qlora::backend::{self, AnyBackend};
 use qlora::model::Recompute;
 use qlora::train::config::{EvalData, Resume, TrainConfig, Warmup};
+use qlora::train::config_file::{config_flags, FlagKind};
 use qlora::train::plan::{fmt_gib, Budget, DryRun, MemoryPlan, Verdict};
 use qlora::train::trainer::{train, Event, TrainSummary};
 use qlora::train::ScheduleKind;
@@ -263,59 +264,18 @@ pub fn expand_config_file(args: Vec<String>) -> Result<Vec<String>> {
     };
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("{path}: cannot read config file"))?;
-    let table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("{path}: not valid TOML"))?;
     let cmd = crate::cli::Cli::command();
     let train = cmd
         .find_subcommand("train")
         .expect("train subcommand exists");
-    let mut flags = Vec::new();
-    for (key, value) in &table {
-        let long = key.replace('_', "-");
-        let known = train
-            .get_arguments()
-            .find(|a| a.get_long() == Some(long.as_str()));
-        let Some(arg) = known else {
-            bail!("{path}: unknown setting `{key}` (settings are the long flags of `qlora train`, e.g. learning_rate = 1e-4)");
-        };
-        if long == "config" {
-            bail!("{path}: a config file cannot name another config file");
-        }
-        let takes_value = arg.get_action().takes_values();
-        let flag = format!("--{long}");
-        match value {
-            toml::Value::Boolean(b) if !takes_value => {
-                if *b {
-                    flags.push(flag);
-                }
-            }
-            toml::Value::String(s) if takes_value => flags.extend([flag, s.clone()]),
-            toml::Value::Integer(n) if takes_value => flags.extend([flag, n.to_string()]),
-            toml::Value::Float(x) if takes_value => flags.extend([flag, x.to_string()]),
-            toml::Value::Array(items) if takes_value => {
-                let parts: Vec<String> = items
-                    .iter()
-                    .map(|v| match v {
-                        toml::Value::String(s) => Ok(s.clone()),
-                        other => bail!(
-                            "{path}: `{key}` must be a list of strings, found a {}",
-                            other.type_str()
-                        ),
-                    })
-                    .collect::<Result<_>>()?;
-                flags.extend([flag, parts.join(",")]);
-            }
-            other => bail!(
-                "{path}: `{key}` has the wrong type ({}): {}",
-                other.type_str(),
-                if takes_value {
-                    "expected a string, number or list"
-                } else {
-                    "expected true or false"
-                }
-            ),
-        }
-    }
+    let flags = config_flags(&path, &text, |long| {
+        let arg = train.get_arguments().find(|a| a.get_long() == Some(long))?;
+        Some(if arg.get_action().takes_values() {
+            FlagKind::Value
+        } else {
+            FlagKind::Switch
+        })
+    })?;
     let mut out = args[..=sub].to_vec();
     out.extend(flags);
     out.extend(args[sub + 1..].iter().cloned());

@@ -479,9 +479,10 @@ fn env_vars_pick_the_cache_dir_offline_and_token() {
     }
 }
 
-/// A minimal stand-in for the Hub's HTTP API on 127.0.0.1, so the download path (hf-hub +
-/// our file selection) runs end to end without the internet.
+/// A minimal stand-in for the Hub's HTTP API on 127.0.0.1, so the download path (our HTTP client
+/// + file selection) runs end to end without the internet. Faults can be injected per file.
 mod fake_hub {
+    use sha1::Sha1;
     use sha2::{Digest, Sha256};
     use std::collections::HashMap;
     use std::io::{BufRead, BufReader, Read, Write};
@@ -490,16 +491,47 @@ mod fake_hub {
 
     pub const COMMIT: &str = "abcdefabcdefabcdefabcdefabcdefabcdefabcd";
 
+    /// What the server does wrong for one file.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub enum Fault {
+        /// Announce the full length but close the connection after `after` body bytes, for the
+        /// next `times` requests of the file.
+        Truncate { after: usize, times: usize },
+        /// Send the right number of bytes, one of them wrong.
+        Corrupt,
+        /// Announce `delta` more (or fewer) bytes than the file has, in the listing and in
+        /// `X-Linked-Size`.
+        ListedSize { delta: i64 },
+        /// Ignore `Range` and send the whole file with status 200.
+        NoRange,
+    }
+
     pub struct Server {
         pub endpoint: String,
         pub requests: Arc<Mutex<Vec<String>>>,
+        /// `(file path, first byte asked for)` of every file request.
+        pub ranges: Arc<Mutex<Vec<(String, usize)>>>,
+        pub faults: Arc<Mutex<HashMap<String, Fault>>>,
     }
 
     type Repos = HashMap<String, Vec<(String, Vec<u8>)>>;
     /// (URL prefix like `org/m` or `datasets/org/d`, its files as (name, content)).
     pub type RepoSpec<'a> = (&'a str, Vec<(&'a str, Vec<u8>)>);
 
+    struct State {
+        repos: Repos,
+        /// Whether the listing carries sizes and hashes (`?blobs=true`), as the real Hub's does.
+        detailed: bool,
+        requests: Arc<Mutex<Vec<String>>>,
+        ranges: Arc<Mutex<Vec<(String, usize)>>>,
+        faults: Arc<Mutex<HashMap<String, Fault>>>,
+    }
+
     pub fn start(repos: Vec<RepoSpec>) -> Server {
+        start_with(repos, false)
+    }
+
+    pub fn start_with(repos: Vec<RepoSpec>, detailed: bool) -> Server {
         let repos: Repos = repos
             .into_iter()
             .map(|(r, files)| {
@@ -509,17 +541,41 @@ mod fake_hub {
             .collect();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let log = requests.clone();
+        let state = Arc::new(State {
+            repos,
+            detailed,
+            requests: Arc::default(),
+            ranges: Arc::default(),
+            faults: Arc::default(),
+        });
+        let server = Server {
+            endpoint,
+            requests: state.requests.clone(),
+            ranges: state.ranges.clone(),
+            faults: state.faults.clone(),
+        };
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let _ = serve(stream, &repos, &log);
+                let _ = serve(stream, &state);
             }
         });
-        Server { endpoint, requests }
+        server
     }
 
-    fn serve(stream: TcpStream, repos: &Repos, log: &Mutex<Vec<String>>) -> std::io::Result<()> {
+    /// Git's blob id: SHA-1 of `blob <len>\0<content>`.
+    pub fn git_blob_id(content: &[u8]) -> String {
+        let mut h = Sha1::new();
+        h.update(format!("blob {}\0", content.len()).as_bytes());
+        h.update(content);
+        format!("{:x}", h.finalize())
+    }
+
+    /// Files stored with LFS on the Hub (their listing entry has `lfs.sha256`).
+    pub fn is_lfs(name: &str) -> bool {
+        name.ends_with(".safetensors") || name.ends_with(".parquet")
+    }
+
+    fn serve(stream: TcpStream, st: &State) -> std::io::Result<()> {
         let mut reader = BufReader::new(stream.try_clone()?);
         let mut first = String::new();
         reader.read_line(&mut first)?;
@@ -535,73 +591,151 @@ mod fake_hub {
                 range_start = r.split('-').next().unwrap().trim().parse().unwrap_or(0);
             }
         }
-        log.lock().unwrap().push(path.clone());
-        let (status, headers, body) = respond(&path, range_start, repos);
+        st.requests.lock().unwrap().push(path.clone());
+        let (status, headers, body, cut) = respond(&path, range_start, st);
         let mut out = stream;
         write!(out, "HTTP/1.1 {status}\r\nConnection: close\r\n")?;
         for (k, v) in headers {
             write!(out, "{k}: {v}\r\n")?;
         }
         write!(out, "Content-Length: {}\r\n\r\n", body.len())?;
-        out.write_all(&body)?;
+        out.write_all(&body[..cut.unwrap_or(body.len()).min(body.len())])?;
         out.flush()?;
+        if cut.is_some() {
+            // Drop the connection mid-body.
+            let _ = out.shutdown(std::net::Shutdown::Both);
+            return Ok(());
+        }
         let _ = reader.read(&mut [0u8; 0]);
         Ok(())
     }
 
-    fn respond(
-        path: &str,
-        start: usize,
-        repos: &Repos,
-    ) -> (String, Vec<(String, String)>, Vec<u8>) {
-        let not_found = || ("404 Not Found".to_owned(), vec![], b"not found".to_vec());
+    type Response = (String, Vec<(String, String)>, Vec<u8>, Option<usize>);
+
+    fn respond(path: &str, start: usize, st: &State) -> Response {
+        let not_found = || {
+            (
+                "404 Not Found".to_owned(),
+                vec![],
+                b"not found".to_vec(),
+                None,
+            )
+        };
         if path.starts_with("/api/models/org/gated") {
-            return ("401 Unauthorized".to_owned(), vec![], b"gated".to_vec());
+            return (
+                "401 Unauthorized".to_owned(),
+                vec![],
+                b"gated".to_vec(),
+                None,
+            );
         }
         if let Some(rest) = path.strip_prefix("/api/") {
-            // /api/{models|datasets}/{id}/revision/{rev}
+            // /api/{models|datasets}/{id}/revision/{rev}[?blobs=true]
             let Some((repo, _rev)) = rest.split_once("/revision/") else {
                 return not_found();
             };
             let key = repo.strip_prefix("models/").unwrap_or(repo);
-            let Some(files) = repos.get(key) else {
+            let Some(files) = st.repos.get(key) else {
                 return not_found();
             };
+            let faults = st.faults.lock().unwrap();
             let siblings: Vec<String> = files
                 .iter()
-                .map(|(n, _)| format!("{{\"rfilename\": \"{n}\"}}"))
+                .map(|(n, b)| {
+                    if !st.detailed {
+                        return format!("{{\"rfilename\": \"{n}\"}}");
+                    }
+                    let size = match faults.get(n) {
+                        Some(Fault::ListedSize { delta }) => (b.len() as i64 + delta) as usize,
+                        _ => b.len(),
+                    };
+                    let lfs = if is_lfs(n) {
+                        format!(
+                            ", \"lfs\": {{\"sha256\": \"{:x}\", \"size\": {size}, \"pointerSize\": 130}}",
+                            Sha256::digest(b)
+                        )
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "{{\"rfilename\": \"{n}\", \"size\": {size}, \"blobId\": \"{}\"{lfs}}}",
+                        git_blob_id(b)
+                    )
+                })
                 .collect();
             let body = format!(
                 "{{\"sha\": \"{COMMIT}\", \"siblings\": [{}]}}",
                 siblings.join(",")
             );
             let headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
-            return ("200 OK".to_owned(), headers, body.into_bytes());
+            return ("200 OK".to_owned(), headers, body.into_bytes(), None);
         }
         // /{prefix}/resolve/{rev}/{file}
         let Some((repo, rest)) = path[1..].split_once("/resolve/") else {
             return not_found();
         };
         let file = rest.split_once('/').map(|(_, f)| f).unwrap_or_default();
-        let Some(content) = repos
+        let Some(content) = st
+            .repos
             .get(repo)
             .and_then(|fs| fs.iter().find(|(n, _)| n == file))
             .map(|(_, b)| b)
         else {
             return not_found();
         };
-        let etag = format!("{:x}", Sha256::digest(content));
-        let end = content.len().saturating_sub(1);
-        let headers = vec![
+        st.ranges.lock().unwrap().push((file.to_owned(), start));
+        let mut faults = st.faults.lock().unwrap();
+        let fault = faults.get(file).copied();
+        let etag = if is_lfs(file) {
+            format!("{:x}", Sha256::digest(content))
+        } else {
+            git_blob_id(content)
+        };
+        let mut headers = vec![
             ("ETag".to_owned(), format!("\"{etag}\"")),
             ("X-Repo-Commit".to_owned(), COMMIT.to_owned()),
-            (
-                "Content-Range".to_owned(),
-                format!("bytes {start}-{end}/{}", content.len()),
-            ),
         ];
-        let body = content.get(start..).unwrap_or_default().to_vec();
-        ("206 Partial Content".to_owned(), headers, body)
+        if is_lfs(file) {
+            // What the Hub puts on an LFS file's resolve response (its redirect, really).
+            let size = match fault {
+                Some(Fault::ListedSize { delta }) => content.len() as i64 + delta,
+                _ => content.len() as i64,
+            };
+            headers.push(("X-Linked-Size".to_owned(), size.to_string()));
+            headers.push(("X-Linked-Etag".to_owned(), format!("\"{etag}\"")));
+        }
+        if fault == Some(Fault::NoRange) {
+            return ("200 OK".to_owned(), headers, content.clone(), None);
+        }
+        let end = content.len().saturating_sub(1);
+        headers.push((
+            "Content-Range".to_owned(),
+            format!("bytes {start}-{end}/{}", content.len()),
+        ));
+        let mut body = content.get(start..).unwrap_or_default().to_vec();
+        let mut cut = None;
+        match fault {
+            Some(Fault::Corrupt) if !body.is_empty() => {
+                let i = body.len() / 2;
+                body[i] ^= 0x55;
+            }
+            Some(Fault::Truncate { after, times }) if times > 0 => {
+                cut = Some(after);
+                if times == 1 {
+                    faults.remove(file);
+                } else {
+                    faults.insert(
+                        file.to_owned(),
+                        Fault::Truncate {
+                            after,
+                            times: times - 1,
+                        },
+                    );
+                }
+            }
+            _ => {}
+        }
+        ("206 Partial Content".to_owned(), headers, body, cut)
     }
 }
 
@@ -727,4 +861,362 @@ fn download_errors_name_the_repo() {
     assert!(msg.contains("401") && msg.contains("HF_TOKEN"), "{msg}");
     let msg = hub_msg("org/weightless");
     assert!(msg.contains("neither model.safetensors nor"), "{msg}");
+}
+
+/// Bytes that are not all alike, so a wrong offset or a flipped byte changes the hash.
+fn weights_bytes(n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i * 31 % 251) as u8 ^ (i >> 8) as u8)
+        .collect()
+}
+
+/// A one-file model repo on a fake Hub whose listing announces sizes and hashes.
+fn weights_server(weights: &[u8]) -> fake_hub::Server {
+    fake_hub::start_with(
+        vec![(
+            "org/w",
+            vec![
+                ("config.json", b"{\"hidden_size\": 8}".to_vec()),
+                ("model.safetensors", weights.to_vec()),
+            ],
+        )],
+        true,
+    )
+}
+
+fn repo_blobs(cache: &Path) -> PathBuf {
+    cache.join("models--org--w/blobs")
+}
+
+fn hub_err(r: qlora::Result<PathBuf>) -> String {
+    match r {
+        Err(Error::Hub(msg)) => msg,
+        other => panic!("expected Error::Hub, got {other:?}"),
+    }
+}
+
+/// The files in the repo's `blobs/` (names only), sorted.
+fn blob_names(cache: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(repo_blobs(cache))
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_dropped_connection_is_resumed_with_a_range_request() {
+    let weights = weights_bytes(100_000);
+    let server = weights_server(&weights);
+    server.faults.lock().unwrap().insert(
+        "model.safetensors".into(),
+        fake_hub::Fault::Truncate {
+            after: 30_000,
+            times: 1,
+        },
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let Some(e) = online_env(cache.path(), &server.endpoint) else {
+        return;
+    };
+    let dir = resolve_model_in("org/w", &e).unwrap();
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        weights
+    );
+    let ranges: Vec<usize> = server
+        .ranges
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(f, _)| f == "model.safetensors")
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(
+        ranges,
+        [0, 30_000],
+        "the second request resumes at byte 30000"
+    );
+    assert!(
+        !blob_names(cache.path())
+            .iter()
+            .any(|b| b.ends_with(".incomplete")),
+        "{:?}",
+        blob_names(cache.path())
+    );
+}
+
+#[test]
+fn an_interrupted_download_is_never_cached_as_complete_and_the_next_run_resumes_it() {
+    let weights = weights_bytes(100_000);
+    let sha = format!("{:x}", Sha256::digest(&weights));
+    let server = weights_server(&weights);
+    // Every attempt of this run is cut short: 3 × 30000 bytes arrive.
+    server.faults.lock().unwrap().insert(
+        "model.safetensors".into(),
+        fake_hub::Fault::Truncate {
+            after: 30_000,
+            times: qlora::hub::DOWNLOAD_ATTEMPTS,
+        },
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let Some(e) = online_env(cache.path(), &server.endpoint) else {
+        return;
+    };
+    let msg = hub_err(resolve_model_in("org/w", &e));
+    assert!(
+        msg.contains("model.safetensors: download interrupted after 90000 of 100000 bytes")
+            && msg.contains("the next run resumes it"),
+        "{msg}"
+    );
+    // Nothing claims to be complete: no blob under its final name, no snapshot link, and the
+    // cache is not usable offline.
+    assert_eq!(
+        blob_names(cache.path())
+            .iter()
+            .filter(|b| **b == sha)
+            .count(),
+        0
+    );
+    let part = repo_blobs(cache.path()).join(format!("{sha}.incomplete"));
+    assert_eq!(std::fs::metadata(&part).unwrap().len(), 90_000);
+    let snapshot = cache
+        .path()
+        .join("models--org--w/snapshots")
+        .join(fake_hub::COMMIT);
+    assert!(!snapshot.join("model.safetensors").exists());
+    let offline = HubEnv {
+        offline: true,
+        ..e.clone()
+    };
+    assert!(resolve_model_in("org/w", &offline).is_err());
+
+    // The next run asks only for the missing 10000 bytes.
+    server.ranges.lock().unwrap().clear();
+    let dir = resolve_model_in("org/w", &e).unwrap();
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        weights
+    );
+    let ranges = server.ranges.lock().unwrap().clone();
+    assert_eq!(ranges, [("model.safetensors".to_string(), 90_000)]);
+    assert!(!part.exists());
+    assert_eq!(resolve_model_in("org/w", &offline).unwrap(), dir);
+}
+
+#[test]
+fn bytes_that_do_not_match_the_announced_hash_are_discarded() {
+    let weights = weights_bytes(50_000);
+    let server = weights_server(&weights);
+    for (file, what) in [
+        ("model.safetensors", "SHA-256 mismatch"),
+        ("config.json", "git blob id mismatch"),
+    ] {
+        // A fresh cache each time: a file cached by the previous round is not fetched again.
+        let cache = tempfile::tempdir().unwrap();
+        let Some(e) = online_env(cache.path(), &server.endpoint) else {
+            return;
+        };
+        server.faults.lock().unwrap().clear();
+        server
+            .faults
+            .lock()
+            .unwrap()
+            .insert(file.into(), fake_hub::Fault::Corrupt);
+        let msg = hub_err(resolve_model_in("org/w", &e));
+        assert!(
+            msg.contains(&format!("{file}: {what}")) && msg.contains("run again to re-fetch"),
+            "{msg}"
+        );
+        assert!(
+            !blob_names(cache.path())
+                .iter()
+                .any(|b| b.ends_with(".incomplete")),
+            "the bad bytes are removed: {:?}",
+            blob_names(cache.path())
+        );
+        server.faults.lock().unwrap().clear();
+        let dir = resolve_model_in("org/w", &e).unwrap();
+        assert_eq!(
+            std::fs::read(dir.join("model.safetensors")).unwrap(),
+            weights
+        );
+    }
+}
+
+#[test]
+fn the_announced_size_is_enforced() {
+    let weights = weights_bytes(20_000);
+    let cache = tempfile::tempdir().unwrap();
+    for (delta, needle) in [
+        (-100, "more than the announced 19900"),
+        (100, "download interrupted after 20000 of 20100 bytes"),
+    ] {
+        let server = weights_server(&weights);
+        server.faults.lock().unwrap().insert(
+            "model.safetensors".into(),
+            fake_hub::Fault::ListedSize { delta },
+        );
+        let Some(e) = online_env(cache.path(), &server.endpoint) else {
+            return;
+        };
+        let msg = hub_err(resolve_model_in("org/w", &e));
+        assert!(msg.contains(needle), "{delta}: {msg}");
+        assert!(!cache
+            .path()
+            .join("models--org--w/snapshots")
+            .join(fake_hub::COMMIT)
+            .join("model.safetensors")
+            .exists());
+    }
+}
+
+/// The `Range` starts of every request for `model.safetensors`.
+fn weight_ranges(server: &fake_hub::Server) -> Vec<(String, usize)> {
+    let ranges = server.ranges.lock().unwrap();
+    ranges
+        .iter()
+        .filter(|(f, _)| f == "model.safetensors")
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn stale_partial_files_are_discarded_or_refetched() {
+    let weights = weights_bytes(40_000);
+    let sha = format!("{:x}", Sha256::digest(&weights));
+    let cache = tempfile::tempdir().unwrap();
+    let part = repo_blobs(cache.path()).join(format!("{sha}.incomplete"));
+    std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+
+    // Longer than the file: thrown away, fetched from the start.
+    let server = weights_server(&weights);
+    let Some(e) = online_env(cache.path(), &server.endpoint) else {
+        return;
+    };
+    std::fs::write(&part, vec![7u8; 40_005]).unwrap();
+    let dir = resolve_model_in("org/w", &e).unwrap();
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        weights
+    );
+    let ranges = weight_ranges(&server);
+    assert_eq!(ranges, [("model.safetensors".to_string(), 0)]);
+
+    // Half a file of the wrong bytes: resumed, the hash fails, fetched again from the start.
+    let cache2 = tempfile::tempdir().unwrap();
+    let server = weights_server(&weights);
+    let e = online_env(cache2.path(), &server.endpoint).unwrap();
+    let part = repo_blobs(cache2.path()).join(format!("{sha}.incomplete"));
+    std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+    std::fs::write(&part, vec![7u8; 20_000]).unwrap();
+    let dir = resolve_model_in("org/w", &e).unwrap();
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        weights
+    );
+    let ranges = weight_ranges(&server);
+    assert_eq!(
+        ranges,
+        [
+            ("model.safetensors".to_string(), 20_000),
+            ("model.safetensors".to_string(), 0)
+        ]
+    );
+
+    // A server that ignores Range: the partial file is rewritten from byte 0.
+    let cache3 = tempfile::tempdir().unwrap();
+    let server = weights_server(&weights);
+    server
+        .faults
+        .lock()
+        .unwrap()
+        .insert("model.safetensors".into(), fake_hub::Fault::NoRange);
+    let e = online_env(cache3.path(), &server.endpoint).unwrap();
+    let part = repo_blobs(cache3.path()).join(format!("{sha}.incomplete"));
+    std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+    std::fs::write(&part, &weights[..10_000]).unwrap();
+    let dir = resolve_model_in("org/w", &e).unwrap();
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        weights
+    );
+}
+
+#[test]
+fn a_hostile_listing_cannot_write_outside_the_cache() {
+    let server = fake_hub::start_with(
+        vec![(
+            "org/evil",
+            vec![
+                ("config.json", b"{}".to_vec()),
+                ("../../escape.safetensors", b"x".to_vec()),
+            ],
+        )],
+        true,
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let Some(e) = online_env(cache.path(), &server.endpoint) else {
+        return;
+    };
+    let msg = hub_err(resolve_model_in("org/evil", &e));
+    assert!(msg.contains("not a relative path inside the repo"), "{msg}");
+}
+
+#[test]
+fn without_a_detailed_listing_the_resolve_headers_are_checked() {
+    // An older mirror: the listing names files only; X-Linked-Size and X-Linked-Etag (SHA-256)
+    // on the resolve response announce what the download must match.
+    let weights = weights_bytes(30_000);
+    for (fault, needle) in [
+        (
+            fake_hub::Fault::Corrupt,
+            "model.safetensors: SHA-256 mismatch",
+        ),
+        (
+            fake_hub::Fault::ListedSize { delta: -100 },
+            "more than the announced 29900",
+        ),
+        (
+            fake_hub::Fault::ListedSize { delta: 100 },
+            "download interrupted after 30000 of 30100 bytes",
+        ),
+    ] {
+        let server = fake_hub::start_with(
+            vec![(
+                "org/w",
+                vec![
+                    ("config.json", b"{\"hidden_size\": 8}".to_vec()),
+                    ("model.safetensors", weights.clone()),
+                ],
+            )],
+            false,
+        );
+        let cache = tempfile::tempdir().unwrap();
+        let Some(e) = online_env(cache.path(), &server.endpoint) else {
+            return;
+        };
+        server
+            .faults
+            .lock()
+            .unwrap()
+            .insert("model.safetensors".into(), fault);
+        let msg = hub_err(resolve_model_in("org/w", &e));
+        assert!(msg.contains(needle), "{fault:?}: {msg}");
+        assert!(!cache
+            .path()
+            .join("models--org--w/snapshots")
+            .join(fake_hub::COMMIT)
+            .join("model.safetensors")
+            .exists());
+        server.faults.lock().unwrap().clear();
+        let dir = resolve_model_in("org/w", &e).unwrap();
+        assert_eq!(
+            std::fs::read(dir.join("model.safetensors")).unwrap(),
+            weights
+        );
+    }
 }

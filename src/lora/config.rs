@@ -16,6 +16,9 @@ use std::path::Path;
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// Name of the adapter weights file in an adapter directory.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The largest LoRA rank accepted (65,536; published adapters use 4 to 256). Keeps every
+/// parameter count of an adapter far from overflow.
+pub const MAX_RANK: usize = 1 << 16;
 
 /// A linear layer of a Llama decoder that LoRA can adapt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -326,6 +329,12 @@ impl LoraConfig {
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
             return Err(Error::InvalidArg("LoRA rank r must be at least 1".into()));
+        }
+        if self.r > MAX_RANK {
+            return Err(Error::InvalidArg(format!(
+                "LoRA rank r = {} is beyond any usable rank (limit {MAX_RANK})",
+                self.r
+            )));
         }
         if !self.lora_alpha.is_finite() || self.lora_alpha <= 0.0 {
             return Err(Error::InvalidArg(format!(

@@ -200,4 +200,20 @@ impl TrainConfig {
         }
         Ok(())
     }
+
+    /// Checks the settings against the model's config: `--max-seq-len` may not exceed the
+    /// context the model was trained for (`max_position_embeddings`), which is refused up front
+    /// rather than training on positions the model has never seen (or sizing buffers for a
+    /// length nothing in the data will reach).
+    pub fn validate_for_model(&self, model: &crate::config::ModelConfig) -> Result<()> {
+        if self.data.max_seq_len > model.max_position_embeddings {
+            return Err(Error::InvalidArg(format!(
+                "--max-seq-len {} exceeds the model's context of {} tokens (max_position_embeddings in config.json); use at most --max-seq-len {}",
+                self.data.max_seq_len,
+                model.max_position_embeddings,
+                model.max_position_embeddings
+            )));
+        }
+        Ok(())
+    }
 }

@@ -119,11 +119,28 @@ fn string_field<'a>(row: &'a Row, n: usize, field: &str) -> Result<&'a str> {
     }
 }
 
+/// The most messages one conversation row may hold. Completion-only loss renders the template
+/// once per assistant turn (on the conversation so far), so a row's cost grows with the square of
+/// its length; real conversations have tens of turns.
+pub const MAX_MESSAGES: usize = 1000;
+
 fn messages(row: &Row, n: usize, field: &str) -> Result<Vec<Message>> {
     let v = row
         .value
         .get(field)
         .ok_or_else(|| row_err(row, n, format!("no field `{field}`")))?;
+    if let Some(a) = v.as_array() {
+        if a.len() > MAX_MESSAGES {
+            return Err(row_err(
+                row,
+                n,
+                format!(
+                    "field `{field}` holds {} messages, more than the limit of {MAX_MESSAGES} for one conversation",
+                    a.len()
+                ),
+            ));
+        }
+    }
     serde_json::from_value(v.clone()).map_err(|e| {
         row_err(
             row,

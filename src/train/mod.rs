@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod config_file;
 pub mod data;
 pub mod metrics;
 pub mod optim;

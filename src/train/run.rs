@@ -122,6 +122,7 @@ impl<B: TrainBackend> Run<B> {
         };
         // Tokenizer and data first: bad data fails before the slow model load.
         let model_dir = crate::hub::resolve_model(&cfg.model)?;
+        cfg.validate_for_model(&crate::loader::read_config(&model_dir)?)?;
         let tokenizer = crate::tokenizer::Tokenizer::from_dir(&model_dir)?;
         let data = load_data(cfg, &tokenizer)?;
         let mut model = crate::loader::load_model_dir(&model_dir, backend, cfg.quant)?.model;

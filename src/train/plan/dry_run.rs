@@ -97,6 +97,7 @@ impl DryRun {
         cfg.validate()?;
         let model_dir = crate::hub::resolve_model(&cfg.model)?;
         let model_cfg = crate::loader::read_config(&model_dir)?;
+        cfg.validate_for_model(&model_cfg)?;
         let model = ModelShape::from_dir(&model_dir, &model_cfg, cfg.quant)?;
         let mut notes = Vec::new();
         let lora = adapter_config(cfg, &model_cfg, &mut notes)?;

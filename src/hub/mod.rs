@@ -10,15 +10,16 @@
 //!    `~/.cache/huggingface/hub`, the layout `huggingface_hub` and `hf-hub` write) is searched
 //!    by [`cached_snapshot`], a pure function of (cache dir, kind, id, revision).
 //! 4. If the cache has no usable snapshot: with `HF_HUB_OFFLINE` set, a clear error; otherwise
-//!    the needed files are downloaded with `hf-hub` into that same cache.
+//!    the needed files are downloaded (see below) into that same cache.
 //!
 //! Process-global environment variables are read only by [`HubEnv::from_env`]; everything else
 //! takes a [`HubEnv`], so tests can point at a temporary cache without touching the process env.
 //!
-//! Downloads (`hf-hub`, blocking, with progress bars) fetch only what qlora needs: for a model
-//! `config.json`, the tokenizer files and chat template when the repo has them, and
-//! `model.safetensors` or the index and every shard it lists; for a dataset the data files
-//! [`data::select_data_files`] picks from the repo listing (train split preferred).
+//! Downloads (`hub/download/`: blocking, resumable, size- and hash-checked, atomic, with
+//! progress bars) fetch only what qlora needs: for a model `config.json`, the tokenizer files and
+//! chat template when the repo has them, and `model.safetensors` or the index and every shard it
+//! lists; for a dataset the data files [`data::select_data_files`] picks from the repo listing
+//! (train split preferred).
 
 use crate::data;
 use crate::error::{Error, Result};
@@ -449,119 +450,7 @@ fn resolve_id(id: &HubId, kind: RepoKind, env: &HubEnv) -> Result<PathBuf> {
 }
 
 /// The network side: only reached when the cache has nothing usable and downloads are allowed.
-mod download {
-    use super::*;
-    use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
-    use hf_hub::{Cache, Repo, RepoType};
-    use std::collections::HashSet;
+mod download;
 
-    fn hub_err(id: &HubId, e: ApiError) -> Error {
-        let msg = e.to_string();
-        let hint = if msg.contains("status code 401") || msg.contains("status code 403") {
-            " (private or gated repo? accept its license on the Hub and set HF_TOKEN)"
-        } else if msg.contains("status code 404") {
-            if id.id.contains('/') {
-                " (no such repo or revision)"
-            } else {
-                " (no such repo or revision, and no local path of that name)"
-            }
-        } else {
-            ""
-        };
-        Error::Hub(format!("{id}: {msg}{hint}"))
-    }
-
-    fn get(repo: &ApiRepo, id: &HubId, file: &str) -> Result<PathBuf> {
-        tracing::info!("fetching {id} {file}");
-        repo.get(file).map_err(|e| hub_err(id, e))
-    }
-
-    /// The snapshot folder holding `path`, which is `rel` inside it.
-    fn snapshot_root(path: &Path, rel: &str) -> PathBuf {
-        let mut root = path.to_path_buf();
-        for _ in rel.split('/') {
-            root.pop();
-        }
-        root
-    }
-
-    pub(super) fn fetch(id: &HubId, kind: RepoKind, env: &HubEnv) -> Result<PathBuf> {
-        // `from_cache`, not `new`: `new` panics when there is no home directory.
-        let mut builder = ApiBuilder::from_cache(Cache::new(env.cache_dir.clone()))
-            .with_token(env.token_for_download())
-            .with_progress(env.progress);
-        if let Some(endpoint) = &env.endpoint {
-            builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_owned());
-        }
-        let api = builder
-            .build()
-            .map_err(|e| Error::Hub(format!("{id}: cannot set up the Hub client: {e}")))?;
-        let repo_type = match kind {
-            RepoKind::Model => RepoType::Model,
-            RepoKind::Dataset => RepoType::Dataset,
-        };
-        let repo = api.repo(Repo::with_revision(
-            id.id.clone(),
-            repo_type,
-            id.revision().to_owned(),
-        ));
-        let info = repo.info().map_err(|e| hub_err(id, e))?;
-        let listed: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-        match kind {
-            RepoKind::Model => fetch_model(&repo, id, &listed),
-            RepoKind::Dataset => fetch_dataset(&repo, id, &listed),
-        }
-    }
-
-    fn fetch_model(repo: &ApiRepo, id: &HubId, listed: &[String]) -> Result<PathBuf> {
-        let has: HashSet<&str> = listed.iter().map(String::as_str).collect();
-        if !has.contains("config.json") {
-            return Err(Error::Hub(format!("{id}: the repo has no config.json")));
-        }
-        let config = get(repo, id, "config.json")?;
-        if !has.contains("tokenizer.json") {
-            tracing::warn!("{id}: the repo has no tokenizer.json");
-        }
-        for file in MODEL_EXTRA_FILES.iter().filter(|f| has.contains(**f)) {
-            get(repo, id, file)?;
-        }
-        if has.contains("model.safetensors") {
-            get(repo, id, "model.safetensors")?;
-        } else if has.contains("model.safetensors.index.json") {
-            let index = get(repo, id, "model.safetensors.index.json")?;
-            let shards = index_shards(&index).map_err(|e| Error::Hub(format!("{id}: {e}")))?;
-            for shard in &shards {
-                get(repo, id, shard)?;
-            }
-        } else {
-            return Err(Error::Hub(format!(
-                "{id}: the repo has neither model.safetensors nor model.safetensors.index.json \
-                 (only safetensors checkpoints are supported)"
-            )));
-        }
-        let dir = snapshot_root(&config, "config.json");
-        check_model_dir(&dir).map_err(|why| Error::Hub(format!("{id}: after download, {why}")))?;
-        Ok(dir)
-    }
-
-    fn fetch_dataset(repo: &ApiRepo, id: &HubId, listed: &[String]) -> Result<PathBuf> {
-        let chosen = data::select_data_files(listed);
-        if chosen.is_empty() {
-            let some: Vec<&str> = listed.iter().take(12).map(String::as_str).collect();
-            return Err(Error::Hub(format!(
-                "{id}: no data files ({}) in the repo (files: {})",
-                data::SUPPORTED_FORMATS,
-                some.join(", ")
-            )));
-        }
-        let mut root = None;
-        for file in &chosen {
-            let path = get(repo, id, file)?;
-            root.get_or_insert_with(|| snapshot_root(&path, file));
-        }
-        let dir = root.expect("at least one file fetched");
-        check_dataset_dir(&dir)
-            .map_err(|why| Error::Hub(format!("{id}: after download, {why}")))?;
-        Ok(dir)
-    }
-}
+/// Tries per file within one run: the first request plus resumes after a dropped connection.
+pub const DOWNLOAD_ATTEMPTS: usize = download::ATTEMPTS;
