@@ -411,8 +411,14 @@ fn backend_ops_match_the_cpu_spec() {
             1e-5,
         );
     }
-    let kc = rvec(&mut rng, cap * kv * d, 1.0);
-    let vc = rvec(&mut rng, cap * kv * d, 1.0);
+    // The device cache is bf16: the CPU reference reads the same rounded values.
+    let bf =
+        |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(qlora::backend::cpu::bf16_round).collect() };
+    let (kf, vf) = (
+        rvec(&mut rng, cap * kv * d, 1.0),
+        rvec(&mut rng, cap * kv * d, 1.0),
+    );
+    let (kc, vc) = (bf(kf.clone()), bf(vf.clone()));
     let s = AttnShape {
         batch: 1,
         q_len: t,
@@ -425,14 +431,13 @@ fn backend_ops_match_the_cpu_spec() {
     let mut oc = c.zeros(t * h * d).unwrap();
     c.attention(&mut oc, &qc, &kc, &vc, s).unwrap();
     let mut og = g.zeros(t * h * d).unwrap();
-    g.attention(
-        &mut og,
-        &g.upload(&qc).unwrap(),
-        &g.upload(&kc).unwrap(),
-        &g.upload(&vc).unwrap(),
-        s,
-    )
-    .unwrap();
+    let (mut kg, mut vg) = (g.kv_new(kf.len()).unwrap(), g.kv_new(vf.len()).unwrap());
+    g.kv_write(&mut kg, 0, &g.upload(&kf).unwrap(), kf.len())
+        .unwrap();
+    g.kv_write(&mut vg, 0, &g.upload(&vf).unwrap(), vf.len())
+        .unwrap();
+    g.attention(&mut og, &g.upload(&qc).unwrap(), &kg, &vg, s)
+        .unwrap();
     close("attention", &g.download(&og).unwrap(), &oc, 1e-5);
     let (a, b) = (rvec(&mut rng, 301, 3.0), rvec(&mut rng, 301, 3.0));
     let mut sc = c.zeros(301).unwrap();
@@ -749,6 +754,7 @@ check_test!(check_training_ops, ops);
 check_test!(check_lora, lora);
 check_test!(check_nf4_dx, nf4_dx);
 check_test!(check_flash_attention, attention);
+check_test!(check_decode_attention, decode_attention);
 check_test!(check_adamw, adamw);
 check_test!(check_adamw8, adam8);
 check_test!(check_training_step, model);

@@ -4,7 +4,8 @@
 //! Each comparison is a [`CheckRow`]: `op | max error | bound | ok`. The CUDA tests
 //! (`tests/cuda_ops.rs`) call these same functions, so a check and its test cannot drift apart.
 //!
-//! One file per op group: `attention.rs` (flash attention forward/backward), `nf4_dx.rs` (the
+//! One file per op group: `attention.rs` (flash attention forward/backward),
+//! `decode_attention.rs` (inference attention over the bf16 KV cache), `nf4_dx.rs` (the
 //! backward NF4 product), `ops.rs` (RMSNorm/SwiGLU backward, dropout, cross-entropy, stash),
 //! `lora.rs` (the LoRA products), `adamw.rs` and `adam8.rs` (the device optimizers, 32- and
 //! 8-bit), `model.rs` (a whole step), `quantize.rs` (NF4 quantization while loading, bit for bit).
@@ -15,6 +16,8 @@ pub mod adam8;
 pub mod adamw;
 #[cfg(feature = "cuda")]
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod decode_attention;
 #[cfg(feature = "cuda")]
 pub mod lora;
 #[cfg(feature = "cuda")]
@@ -177,6 +180,9 @@ pub fn run_all(be: &crate::backend::cuda::backend::CudaBackend) -> Vec<CheckRow>
     rows.extend(rows_or_failure("lora", || lora::run(be)));
     rows.extend(rows_or_failure("nf4 dx", || nf4_dx::run(be)));
     rows.extend(rows_or_failure("attention", || attention::run(be)));
+    rows.extend(rows_or_failure("decode attention", || {
+        decode_attention::run(be)
+    }));
     rows.extend(rows_or_failure("adamw", || adamw::run(be)));
     rows.extend(rows_or_failure("adamw8", || adam8::run(be)));
     rows.extend(rows_or_failure("training step", || model::run(be)));

@@ -10,7 +10,7 @@
 //! first, so prefill (`pos0 = 0`) and decoding (`T = 1`) are the same code path.
 
 use super::lora::Lora;
-use crate::backend::{AttnShape, Backend, HostLinear, RawTensor};
+use crate::backend::{AttnShape, Backend, HostLinear, LoraTerm, RawTensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::LoraTarget;
@@ -313,10 +313,11 @@ impl RandomSource {
     }
 }
 
-/// Per-layer key/value cache, `[cap, kv_heads, head_dim]` per layer (batch 1).
+/// Per-layer key/value cache, `[cap, kv_heads, head_dim]` per layer (batch 1), in the backend's
+/// cache precision ([`Backend::Kv`]: f32 on the CPU, bf16 on CUDA).
 pub struct KvCache<B: Backend> {
-    pub k: Vec<B::Buf>,
-    pub v: Vec<B::Buf>,
+    pub k: Vec<B::Kv>,
+    pub v: Vec<B::Kv>,
     pub cap: usize,
     /// Number of positions already filled.
     pub len: usize,
@@ -514,8 +515,8 @@ impl<B: Backend> Llama<B> {
         let mut k = Vec::with_capacity(self.layers.len());
         let mut v = Vec::with_capacity(self.layers.len());
         for _ in &self.layers {
-            k.push(self.backend.zeros(n)?);
-            v.push(self.backend.zeros(n)?);
+            k.push(self.backend.kv_new(n)?);
+            v.push(self.backend.kv_new(n)?);
         }
         Ok(KvCache { k, v, cap, len: 0 })
     }
@@ -566,8 +567,8 @@ impl<B: Backend> Llama<B> {
                 cfg.num_key_value_heads,
                 cfg.head_dim,
             )?;
-            b.copy(&mut cache.k[l], pos0 * kvd, &s.k, 0, t * kvd)?;
-            b.copy(&mut cache.v[l], pos0 * kvd, &s.v, 0, t * kvd)?;
+            b.kv_write(&mut cache.k[l], pos0 * kvd, &s.k, t * kvd)?;
+            b.kv_write(&mut cache.v[l], pos0 * kvd, &s.v, t * kvd)?;
             b.attention(&mut s.att, &s.q, &cache.k[l], &cache.v[l], shape)?;
             self.project_add(&mut s.x, &s.att, Some(l), LoraTarget::OProj, t)?;
             // MLP block.
@@ -614,9 +615,7 @@ impl<B: Backend> Llama<B> {
         target: LoraTarget,
         rows: usize,
     ) -> Result<()> {
-        self.backend
-            .matmul(out, x, self.base_weight(layer, target), rows)?;
-        self.lora_add(out, x, layer, target, rows)
+        self.project_with(out, x, layer, target, rows, false)
     }
 
     /// `out += x · Wᵀ` (+ the adapter term): a projection with its residual add fused.
@@ -628,38 +627,31 @@ impl<B: Backend> Llama<B> {
         target: LoraTarget,
         rows: usize,
     ) -> Result<()> {
-        self.backend
-            .matmul_add(out, x, self.base_weight(layer, target), rows)?;
-        self.lora_add(out, x, layer, target, rows)
+        self.project_with(out, x, layer, target, rows, true)
     }
 
-    /// Adds the adapter's term of projection `target` to `out`, if the adapter has one.
-    fn lora_add(
+    /// The projection and its adapter term in one [`Backend::matmul_lora`] call (the CUDA
+    /// backend fuses the adapter into its decode GEMV).
+    fn project_with(
         &self,
         out: &mut B::Buf,
         x: &B::Buf,
         layer: Option<usize>,
         target: LoraTarget,
         rows: usize,
+        add: bool,
     ) -> Result<()> {
-        let b = &self.backend;
-        if let Some(lora) = &self.lora {
-            if let Some(ad) = lora.params.get(layer, target) {
-                let rank = lora.params.rank;
-                let mut xa = b.zeros(rows * rank)?;
-                b.lora_forward_add(
-                    out,
-                    &mut xa,
-                    x,
-                    None,
-                    &ad.a,
-                    &ad.b,
-                    lora.scale,
-                    ad.shape(rows, rank),
-                )?;
-            }
-        }
-        Ok(())
+        let lora = self.lora.as_ref().and_then(|lora| {
+            let ad = lora.params.get(layer, target)?;
+            Some(LoraTerm {
+                a: &ad.a,
+                b: &ad.b,
+                scale: lora.scale,
+                rank: lora.params.rank,
+            })
+        });
+        let w = self.base_weight(layer, target);
+        self.backend.matmul_lora(out, x, w, lora, rows, add)
     }
 }
 

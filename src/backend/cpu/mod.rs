@@ -6,6 +6,7 @@
 mod attention;
 pub mod backward;
 mod cross_entropy;
+pub mod decode_attention;
 pub mod dropout;
 mod elementwise;
 pub mod flash_attention;
@@ -67,6 +68,7 @@ fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Linear = CpuLinear;
+    type Kv = Vec<f32>;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -134,6 +136,14 @@ impl Backend for CpuBackend {
         check_len("copy src", src.len(), src_off + len)?;
         dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
         Ok(())
+    }
+
+    fn kv_new(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn kv_write(&self, cache: &mut Vec<f32>, off: usize, src: &Vec<f32>, len: usize) -> Result<()> {
+        self.copy(cache, off, src, 0, len)
     }
 
     fn embedding(

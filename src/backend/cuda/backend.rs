@@ -40,6 +40,8 @@ pub struct CudaBackend {
     pub(super) lora_scratch: Mutex<LoraScratch>,
     /// Training attention's sequence tables and Δ buffer, reused while the batch layout holds.
     pub(super) flash: Mutex<super::flash_attention::FlashScratch>,
+    /// Flash-decoding's split partials.
+    pub(super) decode: Mutex<super::decode_attention::DecodeScratch>,
     /// The last RoPE positions uploaded: every layer of a forward pass rotates at the same
     /// positions, so they cross the bus once per pass instead of twice per layer.
     positions: Mutex<Option<(Vec<u32>, DevBuf<u32>)>>,
@@ -73,6 +75,7 @@ impl CudaBackend {
             f32_scratch: Mutex::default(),
             lora_scratch: Mutex::default(),
             flash: Mutex::default(),
+            decode: Mutex::default(),
             positions: Mutex::default(),
         })
     }
@@ -177,6 +180,8 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     type Buf = DevBuf<f32>;
     type Linear = CudaLinear;
+    /// bf16 bits, written by `kv_write_bf16` (round to nearest even).
+    type Kv = DevBuf<u16>;
 
     fn name(&self) -> String {
         format!(
@@ -273,6 +278,20 @@ impl Backend for CudaBackend {
             .map_err(|e| Error::Backend(format!("cuda copy: {e}")))
     }
 
+    fn kv_new(&self, len: usize) -> Result<DevBuf<u16>> {
+        self.dev.zeros(len)
+    }
+
+    fn kv_write(
+        &self,
+        cache: &mut DevBuf<u16>,
+        off: usize,
+        src: &Self::Buf,
+        len: usize,
+    ) -> Result<()> {
+        super::decode_attention::kv_write(&self.dev, cache, off, src, len)
+    }
+
     fn embedding(
         &self,
         out: &mut Self::Buf,
@@ -336,11 +355,12 @@ impl Backend for CudaBackend {
         &self,
         out: &mut Self::Buf,
         q: &Self::Buf,
-        k_cache: &Self::Buf,
-        v_cache: &Self::Buf,
+        k_cache: &Self::Kv,
+        v_cache: &Self::Kv,
         shape: AttnShape,
     ) -> Result<()> {
-        ops::attention(&self.dev, out, q, k_cache, v_cache, shape)
+        let mut scratch = self.decode.lock().unwrap_or_else(|p| p.into_inner());
+        super::decode_attention::attention(&self.dev, &mut scratch, out, q, k_cache, v_cache, shape)
     }
 
     fn swiglu(

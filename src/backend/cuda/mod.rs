@@ -29,6 +29,8 @@ pub mod blas;
 #[cfg(feature = "cuda")]
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
+pub mod decode_attention;
+#[cfg(feature = "cuda")]
 pub mod dense_half;
 #[cfg(feature = "cuda")]
 pub mod dropout;
@@ -100,6 +102,7 @@ mod tests {
             "adamw",
             "attention",
             "cross_entropy",
+            "decode_attention",
             "dense_half",
             "dropout",
             "elementwise",

@@ -167,7 +167,10 @@ impl<'a> Walk<'a> {
         use Kind::Eval as E;
         use LoraTarget::*;
         self.sim.at("eval", None, "KV cache and forward scratch");
-        let mut held: Vec<Alloc> = (0..2 * d.layers).map(|_| self.f32(E, t * d.k)).collect();
+        // The KV cache is bf16 on the device (`Backend::Kv`).
+        let mut held: Vec<Alloc> = (0..2 * d.layers)
+            .map(|_| self.sim.alloc(E, 2 * (t * d.k).max(1)))
+            .collect();
         let mut scratch = Vec::new();
         for n in [d.c, d.c, d.q, d.k, d.k, d.q, d.f, d.f, d.f] {
             scratch.push(self.f32(E, t * n));
