@@ -752,6 +752,7 @@ macro_rules! check_test {
 
 check_test!(check_training_ops, ops);
 check_test!(check_lora, lora);
+check_test!(check_lora_decode, lora_decode);
 check_test!(check_nf4_dx, nf4_dx);
 check_test!(check_flash_attention, attention);
 check_test!(check_decode_attention, decode_attention);

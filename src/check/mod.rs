@@ -7,7 +7,7 @@
 //! One file per op group: `attention.rs` (flash attention forward/backward),
 //! `decode_attention.rs` (inference attention over the bf16 KV cache), `nf4_dx.rs` (the
 //! backward NF4 product), `ops.rs` (RMSNorm/SwiGLU backward, dropout, cross-entropy, stash),
-//! `lora.rs` (the LoRA products), `adamw.rs` and `adam8.rs` (the device optimizers, 32- and
+//! `lora.rs` (the LoRA products), `lora_decode.rs` (LoRA fused into the decode GEMV), `adamw.rs` and `adam8.rs` (the device optimizers, 32- and
 //! 8-bit), `model.rs` (a whole step), `quantize.rs` (NF4 quantization while loading, bit for bit).
 
 #[cfg(feature = "cuda")]
@@ -20,6 +20,8 @@ pub mod attention;
 pub mod decode_attention;
 #[cfg(feature = "cuda")]
 pub mod lora;
+#[cfg(feature = "cuda")]
+pub mod lora_decode;
 #[cfg(feature = "cuda")]
 pub mod model;
 #[cfg(feature = "cuda")]
@@ -178,6 +180,7 @@ pub fn run_all(be: &crate::backend::cuda::backend::CudaBackend) -> Vec<CheckRow>
     let mut rows = Vec::new();
     rows.extend(rows_or_failure("ops", || ops::run(be)));
     rows.extend(rows_or_failure("lora", || lora::run(be)));
+    rows.extend(rows_or_failure("lora decode", || lora_decode::run(be)));
     rows.extend(rows_or_failure("nf4 dx", || nf4_dx::run(be)));
     rows.extend(rows_or_failure("attention", || attention::run(be)));
     rows.extend(rows_or_failure("decode attention", || {

@@ -2,16 +2,18 @@
 //! projections go through cuBLAS sgemm, NF4 projections through the fused GEMV (≤ 8 rows,
 //! decoding) or, for prefill and evaluation, the fused tensor-core NF4 GEMM (bf16 inputs, f32
 //! accumulation). [`Prefill`] switches the latter (and the backward's `dy·W`) to one of the
-//! baselines it is measured against. The LoRA term runs in bf16 on cuBLAS (`lora.rs`).
+//! baselines it is measured against. The LoRA term runs in bf16 on cuBLAS (`lora.rs`), except
+//! at decode over NF4 weights, where it is fused into the GEMV (`lora_decode.rs`).
 //! Training ops (`TrainBackend`) are in `train.rs`.
 
 use super::dense_half::{DeviceHalf, HALF_GEMV_MAX_M};
 use super::lora::LoraScratch;
+use super::lora_decode;
 use super::nf4::{DeviceNf4, GEMV_MAX_M};
 use super::nf4_gemm::Bf16Scratch;
 use super::ops;
 use super::runtime::{CudaDevice, DevBuf};
-use crate::backend::{AttnShape, Backend, HostLinear, LoraShape, RawTensor};
+use crate::backend::{AttnShape, Backend, HostLinear, LoraShape, LoraTerm, RawTensor};
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
 use std::sync::{Arc, Mutex};
@@ -42,6 +44,8 @@ pub struct CudaBackend {
     pub(super) flash: Mutex<super::flash_attention::FlashScratch>,
     /// Flash-decoding's split partials.
     pub(super) decode: Mutex<super::decode_attention::DecodeScratch>,
+    /// `x·Aᵀ` of the fused decode LoRA GEMV.
+    lora_xa: Mutex<Option<DevBuf<f32>>>,
     /// The last RoPE positions uploaded: every layer of a forward pass rotates at the same
     /// positions, so they cross the bus once per pass instead of twice per layer.
     positions: Mutex<Option<(Vec<u32>, DevBuf<u32>)>>,
@@ -76,6 +80,7 @@ impl CudaBackend {
             lora_scratch: Mutex::default(),
             flash: Mutex::default(),
             decode: Mutex::default(),
+            lora_xa: Mutex::default(),
             positions: Mutex::default(),
         })
     }
@@ -338,6 +343,25 @@ impl Backend for CudaBackend {
         rows: usize,
     ) -> Result<()> {
         self.product(out, x, w, rows, true)
+    }
+
+    fn matmul_lora(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &CudaLinear,
+        lora: Option<LoraTerm<'_, Self>>,
+        rows: usize,
+        add: bool,
+    ) -> Result<()> {
+        match (w, &lora) {
+            (CudaLinear::Nf4(t), Some(l)) if lora_decode::fused_supported(t, rows, l.rank) => {
+                let mut xa = self.lora_xa.lock().unwrap_or_else(|p| p.into_inner());
+                let term = (&**l.a, &**l.b, l.scale, l.rank);
+                lora_decode::nf4_lora_gemv(&self.dev, &mut xa, t, out, x, term, rows, add)
+            }
+            _ => crate::backend::matmul_lora_unfused(self, out, x, w, lora, rows, add),
+        }
     }
 
     fn rope(

@@ -41,6 +41,8 @@ pub mod libs;
 #[cfg(feature = "cuda")]
 pub mod lora;
 #[cfg(feature = "cuda")]
+pub mod lora_decode;
+#[cfg(feature = "cuda")]
 pub mod nf4;
 #[cfg(feature = "cuda")]
 pub mod nf4_gemm;
