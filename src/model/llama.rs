@@ -102,17 +102,26 @@ pub struct LoadStats {
     pub host_quantized: usize,
 }
 
+/// An adapter added into the base weights while loading ([`Llama::load_merged`]): each adapted
+/// projection becomes `W + scale · B·A` before it is quantized.
+#[derive(Clone, Copy)]
+pub struct MergeLora<'a> {
+    pub weights: &'a crate::lora::LoraWeights,
+    pub scale: f32,
+}
+
 /// Reads tensors for [`Llama::load`], counting progress.
 struct TensorSource<'a, P: FnMut(usize, usize)> {
     ckpt: &'a Checkpoint,
     quant: BaseQuant,
+    merge: Option<MergeLora<'a>>,
     done: usize,
     total: usize,
     progress: P,
     stats: LoadStats,
 }
 
-impl<P: FnMut(usize, usize)> TensorSource<'_, P> {
+impl<'a, P: FnMut(usize, usize)> TensorSource<'a, P> {
     fn tick(&mut self) {
         self.done += 1;
         (self.progress)(self.done, self.total);
@@ -128,6 +137,44 @@ impl<P: FnMut(usize, usize)> TensorSource<'_, P> {
             ));
         }
         Ok(v)
+    }
+
+    /// The adapter pair to merge into tensor `name`, if any.
+    fn merge_pair(&self, name: &str) -> Option<(&'a crate::lora::LoraPair, f32)> {
+        let m = self.merge?;
+        let module = crate::merge::module_of(name)?;
+        m.weights.modules.get(&module).map(|p| (p, m.scale))
+    }
+
+    /// `W + scale · B·A` for an adapted projection `[rows, cols]` (a pre-quantized base is
+    /// dequantized first), then held as `quant` asks: QLoRA's merge, in memory.
+    fn merged_linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<HostLinear> {
+        let (pair, scale) = self.merge_pair(name).expect("called for adapted tensors");
+        let mut w = if crate::quant::bnb::is_prequantized(self.ckpt, name) {
+            let t = crate::quant::bnb::load_prequantized(self.ckpt, name, &[rows, cols])?;
+            crate::quant::dequantize_nf4(&t)
+        } else {
+            self.load(name, &[rows, cols])?
+        };
+        crate::merge::add_lora(&mut w, pair, scale);
+        Ok(match self.quant {
+            BaseQuant::None => HostLinear::Dense {
+                rows,
+                cols,
+                data: w,
+            },
+            BaseQuant::Nf4 {
+                blocksize,
+                double_quant,
+            } => {
+                let t = std::time::Instant::now();
+                let q = quantize_nf4(&w, &[rows, cols], blocksize, double_quant)
+                    .map_err(|e| self.bad(name, format!("cannot quantize to NF4: {e}")))?;
+                self.stats.quantize_secs += t.elapsed().as_secs_f64();
+                self.stats.host_quantized += 1;
+                HostLinear::Nf4(q)
+            }
+        })
     }
 
     fn bad(&self, name: &str, msg: String) -> Error {
@@ -227,7 +274,10 @@ trait WeightSource<B: Backend> {
 
 impl<B: Backend, P: FnMut(usize, usize)> WeightSource<B> for TensorSource<'_, P> {
     fn vector(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let v = self.load(name, shape)?;
+        let mut v = self.load(name, shape)?;
+        if let Some((pair, scale)) = self.merge_pair(name) {
+            crate::merge::add_lora(&mut v, pair, scale); // lm_head
+        }
         self.ckpt.release(name);
         self.tick();
         Ok(v)
@@ -235,9 +285,13 @@ impl<B: Backend, P: FnMut(usize, usize)> WeightSource<B> for TensorSource<'_, P>
 
     fn linear(&mut self, b: &B, name: &str, rows: usize, cols: usize) -> Result<B::Linear> {
         let t = std::time::Instant::now();
-        let w = match self.backend_linear(b, name, rows, cols)? {
-            Some(w) => w,
-            None => b.linear(self.host_linear(name, rows, cols)?)?,
+        let w = if self.merge_pair(name).is_some() {
+            b.linear(self.merged_linear(name, rows, cols)?)?
+        } else {
+            match self.backend_linear(b, name, rows, cols)? {
+                Some(w) => w,
+                None => b.linear(self.host_linear(name, rows, cols)?)?,
+            }
         };
         self.stats.linear_secs += t.elapsed().as_secs_f64();
         // What we keep is a copy: let the kernel drop the file pages behind it.
@@ -391,10 +445,35 @@ impl<B: Backend> Llama<B> {
         quant: BaseQuant,
         progress: impl FnMut(usize, usize),
     ) -> Result<(Self, LoadStats)> {
+        Self::load_merged(backend, ckpt, cfg, quant, None, progress)
+    }
+
+    /// [`Llama::load_with_stats`] with an adapter merged into the base while loading (`qlora
+    /// generate --merge`): each adapted projection is read in f32 (a pre-quantized one
+    /// dequantized), `scale · B·A` added ([`crate::merge::add_lora`]), then quantized per `quant`
+    /// on the host; decoding then costs what the base costs. An adapter on `lm_head` of a model
+    /// with tied embeddings cannot be merged (the head is the embedding): an error.
+    pub fn load_merged(
+        backend: B,
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        quant: BaseQuant,
+        merge: Option<MergeLora<'_>>,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<(Self, LoadStats)> {
+        if let Some(m) = merge {
+            let head = crate::lora::LoraModule::lm_head();
+            if cfg.tie_word_embeddings && m.weights.modules.contains_key(&head) {
+                return Err(Error::InvalidArg(
+                    "cannot merge an lm_head adapter into a model with tied embeddings; apply it unmerged".into(),
+                ));
+            }
+        }
         let t0 = std::time::Instant::now();
         let mut src = TensorSource {
             ckpt,
             quant,
+            merge,
             done: 0,
             total: llama_tensor_names(cfg).len(),
             progress,
