@@ -11,7 +11,7 @@
 //   [split · split_len, min((split + 1) · split_len, pos0 + t_last + 1)): all G = H / KV query
 //   heads of the group and all TQ positions (R = TQ · G ≤ 16 rows) share each K/V tile, so the
 //   cache is read once per group, not once per head. Per tile of 64 keys: K, V → shared memory
-//   (16-byte loads), scores S[r, j] (thread = key), an online softmax per row (warp = row), and
+//   (16-byte loads into registers, issued one tile ahead), scores S[r, j] (thread = key), an online softmax per row (warp = row), and
 //   O[r, :] += P[r, :] · V (thread = bf16 pair of a column); m, l and the rescale e^{m−m'} as in
 //   kernels/attention.cu. With n_splits = 1 the CTA writes out = O / l itself; otherwise the
 //   partials (O unnormalised, m, l) go to part_o [B·T·H, n_splits, D] and part_ml
@@ -40,6 +40,26 @@ extern "C" __global__ void kv_write_bf16(uint16_t* __restrict__ cache, const flo
   GRID_STRIDE(i, n) { cache[off + i] = f32_to_bf16_rne(src[i]); }
 }
 
+// K, V tile at key kb → registers (16-byte loads: thread tid takes chunks tid + i·128 of the
+// tile's 64 × D/8); keys past k_hi read as zeros.
+template <int D, int NLD>
+__device__ __forceinline__ void load_kv_tile(uint4 (&kr)[NLD], uint4 (&vr)[NLD],
+                                             const uint16_t* __restrict__ k,
+                                             const uint16_t* __restrict__ v, int stride, int kb,
+                                             int k_hi) {
+  constexpr int CH = D / 8;
+#pragma unroll
+  for (int i = 0; i < NLD; i++) {
+    const int c = threadIdx.x + i * DEC_THREADS, key = kb + c / CH;
+    kr[i] = vr[i] = make_uint4(0u, 0u, 0u, 0u);
+    if (key < k_hi) {
+      const int64_t off = (int64_t)key * stride + (c % CH) * 8;
+      kr[i] = *reinterpret_cast<const uint4*>(k + off);
+      vr[i] = *reinterpret_cast<const uint4*>(v + off);
+    }
+  }
+}
+
 template <int D>
 __device__ __forceinline__ void decode_split(float* __restrict__ out, float* __restrict__ part_o,
                                              float* __restrict__ part_ml, const float* __restrict__ q,
@@ -57,7 +77,7 @@ __device__ __forceinline__ void decode_split(float* __restrict__ out, float* __r
   constexpr int NPV = DEC_MAX_ROWS / RG_PV;
   constexpr int WARPS = DEC_THREADS / 32;
   constexpr int NSM = DEC_MAX_ROWS / WARPS;      // rows per warp in the softmax phase
-  __shared__ float qs[DEC_MAX_ROWS * D];
+  __shared__ __align__(16) float qs[DEC_MAX_ROWS * D];
   __shared__ uint32_t ks[DEC_TK * KS];
   __shared__ __align__(16) uint32_t vs[DEC_TK * DW];
   __shared__ float ps[DEC_MAX_ROWS * DEC_TK];
@@ -92,19 +112,14 @@ __device__ __forceinline__ void decode_split(float* __restrict__ out, float* __r
   const int dw = tid % DW, rg_pv = tid / DW;
   const int jq = tid % DEC_TK, rg_qk = tid / DEC_TK;
 
+  // The next tile's K, V loads are issued before this tile's math, so their latency overlaps it.
+  uint4 kr[NLD], vr[NLD];
+  const int64_t kv_base = ((int64_t)b * cap * kv_heads + g) * D;  // key 0 of (b, g)
+  const uint16_t* kg = k + kv_base;
+  const uint16_t* vg = v + kv_base;
+  const int kv_stride = kv_heads * D;  // one position
+  if (k_lo < k_hi) load_kv_tile<D, NLD>(kr, vr, kg, vg, kv_stride, k_lo, k_hi);
   for (int kb = k_lo; kb < k_hi; kb += DEC_TK) {
-    // K, V tile → shared memory; keys past k_hi read as zeros.
-    uint4 kr[NLD], vr[NLD];
-#pragma unroll
-    for (int i = 0; i < NLD; i++) {
-      const int c = tid + i * DEC_THREADS, key = kb + c / CH;
-      kr[i] = vr[i] = make_uint4(0u, 0u, 0u, 0u);
-      if (key < k_hi) {
-        const int64_t off = (((int64_t)b * cap + key) * kv_heads + g) * D + (c % CH) * 8;
-        kr[i] = *reinterpret_cast<const uint4*>(k + off);
-        vr[i] = *reinterpret_cast<const uint4*>(v + off);
-      }
-    }
 #pragma unroll
     for (int i = 0; i < NLD; i++) {
       const int c = tid + i * DEC_THREADS, j = c / CH, w = (c % CH) * 4;
@@ -113,6 +128,7 @@ __device__ __forceinline__ void decode_split(float* __restrict__ out, float* __r
       *reinterpret_cast<uint4*>(vs + j * DW + w) = vr[i];
     }
     __syncthreads();
+    if (kb + DEC_TK < k_hi) load_kv_tile<D, NLD>(kr, vr, kg, vg, kv_stride, kb + DEC_TK, k_hi);
     // Scores: thread = key jq, rows rg_qk + i·RG_QK; masked entries −inf.
     {
       float acc[NQK];
@@ -126,7 +142,10 @@ __device__ __forceinline__ void decode_split(float* __restrict__ out, float* __r
 #pragma unroll
         for (int i = 0; i < NQK; i++) {
           const int r = rg_qk + i * RG_QK;
-          if (r < rows) acc[i] += qs[r * D + 2 * w] * k0 + qs[r * D + 2 * w + 1] * k1;
+          if (r < rows) {
+            const float2 qq = *reinterpret_cast<const float2*>(qs + r * D + 2 * w);
+            acc[i] += qq.x * k0 + qq.y * k1;
+          }
         }
       }
       const int key = kb + jq;
@@ -212,7 +231,7 @@ __device__ __forceinline__ void decode_split(float* __restrict__ out, float* __r
 }
 
 #define DECODE_SPLIT(D)                                                                           \
-  extern "C" __global__ void __launch_bounds__(DEC_THREADS) decode_attention_split_d##D(         \
+  extern "C" __global__ void __launch_bounds__(DEC_THREADS, 2) decode_attention_split_d##D(      \
       float* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,           \
       const float* __restrict__ q, const uint16_t* __restrict__ k,                                \
       const uint16_t* __restrict__ v, int q_len, int pos0, int cap, int heads, int kv_heads,      \
