@@ -375,7 +375,13 @@ pub struct KvCache<B: Backend> {
     pub cap: usize,
     /// Number of positions already filled.
     pub len: usize,
+    /// Activation buffers kept between decode steps (≤ [`KEEP_SCRATCH_ROWS`] tokens), so a
+    /// step allocates only its logits.
+    scratch: Option<Scratch<B>>,
 }
+
+/// Forward passes of at most this many tokens keep their activation buffers in the cache.
+pub(crate) const KEEP_SCRATCH_ROWS: usize = 8;
 
 /// Which rows of logits a forward pass should produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -388,6 +394,8 @@ pub enum Logits {
 
 /// Activation buffers for a chunk of up to `rows` tokens, reused across layers.
 struct Scratch<B: Backend> {
+    /// Tokens the buffers have room for.
+    rows: usize,
     x: B::Buf,
     xn: B::Buf,
     q: B::Buf,
@@ -408,6 +416,7 @@ impl<B: Backend> Scratch<B> {
             cfg.intermediate_size,
         );
         Ok(Scratch {
+            rows,
             x: b.zeros(rows * c)?,
             xn: b.zeros(rows * c)?,
             q: b.zeros(rows * qd)?,
@@ -597,7 +606,13 @@ impl<B: Backend> Llama<B> {
             k.push(self.backend.kv_new(n)?);
             v.push(self.backend.kv_new(n)?);
         }
-        Ok(KvCache { k, v, cap, len: 0 })
+        Ok(KvCache {
+            k,
+            v,
+            cap,
+            len: 0,
+            scratch: None,
+        })
     }
 
     /// Runs `ids` (one sequence) at positions `cache.len..cache.len + ids.len()`, appends their keys
@@ -624,7 +639,11 @@ impl<B: Backend> Llama<B> {
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
         };
-        let mut s = Scratch::new(b, cfg, t)?;
+        // Every op writes its full output region, so reused buffers need no clearing.
+        let mut s = match cache.scratch.take() {
+            Some(s) if s.rows >= t => s,
+            _ => Scratch::new(b, cfg, t)?,
+        };
         b.embedding(&mut s.x, &self.embed, ids, c)?;
         for (l, w) in self.layers.iter().enumerate() {
             // Attention block.
@@ -658,19 +677,23 @@ impl<B: Backend> Llama<B> {
             self.project_add(&mut s.x, &s.h, Some(l), LoraTarget::DownProj, t)?;
         }
         cache.len = pos0 + t;
-        // Head: only the rows the caller wants.
-        let (rows, x) = match which {
-            Logits::All => (t, s.x),
-            Logits::Last => {
-                let mut last = b.zeros(c)?;
-                b.copy(&mut last, 0, &s.x, (t - 1) * c, c)?;
-                (1, last)
+        // Head: only the rows the caller wants. When that is all of `s.x` (every row, or the
+        // one row of a decode step) the head runs on the scratch buffers directly.
+        if t == 1 || which == Logits::All {
+            b.rmsnorm(&mut s.xn, &s.x, &self.norm, t, c, cfg.rms_norm_eps)?;
+            let mut logits = b.zeros(t * cfg.vocab_size)?;
+            self.project(&mut logits, &s.xn, None, LoraTarget::LmHead, t)?;
+            if t <= KEEP_SCRATCH_ROWS {
+                cache.scratch = Some(s);
             }
-        };
-        let mut xn = b.zeros(rows * c)?;
-        b.rmsnorm(&mut xn, &x, &self.norm, rows, c, cfg.rms_norm_eps)?;
-        let mut logits = b.zeros(rows * cfg.vocab_size)?;
-        self.project(&mut logits, &xn, None, LoraTarget::LmHead, rows)?;
+            return Ok(logits);
+        }
+        // The last row of a longer chunk.
+        let mut last = b.zeros(c)?;
+        b.copy(&mut last, 0, &s.x, (t - 1) * c, c)?;
+        b.rmsnorm(&mut s.xn, &last, &self.norm, 1, c, cfg.rms_norm_eps)?;
+        let mut logits = b.zeros(cfg.vocab_size)?;
+        self.project(&mut logits, &s.xn, None, LoraTarget::LmHead, 1)?;
         Ok(logits)
     }
 

@@ -191,15 +191,19 @@ impl<'a> Walk<'a> {
                 }
             }
         }
+        // The head normalizes into the scratch's `xn`; a forward of at most
+        // KEEP_SCRATCH_ROWS tokens leaves its scratch in the cache (freed with it).
         self.sim.at("eval", None, "logits");
-        let xn = self.f32(E, t * d.c);
         let logits = self.f32(E, t * d.v);
         if self.adapted(LmHead) {
             let xa = self.f32(E, t * r);
             self.sim.free(xa);
         }
-        self.sim.free(xn);
-        self.sim.free_all(scratch);
+        if t <= crate::model::KEEP_SCRATCH_ROWS {
+            held.extend(scratch);
+        } else {
+            self.sim.free_all(scratch);
+        }
         let losses = self.f32(E, t);
         let targets = self.internal(E, t);
         self.free_opt(targets);
