@@ -438,7 +438,9 @@ fn backend_ops_match_the_cpu_spec() {
         .unwrap();
     g.attention(&mut og, &g.upload(&qc).unwrap(), &kg, &vg, s)
         .unwrap();
-    close("attention", &g.download(&og).unwrap(), &oc, 1e-5);
+    // Same bf16 values on both sides; f32 sums in another order (splits, combine) and fast-math
+    // expf: the bound of src/check/decode_attention.rs.
+    close("attention", &g.download(&og).unwrap(), &oc, 1e-4);
     let (a, b) = (rvec(&mut rng, 301, 3.0), rvec(&mut rng, 301, 3.0));
     let mut sc = c.zeros(301).unwrap();
     c.swiglu(&mut sc, &a, &b, 301).unwrap();
@@ -529,9 +531,12 @@ fn tiny_model_matches(fixture: &str) {
         l.iter().map(|&x| x as f64).sum::<f64>() / (ids.len() - 1) as f64
     };
     let want_loss = loss(&lc);
-    // Exact f32 prefill (dequantize + sgemm) and the default fused bf16 GEMM.
+    // f32 prefill (dequantize + sgemm) and the default fused bf16 GEMM. Both read a bf16 KV
+    // cache (the CPU's is f32): keys and values carry a relative rounding ≤ 2⁻⁹ each, which moves
+    // the scores and attention outputs by ~1e-3 relative at most, hence the f32 path's bounds
+    // between exact (1e-4, 1e-5) and the fully bf16 GEMM's (2e-2, 5e-3).
     for (mode, logit_tol, loss_tol) in [
-        (Prefill::DequantSgemm, 1e-4, 1e-5),
+        (Prefill::DequantSgemm, 1e-2, 2e-3),
         (Prefill::Fused, 2e-2, 5e-3),
     ] {
         let Ok(mut g) = CudaBackend::new(0) else {
