@@ -532,12 +532,15 @@ fn tiny_model_matches(fixture: &str) {
     };
     let want_loss = loss(&lc);
     // f32 prefill (dequantize + sgemm) and the default fused bf16 GEMM. Both read a bf16 KV
-    // cache (the CPU's is f32): keys and values carry a relative rounding ≤ 2⁻⁹ each, which moves
-    // the scores and attention outputs by ~1e-3 relative at most, hence the f32 path's bounds
-    // between exact (1e-4, 1e-5) and the fully bf16 GEMM's (2e-2, 5e-3).
+    // cache (the CPU's is f32): keys and values carry a relative rounding ≤ 2⁻⁹ each. Modelled on
+    // the CPU (this forward with its cache rounded to bf16 as kv_write_bf16 does, both fixtures):
+    // logits move by 6.8e-3 / 8.6e-3 relative to their scale, the loss by 1.1e-4 / 1.3e-5, the 8
+    // greedy tokens are unchanged. Hence logits ≤ 2e-2 and loss ≤ 2e-3 on the f32 path (exact
+    // before the bf16 cache: 1e-4, 1e-5), and the fused bf16 GEMM's logit bound raised by the
+    // same 1e-2 (3e-2).
     for (mode, logit_tol, loss_tol) in [
-        (Prefill::DequantSgemm, 1e-2, 2e-3),
-        (Prefill::Fused, 2e-2, 5e-3),
+        (Prefill::DequantSgemm, 2e-2, 2e-3),
+        (Prefill::Fused, 3e-2, 5e-3),
     ] {
         let Ok(mut g) = CudaBackend::new(0) else {
             eprintln!("skipping tiny_model_on_cuda_matches_the_cpu: no usable CUDA device");
