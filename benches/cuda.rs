@@ -18,9 +18,14 @@
 //!   `cublas_bf16` (on a dense bf16 copy and bf16 dy: the ceiling), `dequant_sgemm` (f32).
 //!   Validated against the CPU spec (`nf4_gemm_dx_bf16`; the f32 path against the unrounded
 //!   operands) on the first 3 rows and the last, relative to Σ|terms| (bound 1e-4).
-//! - `decode/llama2-7b-shape`: one decode step of a random NF4 model with Llama-2-7B's shapes,
-//!   generated on the host directly in NF4 (tokens/s = 1 / step time); `prefill/…`: a 512-token
-//!   prompt through the same model.
+//! - `decode/llama2-7b-shape/{base,adapter_r64}/{128,2048,4096}`: one decode step (batch 1) of a
+//!   random NF4 model with Llama-2-7B's shapes, generated on the host directly in NF4, at 128,
+//!   2,048 and 4,096 cached positions, without and with an r = 64 adapter on every linear
+//!   projection (fused into the NF4 GEMV); tokens/s = 1 / step time. A `DECODE` line per case
+//!   gives the bytes a token reads (NF4 weights + lm_head, the bf16 KV cache, the f32 adapter)
+//!   over the measured time as a fraction of the card's bandwidth (driver clock × bus width, or
+//!   `QLORA_PEAK_GBS`). `prefill/…`: a 512-token prompt through the same model, and a `DECODE
+//!   ttft` line (prefill + last logits on the host: time to first token).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 
@@ -39,7 +44,8 @@ mod gpu {
     use qlora::backend::cuda::runtime::DevBuf;
     use qlora::backend::{Backend, HostLinear};
     use qlora::config::ModelConfig;
-    use qlora::model::{Llama, Logits};
+    use qlora::lora::{LoraConfig, LoraWeights};
+    use qlora::model::{Llama, Logits, Lora};
     use qlora::quant::Nf4Tensor;
     use qlora::quant::{dequantize_nf4, nf4_matmul_wt, quantize_nf4};
     use std::time::Duration;
@@ -61,6 +67,10 @@ mod gpu {
             }
         };
         eprintln!("CUDA benches on {}", g.name());
+        // QLORA_BENCH=decode: only the 7B decode and prefill groups (scripts/gpu_run.sh decode).
+        if std::env::var("QLORA_BENCH").as_deref() == Ok("decode") {
+            return decode_group(c, g);
+        }
         let dev = g.dev.clone();
         let sync = || dev.synchronize().expect("synchronize");
 
@@ -139,21 +149,74 @@ mod gpu {
             gemm_dx_shape(c, &g, &t, n, k);
         }
 
-        // Decode tokens/s, Llama-2-7B shapes, random NF4 weights.
+        decode_group(c, g);
+    }
+
+    /// Seconds per call of `f`, the median of `n` timed calls after 3 warm-up calls (each call
+    /// ends by reading its logits back, so it waits for the device).
+    fn median_secs(n: usize, mut f: impl FnMut()) -> f64 {
+        for _ in 0..3 {
+            f();
+        }
+        let mut t: Vec<f64> = (0..n)
+            .map(|_| {
+                let t0 = std::time::Instant::now();
+                f();
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[n / 2]
+    }
+
+    /// The `decode` group (see the file header): a random NF4 model with Llama-2-7B's shapes,
+    /// batch 1. One step = embedding → 32 layers → lm_head → logits on the host, as
+    /// `qlora generate` runs it (sampling aside). Also prints one `DECODE` line per case with the
+    /// fraction of the bandwidth limit, and the time to first token of a 512-token prompt.
+    fn decode_group(c: &mut Criterion, g: CudaBackend) {
         let cfg_path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/llama-2-7b-chat-hf/config.json"
         );
         let cfg = ModelConfig::from_file(std::path::Path::new(cfg_path)).unwrap();
-        let model = match Llama::random_nf4(g, &cfg, 0) {
+        let mut model = match Llama::random_nf4(g, &cfg, 0) {
             Ok(m) => m,
             Err(e) => {
                 eprintln!("skipping 7B decode bench: {e}");
                 return;
             }
         };
+        // QLoRA's adapter: r = 64 on every linear projection (values do not change the time).
+        let targets = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ];
+        let lcfg = LoraConfig::new(64, 16.0, &targets).unwrap();
+        let lw = LoraWeights::zeros(&lcfg, &cfg).unwrap();
+        let adapter = Lora::new(&model.backend, &lcfg, &lw, &cfg).unwrap();
+        let adapter_bytes: usize = lw
+            .modules
+            .values()
+            .map(|p| 4 * (p.a.len() + p.b.len()))
+            .sum();
+        let peak = model.backend.dev.peak_bandwidth().or_else(|| {
+            std::env::var("QLORA_PEAK_GBS")
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|g| g * 1e9)
+        });
+        let weight_bytes = model.linear_bytes();
+        let kv_bytes = |ctx: usize| 2 * cfg.num_hidden_layers * ctx * cfg.kv_dim() * 2;
+        const CTXS: [usize; 3] = [128, 2048, 4096];
+        let mut cache = model.new_cache(4096 + 1).unwrap();
+
+        // Time to first token: a 512-token prompt, prefill + last logits on the host.
         let long: Vec<u32> = (0..512).map(|i| (i * 7 + 3) as u32).collect();
-        let mut cache = model.new_cache(long.len()).unwrap();
         let mut grp = c.benchmark_group("prefill");
         grp.sample_size(10).measurement_time(Duration::from_secs(5));
         grp.throughput(Throughput::Elements(long.len() as u64));
@@ -165,19 +228,70 @@ mod gpu {
             })
         });
         grp.finish();
-        let prompt = &long[..128];
-        cache.len = 0;
-        model.forward(prompt, &mut cache, Logits::Last).unwrap();
-        let mut grp = c.benchmark_group("decode");
-        grp.sample_size(20).measurement_time(Duration::from_secs(5));
-        grp.throughput(Throughput::Elements(1));
-        grp.bench_function("llama2-7b-shape/at_128", |b| {
-            b.iter(|| {
-                cache.len = prompt.len();
-                let l = model.forward(&[42], &mut cache, Logits::Last).unwrap();
-                model.backend.download(&l).unwrap()
-            })
+        let ttft = median_secs(10, || {
+            cache.len = 0;
+            let l = model.forward(&long, &mut cache, Logits::Last).unwrap();
+            model.backend.download(&l).unwrap();
         });
+        eprintln!(
+            "DECODE ttft prompt=512: {:.1} ms (target <= 30 ms)",
+            ttft * 1e3
+        );
+        let device = model.backend.name();
+        println!(
+            r#"{{"impl": "qlora", "case": "ttft/512", "device": "{device}", "ms": {:.3}}}"#,
+            ttft * 1e3
+        );
+
+        // Decode steps at each context length, without and with the adapter. The cache's
+        // contents do not change the time, so each step reuses position `ctx`.
+        let mut grp = c.benchmark_group("decode");
+        grp.sample_size(20).measurement_time(Duration::from_secs(4));
+        grp.throughput(Throughput::Elements(1));
+        let mut adapter = Some(adapter);
+        for with in [false, true] {
+            model.lora = if with { adapter.take() } else { None };
+            let tag = if with { "adapter_r64" } else { "base" };
+            for ctx in CTXS {
+                let mut step = || {
+                    cache.len = ctx;
+                    let l = model.forward(&[42], &mut cache, Logits::Last).unwrap();
+                    model.backend.download(&l).unwrap()
+                };
+                grp.bench_function(
+                    BenchmarkId::new(format!("llama2-7b-shape/{tag}"), ctx),
+                    |b| b.iter(&mut step),
+                );
+                let secs = median_secs(20, || {
+                    step();
+                });
+                let bytes = weight_bytes + kv_bytes(ctx) + if with { adapter_bytes } else { 0 };
+                let frac_v = peak.map(|p| bytes as f64 / secs / p);
+                println!(
+                    r#"{{"impl": "qlora", "case": "{tag}/{ctx}", "device": "{device}", "tokens_per_s": {:.2}, "ms_per_token": {:.4}, "bytes_per_token": {bytes}, "bandwidth_frac": {}}}"#,
+                    1.0 / secs,
+                    secs * 1e3,
+                    frac_v
+                        .map(|f| format!("{f:.4}"))
+                        .unwrap_or_else(|| "null".into()),
+                );
+                let frac = frac_v
+                    .map(|f| format!("{:.1}%", 100.0 * f))
+                    .unwrap_or_else(|| "unknown (set QLORA_PEAK_GBS)".into());
+                eprintln!(
+                    "DECODE {tag} ctx={ctx}: {:.1} tok/s ({:.3} ms/token), {:.2} GB read per token \
+                     (weights {:.2}, KV {:.2}, adapter {:.2}), bandwidth limit {}: {frac} of it",
+                    1.0 / secs,
+                    secs * 1e3,
+                    bytes as f64 / 1e9,
+                    weight_bytes as f64 / 1e9,
+                    kv_bytes(ctx) as f64 / 1e9,
+                    if with { adapter_bytes as f64 / 1e9 } else { 0.0 },
+                    peak.map(|p| format!("{:.0} GB/s", p / 1e9))
+                        .unwrap_or_else(|| "unknown".into()),
+                );
+            }
+        }
         grp.finish();
         eprintln!(
             "7B-shape model: peak device memory of qlora's buffers {:.0} MiB",

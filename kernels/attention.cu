@@ -1,6 +1,8 @@
-// Causal grouped-query attention over a KV cache, flash-style (online softmax, no score matrix
-// in global memory); CPU spec in src/backend/cpu/attention.rs, launcher in src/backend/cuda/ops.rs.
-//   q, out: [B, T, H, D]; k, v caches: [B, S, KV, D] (S = cache capacity), valid at 0..pos0+T.
+// Causal grouped-query attention over a bf16 KV cache, flash-style (online softmax, no score
+// matrix in global memory); CPU spec in src/backend/cpu/attention.rs, launcher in
+// src/backend/cuda/ops.rs. The general path: head_dim 64 and 128 go to decode_attention.cu.
+//   q, out: [B, T, H, D] f32; k, v caches: [B, S, KV, D] bf16 bits (S = cache capacity), valid
+//   at 0..pos0+T; all math f32.
 //   Query t of batch b, head h (kv head g = h / (H / KV)) at position p = pos0 + t:
 //     s_j = (q · k_j) / sqrt(D),  j ≤ p;   out = Σ_j softmax(s)_j v_j
 // Launch: one warp per (b, t, h), 4 warps per block; D ≤ 256 (each lane holds D/32 values of q
@@ -10,10 +12,14 @@
 
 #define ATT_MAX_D 256
 
-extern "C" __global__ void attention_f32(float* __restrict__ out, const float* __restrict__ q,
-                                         const float* __restrict__ k, const float* __restrict__ v,
-                                         int batch, int q_len, int pos0, int cap, int heads,
-                                         int kv_heads, int d) {
+__device__ __forceinline__ float bf16_at(const uint16_t* p, int64_t i) {
+  return __uint_as_float((uint32_t)p[i] << 16);
+}
+
+extern "C" __global__ void attention_bf16kv(float* __restrict__ out, const float* __restrict__ q,
+                                            const uint16_t* __restrict__ k,
+                                            const uint16_t* __restrict__ v, int batch, int q_len,
+                                            int pos0, int cap, int heads, int kv_heads, int d) {
   const int lane = threadIdx.x & 31;
   const int64_t w = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (w >= (int64_t)batch * q_len * heads) return;
@@ -34,13 +40,13 @@ extern "C" __global__ void attention_f32(float* __restrict__ out, const float* _
   }
   float m = -INFINITY, l = 0.0f;
   for (int j = 0; j <= p; j++) {
-    const float* kr = k + (((int64_t)b * cap + j) * kv_heads + g) * d;
-    const float* vr = v + (((int64_t)b * cap + j) * kv_heads + g) * d;
+    const uint16_t* kr = k + (((int64_t)b * cap + j) * kv_heads + g) * d;
+    const uint16_t* vr = v + (((int64_t)b * cap + j) * kv_heads + g) * d;
     float s = 0.0f;
 #pragma unroll
     for (int c = 0; c < ATT_MAX_D / 32; c++) {
       const int e = c * 32 + lane;
-      if (c < per && e < d) s += qv[c] * kr[e];
+      if (c < per && e < d) s += qv[c] * bf16_at(kr, e);
     }
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
     s *= scale;
@@ -50,7 +56,7 @@ extern "C" __global__ void attention_f32(float* __restrict__ out, const float* _
 #pragma unroll
     for (int c = 0; c < ATT_MAX_D / 32; c++) {
       const int e = c * 32 + lane;
-      if (c < per && e < d) o[c] = o[c] * corr + e_s * vr[e];
+      if (c < per && e < d) o[c] = o[c] * corr + e_s * bf16_at(vr, e);
     }
     m = mn;
   }

@@ -148,19 +148,14 @@ extern "C" __global__ void nf4_dequant_bf16(__nv_bfloat16* __restrict__ out,
   }
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    nf4_gemv_f32_k32(float* __restrict__ y, const float* __restrict__ x,
-                     const uint8_t* __restrict__ packed, int dq, const float* __restrict__ absmax,
-                     const uint8_t* __restrict__ q, const float* __restrict__ nested_absmax,
-                     const float* __restrict__ nested_code, float offset, int nested_blocksize,
-                     int blocksize_log2, int m, int64_t rows_out, int64_t k, int accumulate) {
-  NF4_SHARED_LUT(lut)
-  const int lane = threadIdx.x & 31;
-  const int64_t o0 = ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * GEMV_ROWS;
-  if (o0 >= rows_out) return;
-  float acc[GEMV_ROWS][GEMV_MAX_M];
-  gemv_zero(acc);
-
+// The NF4 part of nf4_gemv_f32_k32 and nf4_gemv_lora_f32_k32: acc[r][i] += this lane's share of
+// x[i, :] · w[o0 + r, :].
+__device__ __forceinline__ void nf4_gemv_k32_acc(
+    float (*acc)[GEMV_MAX_M], const float* lut, const float* __restrict__ x,
+    const uint8_t* __restrict__ packed, int dq, const float* __restrict__ absmax,
+    const uint8_t* __restrict__ q, const float* __restrict__ nested_absmax,
+    const float* __restrict__ nested_code, float offset, int nested_blocksize, int blocksize_log2,
+    int m, int64_t o0, int64_t rows_out, int64_t k, int lane) {
   for (int64_t j = (int64_t)lane * 32; j < k; j += 32 * 32) {
     uint32_t wv[GEMV_ROWS][4];
     float s[GEMV_ROWS];
@@ -192,5 +187,90 @@ extern "C" __global__ void __launch_bounds__(128)
       gemv_fma8(acc, w, x, k, j + 8 * word, m);
     }
   }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    nf4_gemv_f32_k32(float* __restrict__ y, const float* __restrict__ x,
+                     const uint8_t* __restrict__ packed, int dq, const float* __restrict__ absmax,
+                     const uint8_t* __restrict__ q, const float* __restrict__ nested_absmax,
+                     const float* __restrict__ nested_code, float offset, int nested_blocksize,
+                     int blocksize_log2, int m, int64_t rows_out, int64_t k, int accumulate) {
+  NF4_SHARED_LUT(lut)
+  const int lane = threadIdx.x & 31;
+  const int64_t o0 = ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * GEMV_ROWS;
+  if (o0 >= rows_out) return;
+  float acc[GEMV_ROWS][GEMV_MAX_M];
+  gemv_zero(acc);
+  nf4_gemv_k32_acc(acc, lut, x, packed, dq, absmax, q, nested_absmax, nested_code, offset,
+                   nested_blocksize, blocksize_log2, m, o0, rows_out, k, lane);
+  gemv_store(acc, y, m, o0, rows_out, lane, accumulate);
+}
+
+// LoRA at decode (spec: Backend::matmul_lora's default, src/backend/mod.rs; launcher
+// src/backend/cuda/lora_decode.rs), y (+)= x·Wᵀ + scale · (x·Aᵀ)·Bᵀ for m ≤ 8 rows, rank ≤ 64:
+//   lora_xa_f32:           xa[i, c] = Σ_j x[i, j] · A[c, j]   (A [rank, k] f32, k % 4 == 0)
+//                          one 256-thread block per c: float4 strides over j, block reduction.
+//   nf4_gemv_lora_f32_k32: nf4_gemv_f32_k32 whose warps add, before their reduction,
+//                          scale · Σ_c xa[i, c] · B[o, c] (B [rows_out, rank] f32, lanes over c),
+//                          so the adapter's up-projection costs no launch and no pass over y.
+extern "C" __global__ void __launch_bounds__(256)
+    lora_xa_f32(float* __restrict__ xa, const float* __restrict__ x, const float* __restrict__ a,
+                int m, int rank, int64_t k) {
+  __shared__ float part[8][GEMV_MAX_M];
+  const int c = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float acc[GEMV_MAX_M];
+#pragma unroll
+  for (int i = 0; i < GEMV_MAX_M; i++) acc[i] = 0.0f;
+  const float4* ar = reinterpret_cast<const float4*>(a + (int64_t)c * k);
+  for (int64_t j = threadIdx.x; j < k / 4; j += blockDim.x) {
+    const float4 av = __ldg(ar + j);
+#pragma unroll
+    for (int i = 0; i < GEMV_MAX_M; i++) {
+      if (i >= m) break;
+      const float4 xv = __ldg(reinterpret_cast<const float4*>(x + (int64_t)i * k) + j);
+      acc[i] += xv.x * av.x + xv.y * av.y + xv.z * av.z + xv.w * av.w;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < GEMV_MAX_M; i++) {
+    float v = acc[i];
+#pragma unroll
+    for (int sh = 16; sh > 0; sh >>= 1) v += __shfl_xor_sync(0xffffffffu, v, sh);
+    if (lane == 0) part[warp][i] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < m) {
+    float v = 0.0f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) v += part[w][threadIdx.x];
+    xa[(int64_t)threadIdx.x * rank + c] = v;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(128) nf4_gemv_lora_f32_k32(
+    float* __restrict__ y, const float* __restrict__ x, const uint8_t* __restrict__ packed, int dq,
+    const float* __restrict__ absmax, const uint8_t* __restrict__ q,
+    const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, float offset,
+    int nested_blocksize, int blocksize_log2, int m, int64_t rows_out, int64_t k, int accumulate,
+    const float* __restrict__ xa, const float* __restrict__ lb, float scale, int rank) {
+  NF4_SHARED_LUT(lut)
+  const int lane = threadIdx.x & 31;
+  const int64_t o0 = ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * GEMV_ROWS;
+  if (o0 >= rows_out) return;
+  float acc[GEMV_ROWS][GEMV_MAX_M];
+  gemv_zero(acc);
+#pragma unroll
+  for (int r = 0; r < GEMV_ROWS; r++) {
+    if (o0 + r >= rows_out) break;
+    const float* br = lb + (o0 + r) * rank;
+#pragma unroll
+    for (int i = 0; i < GEMV_MAX_M; i++) {
+      if (i >= m) break;
+      float t = 0.0f;
+      for (int c = lane; c < rank; c += 32) t += xa[(int64_t)i * rank + c] * br[c];
+      acc[r][i] = scale * t;
+    }
+  }
+  nf4_gemv_k32_acc(acc, lut, x, packed, dq, absmax, q, nested_absmax, nested_code, offset,
+                   nested_blocksize, blocksize_log2, m, o0, rows_out, k, lane);
   gemv_store(acc, y, m, o0, rows_out, lane, accumulate);
 }

@@ -12,7 +12,7 @@
 #   (device tool) carry [".gpu"], command: bash scripts/gpu_run.sh SECTION...
 #
 # What each gpu_run.sh section needs: check, train, e2e → qlora; tests, sanitize → tests;
-# bench → bench; trainbench → train; load → load.
+# bench → bench; trainbench → train; decode → bench and train (the bitsandbytes wheel); load → load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="${CUDA_HOME:-$HOME/.cache/qlora/cuda-13.0/nvidia/cu13}/bin:$PATH"

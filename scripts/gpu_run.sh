@@ -6,10 +6,12 @@
 # limit; `check tests sanitize train e2e` fits one device call of about 8 minutes, `bench` is a
 # second one. `trainbench` (7B QLoRA training steps, qlora next to transformers + PEFT +
 # bitsandbytes, about 3-5 minutes) is a call of its own and runs only when named (not in
-# `all`); it needs `bash scripts/gpu_bundle.sh train`. Logs go to $OUT (or ./gpu-logs);
+# `all`); it needs `bash scripts/gpu_bundle.sh train`. `decode` (7B NF4 decode tokens/s and
+# time to first token, qlora next to transformers + bitsandbytes generate, about 3-5 minutes)
+# likewise, with `bash scripts/gpu_bundle.sh bench train`. Logs go to $OUT (or ./gpu-logs);
 # summary.txt holds one verdict per section.
 #
-#   bash scripts/gpu_run.sh [all|check|tests|sanitize|train|e2e|bench|trainbench]...
+#   bash scripts/gpu_run.sh [all|check|tests|sanitize|train|e2e|bench|trainbench|decode]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-logs}"; mkdir -p "$out"
@@ -242,6 +244,64 @@ print(f"guanaco-llama2-1k epoch, tutorial settings (r 8 q/v, 4 x <=512, 250 step
 PY
   r16=$(grep -o 'qlora r16-all/[a-z]* [0-9]* / [0-9]* tokens/s = [0-9.]*x' "$out/trainbench.md" | sed 's/.* = //')
   verdict trainbench "qlora exit $ours, reference exit $ref, r16-all qlora/reference ${r16:-n/a}"
+  rm -rf "$site"
+fi
+if named decode; then
+  # Llama-2-7B-shaped NF4 decode, batch 1: qlora (benches/cuda.rs decode group, QLORA_BENCH=decode:
+  # tokens/s at 128 / 2,048 / 4,096 context with and without an r 64 adapter, fraction of the
+  # bandwidth limit, time to first token of 512 tokens) then transformers + bitsandbytes 4-bit
+  # generate (scripts/bench_decode_ref.py, same shapes), one after the other on the same GPU;
+  # then the side-by-side table. Needs `bash scripts/gpu_bundle.sh bench train` (the bench binary
+  # and the slim bitsandbytes wheel). DECODE_REF_ARGS adds arguments to the reference.
+  site=$(mktemp -d)
+  whl=$(ls .gpu/bitsandbytes-*.whl .whl/bitsandbytes-*.whl 2>/dev/null | head -n 1)
+  if [[ -n $whl ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$whl" 2>&1 | tail -n 3
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  QLORA_BENCH=decode timeout 200 ./.gpu/bench_cuda --bench --noplot --warm-up-time 1 \
+    --measurement-time 2 2>&1 | tee "$out/decode-qlora.log"
+  ours=${PIPESTATUS[0]}
+  # shellcheck disable=SC2086
+  PYTHONUNBUFFERED=1 timeout 300 python3 scripts/bench_decode_ref.py ${DECODE_REF_ARGS:-} 2>&1 | tee "$out/decode-ref.log"
+  ref=${PIPESTATUS[0]}
+  python3 - "$out/decode-qlora.log" "$out/decode-ref.log" <<'PY' | tee "$out/decode.md"
+import json, sys
+def rows(path):
+    out = {}
+    for line in open(path, errors="replace"):
+        if line.startswith('{"impl"'):
+            r = json.loads(line)
+            out[r["case"]] = r
+    return out
+ours, ref = rows(sys.argv[1]), rows(sys.argv[2])
+dev = next((r["device"] for r in list(ours.values()) + list(ref.values())), "?")
+f = lambda v, s="{:.1f}": "-" if v is None else s.format(v)
+print(f"\n## 7B NF4 decode, batch 1, on {dev}\n")
+print("| case | qlora tokens/s | qlora % of bandwidth limit | transformers+bnb tokens/s | ratio |")
+print("|---|---:|---:|---:|---:|")
+for tag in ("base", "adapter_r64"):
+    for ctx in (128, 2048, 4096):
+        o, r = ours.get(f"{tag}/{ctx}", {}), ref.get(f"{tag}/{ctx}", {})
+        a, b = o.get("tokens_per_s"), r.get("tokens_per_s")
+        bw = o.get("bandwidth_frac")
+        print(f"| {tag} @ {ctx} | {f(a)} | {f(None if bw is None else 100 * bw)} | {f(b)} "
+              f"| {f(a / b if a and b else None, '{:.1f}x')} |")
+t_o, t_r = ours.get("ttft/512", {}).get("ms"), ref.get("ttft/512", {}).get("ms")
+print(f"\ntime to first token, 512-token prompt: qlora {f(t_o)} ms, transformers+bnb {f(t_r)} ms")
+for c, r in ref.items():
+    if "error" in r:
+        print(f"reference {c} FAILED: {r['error']}")
+b128, b4k = ours.get("base/128", {}).get("tokens_per_s"), ours.get("base/4096", {}).get("tokens_per_s")
+r128 = ref.get("base/128", {}).get("tokens_per_s")
+print(f"targets (H100): >= 600 tok/s at 128: {f(b128)}; >= 400 at 4096: {f(b4k)}; "
+      f">= 10x the reference: {f(b128 / r128 if b128 and r128 else None, '{:.1f}x')}; "
+      f"TTFT <= 30 ms: {f(t_o)}")
+a128 = ours.get("adapter_r64/128", {}).get("tokens_per_s")
+if a128 and b128:
+    print(f"adapter cost at 128 context: {100 * (b128 / a128 - 1):.1f}% of the base decode time (target < 10%)")
+PY
+  verdict decode "qlora exit $ours, reference exit $ref, $(grep -o 'targets (H100).*' "$out/decode.md")"
   rm -rf "$site"
 fi
 

@@ -94,6 +94,11 @@ pub struct ModelArgs {
     /// apply on top of the model.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<std::path::PathBuf>,
+    /// Merge the adapter into the base weights while loading (W + s·B·A, then quantized as
+    /// --quant says), so each token costs what the base model costs. Unmerged (the default) keeps
+    /// the base exact and adds the adapter at every step (fused into the decode GEMV on CUDA).
+    #[arg(long, requires = "adapter")]
+    pub merge: bool,
     #[command(flatten)]
     pub base: BaseArgs,
 }
@@ -269,6 +274,29 @@ fn load<B: Backend>(m: &ModelArgs, b: B) -> Result<Loaded<B>> {
         })?,
         (None, None) => bail!("--model is required (or --adapter with a base model recorded)"),
     };
+    if m.merge {
+        let adapter = m
+            .adapter
+            .as_ref()
+            .expect("clap: --merge requires --adapter");
+        let dir = qlora::hub::resolve_model(&spec)?;
+        let cfg = qlora::loader::read_config(&dir)?;
+        let (lcfg, weights) = qlora::lora::load_adapter(adapter, &cfg)
+            .with_context(|| format!("cannot apply adapter {} to {spec}", adapter.display()))?;
+        let merge = qlora::model::MergeLora {
+            weights: &weights,
+            scale: lcfg.scaling(),
+        };
+        let loaded = qlora::loader::load_model_dir_merged(&dir, b, quant, Some(merge))
+            .with_context(|| {
+                format!(
+                    "cannot load model {spec} with adapter {} merged",
+                    adapter.display()
+                )
+            })?;
+        tracing::info!(adapter = %adapter.display(), r = lcfg.r, alpha = lcfg.lora_alpha, targets = ?lcfg.target_modules, "adapter merged into the base");
+        return Ok(loaded);
+    }
     let mut loaded =
         load_model(&spec, b, quant).with_context(|| format!("cannot load model {spec}"))?;
     if let Some(dir) = &m.adapter {

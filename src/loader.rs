@@ -4,7 +4,7 @@
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::model::{BaseQuant, Llama};
+use crate::model::{BaseQuant, Llama, MergeLora};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
 use std::path::{Path, PathBuf};
@@ -58,6 +58,17 @@ pub fn load_model<B: Backend>(spec: &str, backend: B, quant: BaseQuant) -> Resul
 
 /// Loads model and tokenizer from a local folder onto `backend`, decoder linears held per `quant`.
 pub fn load_model_dir<B: Backend>(dir: &Path, backend: B, quant: BaseQuant) -> Result<Loaded<B>> {
+    load_model_dir_merged(dir, backend, quant, None)
+}
+
+/// [`load_model_dir`] with an adapter merged into the base while loading
+/// ([`Llama::load_merged`]).
+pub fn load_model_dir_merged<B: Backend>(
+    dir: &Path,
+    backend: B,
+    quant: BaseQuant,
+    merge: Option<MergeLora<'_>>,
+) -> Result<Loaded<B>> {
     let (cfg, raw) = read_config_json(dir)?;
     // A bitsandbytes quantization_config we cannot honour (fp4, 8-bit) is refused up front.
     if let Some(q) = crate::quant::bnb::parse_quantization_config(&raw, &dir.join("config.json"))? {
@@ -72,7 +83,7 @@ pub fn load_model_dir<B: Backend>(dir: &Path, backend: B, quant: BaseQuant) -> R
         )
         .expect("static template"),
     );
-    let model = Llama::load(backend, &ckpt, &cfg, quant, |done, total| {
+    let (model, _) = Llama::load_merged(backend, &ckpt, &cfg, quant, merge, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;

@@ -82,6 +82,34 @@ fn f32_merge_matches_peft_merge_and_adapter_logits() {
     assert!(out.join("tokenizer.json").is_file());
 }
 
+/// `--merge` (in memory, while loading): the f32 model equals the folder `qlora merge` writes,
+/// weight for weight; with NF4 it is the NF4 quantization of that merged weight.
+#[test]
+fn in_memory_merge_equals_the_merged_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    merge(&opts(&out, DType::F32, None)).unwrap();
+    let base = root().join("tests/fixtures/tiny/gqa");
+    let cfg = qlora::loader::read_config(&base).unwrap();
+    let (c, w) = load_adapter(&root().join("tests/fixtures/peft/gqa-lora"), &cfg).unwrap();
+    let merge_in = qlora::model::MergeLora {
+        weights: &w,
+        scale: c.scaling(),
+    };
+    for quant in [BaseQuant::None, BaseQuant::NF4] {
+        let mem =
+            qlora::loader::load_model_dir_merged(&base, CpuBackend::new(), quant, Some(merge_in))
+                .unwrap()
+                .model;
+        let file = qlora::loader::load_model_dir(&out, CpuBackend::new(), quant)
+            .unwrap()
+            .model;
+        for ids in golden_prompts() {
+            assert_eq!(logits(&mem, &ids), logits(&file, &ids), "{quant:?}");
+        }
+    }
+}
+
 #[test]
 fn bf16_merge_rounds_the_f32_merge_once() {
     let dir = tempfile::tempdir().unwrap();

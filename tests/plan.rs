@@ -647,9 +647,17 @@ type R<T> = qlora::Result<T>;
 impl Backend for Counting {
     type Buf = MBuf;
     type Linear = CpuLinear;
+    /// Metered at 2 bytes a value: the CUDA backend's bf16 cache, which the plan models.
+    type Kv = MBuf;
 
     fn name(&self) -> String {
         "metered cpu".into()
+    }
+    fn kv_new(&self, len: usize) -> R<MBuf> {
+        Ok(self.wrap(vec![0.0; len], 2 * len.max(1)))
+    }
+    fn kv_write(&self, cache: &mut MBuf, off: usize, src: &MBuf, len: usize) -> R<()> {
+        self.cpu.copy(&mut cache.v, off, &src.v, 0, len)
     }
     fn zeros(&self, len: usize) -> R<MBuf> {
         Ok(self.wrap(vec![0.0; len], 4 * len.max(1)))

@@ -140,6 +140,10 @@ pub trait Backend: Send + Sync {
     type Buf: Send + Sync;
     /// A linear weight `[out, in]` in whatever form the backend keeps it.
     type Linear: Send + Sync;
+    /// One layer's key or value cache (f32 on the CPU, the spec; bf16 on CUDA, rounded to
+    /// nearest even when written): written with [`Backend::kv_write`], read by
+    /// [`Backend::attention`].
+    type Kv: Send + Sync;
 
     /// Human-readable device name, e.g. `cpu (2 threads)`.
     fn name(&self) -> String;
@@ -189,6 +193,12 @@ pub trait Backend: Send + Sync {
         len: usize,
     ) -> Result<()>;
 
+    /// A zero-filled key/value cache of `len` values.
+    fn kv_new(&self, len: usize) -> Result<Self::Kv>;
+    /// `cache[off..off+len] = src[0..len]` (in the cache's precision).
+    fn kv_write(&self, cache: &mut Self::Kv, off: usize, src: &Self::Buf, len: usize)
+        -> Result<()>;
+
     /// Row gather: `out[i, :] = table[ids[i], :]`; `table` is a dense `[vocab, dim]` weight from
     /// [`Backend::linear`] (so a device keeps it in 16 bits where that is lossless, as it does
     /// lm_head), `out` is `[ids.len(), dim]` f32. An NF4 table or an id ≥ vocab is an error.
@@ -234,6 +244,22 @@ pub trait Backend: Send + Sync {
         matmul_then_add(self, out, x, w, rows)
     }
 
+    /// `out (+)= x·Wᵀ + scale · (x·Aᵀ)·Bᵀ`: a projection with its inference LoRA term (no
+    /// dropout) and, with `add`, the residual add. The default is [`matmul_lora_unfused`] (the
+    /// spec: [`Backend::matmul`] or [`Backend::matmul_add`], then
+    /// [`Backend::lora_forward_add`]); a device backend fuses the adapter into its decode GEMV.
+    fn matmul_lora(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Linear,
+        lora: Option<LoraTerm<'_, Self>>,
+        rows: usize,
+        add: bool,
+    ) -> Result<()> {
+        matmul_lora_unfused(self, out, x, w, lora, rows, add)
+    }
+
     /// In-place rotary embedding, transformers' rotate-half convention. `x` is `[rows, heads, head_dim]`
     /// with `rows = positions.len()`; for pair `i < head_dim/2` at position `p`, with
     /// `θ = p · inv_freq[i]` (f32 product): `(x_i, x_{i+d/2}) ← (x_i cosθ − x_{i+d/2} sinθ, x_{i+d/2} cosθ + x_i sinθ)`.
@@ -251,8 +277,8 @@ pub trait Backend: Send + Sync {
         &self,
         out: &mut Self::Buf,
         q: &Self::Buf,
-        k_cache: &Self::Buf,
-        v_cache: &Self::Buf,
+        k_cache: &Self::Kv,
+        v_cache: &Self::Kv,
         shape: AttnShape,
     ) -> Result<()>;
 
@@ -315,6 +341,45 @@ pub trait Backend: Send + Sync {
         }
         Ok(cpu::sample::sample(&row[..vocab], s, u))
     }
+}
+
+/// An adapter's inference term `scale · (x·Aᵀ)·Bᵀ` for [`Backend::matmul_lora`]: `A` `[rank,
+/// in]`, `B` `[out, rank]` (PEFT's `lora_A`, `lora_B`).
+pub struct LoraTerm<'a, B: Backend + ?Sized> {
+    pub a: &'a B::Buf,
+    pub b: &'a B::Buf,
+    pub scale: f32,
+    pub rank: usize,
+}
+
+/// [`Backend::matmul_lora`] as separate ops: the projection (with its residual add when `add`),
+/// then the adapter term through [`Backend::lora_forward_add`] with a temporary `x·Aᵀ`.
+pub fn matmul_lora_unfused<B: Backend + ?Sized>(
+    b: &B,
+    out: &mut B::Buf,
+    x: &B::Buf,
+    w: &B::Linear,
+    lora: Option<LoraTerm<'_, B>>,
+    rows: usize,
+    add: bool,
+) -> Result<()> {
+    if add {
+        b.matmul_add(out, x, w, rows)?;
+    } else {
+        b.matmul(out, x, w, rows)?;
+    }
+    let Some(l) = lora else {
+        return Ok(());
+    };
+    let (out_features, in_features) = b.linear_shape(w);
+    let mut xa = b.zeros(rows * l.rank)?;
+    let shape = LoraShape {
+        rows,
+        in_features,
+        out_features,
+        rank: l.rank,
+    };
+    b.lora_forward_add(out, &mut xa, x, None, l.a, l.b, l.scale, shape)
 }
 
 /// [`Backend::matmul_add`] without a fused path: the product into a temporary, then the add.

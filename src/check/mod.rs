@@ -4,11 +4,13 @@
 //! Each comparison is a [`CheckRow`]: `op | max error | bound | ok`. The CUDA tests
 //! (`tests/cuda_ops.rs`) call these same functions, so a check and its test cannot drift apart.
 //!
-//! One file per op group: `attention.rs` (flash attention forward/backward), `nf4_dx.rs` (the
+//! One file per op group: `attention.rs` (flash attention forward/backward),
+//! `decode_attention.rs` (inference attention over the bf16 KV cache), `nf4_dx.rs` (the
 //! backward NF4 product), `ops.rs` (RMSNorm/SwiGLU backward, dropout, cross-entropy, stash),
-//! `lora.rs` (the LoRA products), `adamw.rs` and `adam8.rs` (the device optimizers, 32- and
-//! 8-bit), `model.rs` (a whole step), `quantize.rs` (NF4 quantization while loading, bit for bit),
-//! `sample.rs` (the device sampler: the CPU's token for the same logits and uniform).
+//! `lora.rs` (the LoRA products), `lora_decode.rs` (LoRA fused into the decode GEMV), `adamw.rs`
+//! and `adam8.rs` (the device optimizers, 32- and 8-bit), `model.rs` (a whole step),
+//! `quantize.rs` (NF4 quantization while loading, bit for bit), `sample.rs` (the device sampler:
+//! the CPU's token for the same logits and uniform).
 
 #[cfg(feature = "cuda")]
 pub mod adam8;
@@ -17,7 +19,11 @@ pub mod adamw;
 #[cfg(feature = "cuda")]
 pub mod attention;
 #[cfg(feature = "cuda")]
+pub mod decode_attention;
+#[cfg(feature = "cuda")]
 pub mod lora;
+#[cfg(feature = "cuda")]
+pub mod lora_decode;
 #[cfg(feature = "cuda")]
 pub mod model;
 #[cfg(feature = "cuda")]
@@ -178,8 +184,12 @@ pub fn run_all(be: &crate::backend::cuda::backend::CudaBackend) -> Vec<CheckRow>
     let mut rows = Vec::new();
     rows.extend(rows_or_failure("ops", || ops::run(be)));
     rows.extend(rows_or_failure("lora", || lora::run(be)));
+    rows.extend(rows_or_failure("lora decode", || lora_decode::run(be)));
     rows.extend(rows_or_failure("nf4 dx", || nf4_dx::run(be)));
     rows.extend(rows_or_failure("attention", || attention::run(be)));
+    rows.extend(rows_or_failure("decode attention", || {
+        decode_attention::run(be)
+    }));
     rows.extend(rows_or_failure("adamw", || adamw::run(be)));
     rows.extend(rows_or_failure("adamw8", || adam8::run(be)));
     rows.extend(rows_or_failure("training step", || model::run(be)));

@@ -10,7 +10,7 @@
 //! first, so prefill (`pos0 = 0`) and decoding (`T = 1`) are the same code path.
 
 use super::lora::Lora;
-use crate::backend::{AttnShape, Backend, HostLinear, RawTensor};
+use crate::backend::{AttnShape, Backend, HostLinear, LoraTerm, RawTensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::LoraTarget;
@@ -103,17 +103,26 @@ pub struct LoadStats {
     pub host_quantized: usize,
 }
 
+/// An adapter added into the base weights while loading ([`Llama::load_merged`]): each adapted
+/// projection becomes `W + scale · B·A` before it is quantized.
+#[derive(Clone, Copy)]
+pub struct MergeLora<'a> {
+    pub weights: &'a crate::lora::LoraWeights,
+    pub scale: f32,
+}
+
 /// Reads tensors for [`Llama::load`], counting progress.
 struct TensorSource<'a, P: FnMut(usize, usize)> {
     ckpt: &'a Checkpoint,
     quant: BaseQuant,
+    merge: Option<MergeLora<'a>>,
     done: usize,
     total: usize,
     progress: P,
     stats: LoadStats,
 }
 
-impl<P: FnMut(usize, usize)> TensorSource<'_, P> {
+impl<'a, P: FnMut(usize, usize)> TensorSource<'a, P> {
     fn tick(&mut self) {
         self.done += 1;
         (self.progress)(self.done, self.total);
@@ -129,6 +138,44 @@ impl<P: FnMut(usize, usize)> TensorSource<'_, P> {
             ));
         }
         Ok(v)
+    }
+
+    /// The adapter pair to merge into tensor `name`, if any.
+    fn merge_pair(&self, name: &str) -> Option<(&'a crate::lora::LoraPair, f32)> {
+        let m = self.merge?;
+        let module = crate::merge::module_of(name)?;
+        m.weights.modules.get(&module).map(|p| (p, m.scale))
+    }
+
+    /// `W + scale · B·A` for an adapted projection `[rows, cols]` (a pre-quantized base is
+    /// dequantized first), then held as `quant` asks: QLoRA's merge, in memory.
+    fn merged_linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<HostLinear> {
+        let (pair, scale) = self.merge_pair(name).expect("called for adapted tensors");
+        let mut w = if crate::quant::bnb::is_prequantized(self.ckpt, name) {
+            let t = crate::quant::bnb::load_prequantized(self.ckpt, name, &[rows, cols])?;
+            crate::quant::dequantize_nf4(&t)
+        } else {
+            self.load(name, &[rows, cols])?
+        };
+        crate::merge::add_lora(&mut w, pair, scale);
+        Ok(match self.quant {
+            BaseQuant::None => HostLinear::Dense {
+                rows,
+                cols,
+                data: w,
+            },
+            BaseQuant::Nf4 {
+                blocksize,
+                double_quant,
+            } => {
+                let t = std::time::Instant::now();
+                let q = quantize_nf4(&w, &[rows, cols], blocksize, double_quant)
+                    .map_err(|e| self.bad(name, format!("cannot quantize to NF4: {e}")))?;
+                self.stats.quantize_secs += t.elapsed().as_secs_f64();
+                self.stats.host_quantized += 1;
+                HostLinear::Nf4(q)
+            }
+        })
     }
 
     fn bad(&self, name: &str, msg: String) -> Error {
@@ -228,7 +275,10 @@ trait WeightSource<B: Backend> {
 
 impl<B: Backend, P: FnMut(usize, usize)> WeightSource<B> for TensorSource<'_, P> {
     fn vector(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let v = self.load(name, shape)?;
+        let mut v = self.load(name, shape)?;
+        if let Some((pair, scale)) = self.merge_pair(name) {
+            crate::merge::add_lora(&mut v, pair, scale); // lm_head
+        }
         self.ckpt.release(name);
         self.tick();
         Ok(v)
@@ -236,9 +286,13 @@ impl<B: Backend, P: FnMut(usize, usize)> WeightSource<B> for TensorSource<'_, P>
 
     fn linear(&mut self, b: &B, name: &str, rows: usize, cols: usize) -> Result<B::Linear> {
         let t = std::time::Instant::now();
-        let w = match self.backend_linear(b, name, rows, cols)? {
-            Some(w) => w,
-            None => b.linear(self.host_linear(name, rows, cols)?)?,
+        let w = if self.merge_pair(name).is_some() {
+            b.linear(self.merged_linear(name, rows, cols)?)?
+        } else {
+            match self.backend_linear(b, name, rows, cols)? {
+                Some(w) => w,
+                None => b.linear(self.host_linear(name, rows, cols)?)?,
+            }
         };
         self.stats.linear_secs += t.elapsed().as_secs_f64();
         // What we keep is a copy: let the kernel drop the file pages behind it.
@@ -314,14 +368,21 @@ impl RandomSource {
     }
 }
 
-/// Per-layer key/value cache, `[cap, kv_heads, head_dim]` per layer (batch 1).
+/// Per-layer key/value cache, `[cap, kv_heads, head_dim]` per layer (batch 1), in the backend's
+/// cache precision ([`Backend::Kv`]: f32 on the CPU, bf16 on CUDA).
 pub struct KvCache<B: Backend> {
-    pub k: Vec<B::Buf>,
-    pub v: Vec<B::Buf>,
+    pub k: Vec<B::Kv>,
+    pub v: Vec<B::Kv>,
     pub cap: usize,
     /// Number of positions already filled.
     pub len: usize,
+    /// Activation buffers kept between decode steps (≤ [`KEEP_SCRATCH_ROWS`] tokens), so a
+    /// step allocates only its logits.
+    scratch: Option<Scratch<B>>,
 }
+
+/// Forward passes of at most this many tokens keep their activation buffers in the cache.
+pub(crate) const KEEP_SCRATCH_ROWS: usize = 8;
 
 /// Which rows of logits a forward pass should produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -334,6 +395,8 @@ pub enum Logits {
 
 /// Activation buffers for a chunk of up to `rows` tokens, reused across layers.
 struct Scratch<B: Backend> {
+    /// Tokens the buffers have room for.
+    rows: usize,
     x: B::Buf,
     xn: B::Buf,
     q: B::Buf,
@@ -354,6 +417,7 @@ impl<B: Backend> Scratch<B> {
             cfg.intermediate_size,
         );
         Ok(Scratch {
+            rows,
             x: b.zeros(rows * c)?,
             xn: b.zeros(rows * c)?,
             q: b.zeros(rows * qd)?,
@@ -391,10 +455,35 @@ impl<B: Backend> Llama<B> {
         quant: BaseQuant,
         progress: impl FnMut(usize, usize),
     ) -> Result<(Self, LoadStats)> {
+        Self::load_merged(backend, ckpt, cfg, quant, None, progress)
+    }
+
+    /// [`Llama::load_with_stats`] with an adapter merged into the base while loading (`qlora
+    /// generate --merge`): each adapted projection is read in f32 (a pre-quantized one
+    /// dequantized), `scale · B·A` added ([`crate::merge::add_lora`]), then quantized per `quant`
+    /// on the host; decoding then costs what the base costs. An adapter on `lm_head` of a model
+    /// with tied embeddings cannot be merged (the head is the embedding): an error.
+    pub fn load_merged(
+        backend: B,
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        quant: BaseQuant,
+        merge: Option<MergeLora<'_>>,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<(Self, LoadStats)> {
+        if let Some(m) = merge {
+            let head = crate::lora::LoraModule::lm_head();
+            if cfg.tie_word_embeddings && m.weights.modules.contains_key(&head) {
+                return Err(Error::InvalidArg(
+                    "cannot merge an lm_head adapter into a model with tied embeddings; apply it unmerged".into(),
+                ));
+            }
+        }
         let t0 = std::time::Instant::now();
         let mut src = TensorSource {
             ckpt,
             quant,
+            merge,
             done: 0,
             total: llama_tensor_names(cfg).len(),
             progress,
@@ -519,10 +608,16 @@ impl<B: Backend> Llama<B> {
         let mut k = Vec::with_capacity(self.layers.len());
         let mut v = Vec::with_capacity(self.layers.len());
         for _ in &self.layers {
-            k.push(self.backend.zeros(n)?);
-            v.push(self.backend.zeros(n)?);
+            k.push(self.backend.kv_new(n)?);
+            v.push(self.backend.kv_new(n)?);
         }
-        Ok(KvCache { k, v, cap, len: 0 })
+        Ok(KvCache {
+            k,
+            v,
+            cap,
+            len: 0,
+            scratch: None,
+        })
     }
 
     /// Runs `ids` (one sequence) at positions `cache.len..cache.len + ids.len()`, appends their keys
@@ -549,7 +644,11 @@ impl<B: Backend> Llama<B> {
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
         };
-        let mut s = Scratch::new(b, cfg, t)?;
+        // Every op writes its full output region, so reused buffers need no clearing.
+        let mut s = match cache.scratch.take() {
+            Some(s) if s.rows >= t => s,
+            _ => Scratch::new(b, cfg, t)?,
+        };
         b.embedding(&mut s.x, &self.embed, ids, c)?;
         for (l, w) in self.layers.iter().enumerate() {
             // Attention block.
@@ -571,8 +670,8 @@ impl<B: Backend> Llama<B> {
                 cfg.num_key_value_heads,
                 cfg.head_dim,
             )?;
-            b.copy(&mut cache.k[l], pos0 * kvd, &s.k, 0, t * kvd)?;
-            b.copy(&mut cache.v[l], pos0 * kvd, &s.v, 0, t * kvd)?;
+            b.kv_write(&mut cache.k[l], pos0 * kvd, &s.k, t * kvd)?;
+            b.kv_write(&mut cache.v[l], pos0 * kvd, &s.v, t * kvd)?;
             b.attention(&mut s.att, &s.q, &cache.k[l], &cache.v[l], shape)?;
             self.project_add(&mut s.x, &s.att, Some(l), LoraTarget::OProj, t)?;
             // MLP block.
@@ -583,19 +682,23 @@ impl<B: Backend> Llama<B> {
             self.project_add(&mut s.x, &s.h, Some(l), LoraTarget::DownProj, t)?;
         }
         cache.len = pos0 + t;
-        // Head: only the rows the caller wants.
-        let (rows, x) = match which {
-            Logits::All => (t, s.x),
-            Logits::Last => {
-                let mut last = b.zeros(c)?;
-                b.copy(&mut last, 0, &s.x, (t - 1) * c, c)?;
-                (1, last)
+        // Head: only the rows the caller wants. When that is all of `s.x` (every row, or the
+        // one row of a decode step) the head runs on the scratch buffers directly.
+        if t == 1 || which == Logits::All {
+            b.rmsnorm(&mut s.xn, &s.x, &self.norm, t, c, cfg.rms_norm_eps)?;
+            let mut logits = b.zeros(t * cfg.vocab_size)?;
+            self.project(&mut logits, &s.xn, None, LoraTarget::LmHead, t)?;
+            if t <= KEEP_SCRATCH_ROWS {
+                cache.scratch = Some(s);
             }
-        };
-        let mut xn = b.zeros(rows * c)?;
-        b.rmsnorm(&mut xn, &x, &self.norm, rows, c, cfg.rms_norm_eps)?;
-        let mut logits = b.zeros(rows * cfg.vocab_size)?;
-        self.project(&mut logits, &xn, None, LoraTarget::LmHead, rows)?;
+            return Ok(logits);
+        }
+        // The last row of a longer chunk.
+        let mut last = b.zeros(c)?;
+        b.copy(&mut last, 0, &s.x, (t - 1) * c, c)?;
+        b.rmsnorm(&mut s.xn, &last, &self.norm, 1, c, cfg.rms_norm_eps)?;
+        let mut logits = b.zeros(cfg.vocab_size)?;
+        self.project(&mut logits, &s.xn, None, LoraTarget::LmHead, 1)?;
         Ok(logits)
     }
 
@@ -619,9 +722,7 @@ impl<B: Backend> Llama<B> {
         target: LoraTarget,
         rows: usize,
     ) -> Result<()> {
-        self.backend
-            .matmul(out, x, self.base_weight(layer, target), rows)?;
-        self.lora_add(out, x, layer, target, rows)
+        self.project_with(out, x, layer, target, rows, false)
     }
 
     /// `out += x · Wᵀ` (+ the adapter term): a projection with its residual add fused.
@@ -633,38 +734,31 @@ impl<B: Backend> Llama<B> {
         target: LoraTarget,
         rows: usize,
     ) -> Result<()> {
-        self.backend
-            .matmul_add(out, x, self.base_weight(layer, target), rows)?;
-        self.lora_add(out, x, layer, target, rows)
+        self.project_with(out, x, layer, target, rows, true)
     }
 
-    /// Adds the adapter's term of projection `target` to `out`, if the adapter has one.
-    fn lora_add(
+    /// The projection and its adapter term in one [`Backend::matmul_lora`] call (the CUDA
+    /// backend fuses the adapter into its decode GEMV).
+    fn project_with(
         &self,
         out: &mut B::Buf,
         x: &B::Buf,
         layer: Option<usize>,
         target: LoraTarget,
         rows: usize,
+        add: bool,
     ) -> Result<()> {
-        let b = &self.backend;
-        if let Some(lora) = &self.lora {
-            if let Some(ad) = lora.params.get(layer, target) {
-                let rank = lora.params.rank;
-                let mut xa = b.zeros(rows * rank)?;
-                b.lora_forward_add(
-                    out,
-                    &mut xa,
-                    x,
-                    None,
-                    &ad.a,
-                    &ad.b,
-                    lora.scale,
-                    ad.shape(rows, rank),
-                )?;
-            }
-        }
-        Ok(())
+        let lora = self.lora.as_ref().and_then(|lora| {
+            let ad = lora.params.get(layer, target)?;
+            Some(LoraTerm {
+                a: &ad.a,
+                b: &ad.b,
+                scale: lora.scale,
+                rank: lora.params.rank,
+            })
+        });
+        let w = self.base_weight(layer, target);
+        self.backend.matmul_lora(out, x, w, lora, rows, add)
     }
 }
 

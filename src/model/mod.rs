@@ -4,6 +4,7 @@ mod llama;
 pub mod lora;
 pub mod train;
 
-pub use llama::{BaseQuant, KvCache, LayerWeights, Llama, LoadStats, Logits};
+pub(crate) use llama::KEEP_SCRATCH_ROWS;
+pub use llama::{BaseQuant, KvCache, LayerWeights, Llama, LoadStats, Logits, MergeLora};
 pub use lora::{Lora, LoraLinear, LoraSet};
 pub use train::{Recompute, SeqInput, StepStats};

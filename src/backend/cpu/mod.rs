@@ -6,6 +6,7 @@
 mod attention;
 pub mod backward;
 mod cross_entropy;
+pub mod decode_attention;
 pub mod dropout;
 mod elementwise;
 pub mod flash_attention;
@@ -31,7 +32,11 @@ use crate::error::{Error, Result};
 
 /// The CPU backend. Work is spread over rayon's global thread pool.
 #[derive(Debug, Default, Clone)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    /// Round what is written to the KV cache to bf16, as the CUDA backend stores it (off: the
+    /// f32 specification).
+    bf16_kv: bool,
+}
 
 /// A linear weight `[rows = out, cols = in]` as the CPU backend keeps it.
 #[derive(Debug, Clone)]
@@ -52,7 +57,14 @@ pub enum CpuWeight {
 
 impl CpuBackend {
     pub fn new() -> Self {
-        CpuBackend
+        CpuBackend::default()
+    }
+
+    /// The CPU specification of a device whose KV cache is bf16 (`kv_write` rounds to nearest
+    /// even, as `kv_write_bf16` does; everything else unchanged), so that a comparison with the
+    /// CUDA backend sees the same cached values on both sides.
+    pub fn with_bf16_kv_cache() -> Self {
+        CpuBackend { bf16_kv: true }
     }
 }
 
@@ -68,6 +80,7 @@ fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Linear = CpuLinear;
+    type Kv = Vec<f32>;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -134,6 +147,20 @@ impl Backend for CpuBackend {
         check_len("copy dst", dst.len(), dst_off + len)?;
         check_len("copy src", src.len(), src_off + len)?;
         dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
+        Ok(())
+    }
+
+    fn kv_new(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn kv_write(&self, cache: &mut Vec<f32>, off: usize, src: &Vec<f32>, len: usize) -> Result<()> {
+        self.copy(cache, off, src, 0, len)?;
+        if self.bf16_kv {
+            cache[off..off + len]
+                .iter_mut()
+                .for_each(|v| *v = bf16_round(*v));
+        }
         Ok(())
     }
 

@@ -2,16 +2,18 @@
 //! projections go through cuBLAS sgemm, NF4 projections through the fused GEMV (≤ 8 rows,
 //! decoding) or, for prefill and evaluation, the fused tensor-core NF4 GEMM (bf16 inputs, f32
 //! accumulation). [`Prefill`] switches the latter (and the backward's `dy·W`) to one of the
-//! baselines it is measured against. The LoRA term runs in bf16 on cuBLAS (`lora.rs`).
+//! baselines it is measured against. The LoRA term runs in bf16 on cuBLAS (`lora.rs`), except
+//! at decode over NF4 weights, where it is fused into the GEMV (`lora_decode.rs`).
 //! Training ops (`TrainBackend`) are in `train.rs`.
 
 use super::dense_half::{DeviceHalf, HALF_GEMV_MAX_M};
 use super::lora::LoraScratch;
+use super::lora_decode;
 use super::nf4::{DeviceNf4, GEMV_MAX_M};
 use super::nf4_gemm::Bf16Scratch;
 use super::ops;
 use super::runtime::{CudaDevice, DevBuf};
-use crate::backend::{AttnShape, Backend, HostLinear, LoraShape, RawTensor};
+use crate::backend::{AttnShape, Backend, HostLinear, LoraShape, LoraTerm, RawTensor};
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
 use std::sync::{Arc, Mutex};
@@ -40,6 +42,10 @@ pub struct CudaBackend {
     pub(super) lora_scratch: Mutex<LoraScratch>,
     /// Training attention's sequence tables and Δ buffer, reused while the batch layout holds.
     pub(super) flash: Mutex<super::flash_attention::FlashScratch>,
+    /// Flash-decoding's split partials.
+    pub(super) decode: Mutex<super::decode_attention::DecodeScratch>,
+    /// `x·Aᵀ` of the fused decode LoRA GEMV.
+    lora_xa: Mutex<Option<DevBuf<f32>>>,
     /// The last RoPE positions uploaded: every layer of a forward pass rotates at the same
     /// positions, so they cross the bus once per pass instead of twice per layer.
     positions: Mutex<Option<(Vec<u32>, DevBuf<u32>)>>,
@@ -75,6 +81,8 @@ impl CudaBackend {
             f32_scratch: Mutex::default(),
             lora_scratch: Mutex::default(),
             flash: Mutex::default(),
+            decode: Mutex::default(),
+            lora_xa: Mutex::default(),
             positions: Mutex::default(),
             sample_out: Mutex::default(),
         })
@@ -180,6 +188,8 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     type Buf = DevBuf<f32>;
     type Linear = CudaLinear;
+    /// bf16 bits, written by `kv_write_bf16` (round to nearest even).
+    type Kv = DevBuf<u16>;
 
     fn name(&self) -> String {
         format!(
@@ -276,6 +286,20 @@ impl Backend for CudaBackend {
             .map_err(|e| Error::Backend(format!("cuda copy: {e}")))
     }
 
+    fn kv_new(&self, len: usize) -> Result<DevBuf<u16>> {
+        self.dev.zeros(len)
+    }
+
+    fn kv_write(
+        &self,
+        cache: &mut DevBuf<u16>,
+        off: usize,
+        src: &Self::Buf,
+        len: usize,
+    ) -> Result<()> {
+        super::decode_attention::kv_write(&self.dev, cache, off, src, len)
+    }
+
     fn embedding(
         &self,
         out: &mut Self::Buf,
@@ -335,6 +359,25 @@ impl Backend for CudaBackend {
         self.product(out, x, w, rows, true)
     }
 
+    fn matmul_lora(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &CudaLinear,
+        lora: Option<LoraTerm<'_, Self>>,
+        rows: usize,
+        add: bool,
+    ) -> Result<()> {
+        match (w, &lora) {
+            (CudaLinear::Nf4(t), Some(l)) if lora_decode::fused_supported(t, rows, l.rank) => {
+                let mut xa = self.lora_xa.lock().unwrap_or_else(|p| p.into_inner());
+                let term = (&**l.a, &**l.b, l.scale, l.rank);
+                lora_decode::nf4_lora_gemv(&self.dev, &mut xa, t, out, x, term, rows, add)
+            }
+            _ => crate::backend::matmul_lora_unfused(self, out, x, w, lora, rows, add),
+        }
+    }
+
     fn rope(
         &self,
         x: &mut Self::Buf,
@@ -350,11 +393,12 @@ impl Backend for CudaBackend {
         &self,
         out: &mut Self::Buf,
         q: &Self::Buf,
-        k_cache: &Self::Buf,
-        v_cache: &Self::Buf,
+        k_cache: &Self::Kv,
+        v_cache: &Self::Kv,
         shape: AttnShape,
     ) -> Result<()> {
-        ops::attention(&self.dev, out, q, k_cache, v_cache, shape)
+        let mut scratch = self.decode.lock().unwrap_or_else(|p| p.into_inner());
+        super::decode_attention::attention(&self.dev, &mut scratch, out, q, k_cache, v_cache, shape)
     }
 
     fn swiglu(

@@ -30,6 +30,8 @@ pub mod blas;
 #[cfg(feature = "cuda")]
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
+pub mod decode_attention;
+#[cfg(feature = "cuda")]
 pub mod dense_half;
 #[cfg(feature = "cuda")]
 pub mod dropout;
@@ -39,6 +41,8 @@ pub mod flash_attention;
 pub mod libs;
 #[cfg(feature = "cuda")]
 pub mod lora;
+#[cfg(feature = "cuda")]
+pub mod lora_decode;
 #[cfg(feature = "cuda")]
 pub mod nf4;
 #[cfg(feature = "cuda")]
@@ -103,6 +107,7 @@ mod tests {
             "adamw",
             "attention",
             "cross_entropy",
+            "decode_attention",
             "dense_half",
             "dropout",
             "elementwise",

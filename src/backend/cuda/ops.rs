@@ -180,13 +180,15 @@ pub fn rope(
     Ok(())
 }
 
-/// Causal GQA attention over the caches (see [`AttnShape`]); `head_dim ≤ 256`.
+/// Causal GQA attention over bf16 caches (see [`AttnShape`]), one warp per query; `head_dim ≤
+/// 256`. The general path of [`super::decode_attention::attention`] (shapes its split kernel
+/// does not take).
 pub fn attention(
     dev: &CudaDevice,
     out: &mut CudaSlice<f32>,
     q: &CudaSlice<f32>,
-    k: &CudaSlice<f32>,
-    v: &CudaSlice<f32>,
+    k: &CudaSlice<u16>,
+    v: &CudaSlice<u16>,
     s: AttnShape,
 ) -> Result<()> {
     if s.pos0 + s.q_len > s.cache_cap
@@ -204,7 +206,7 @@ pub fn attention(
     need("attention out", out.len(), qn)?;
     need("attention k", k.len(), kvn)?;
     need("attention v", v.len(), kvn)?;
-    let f = dev.function("attention", "attention_f32")?;
+    let f = dev.function("attention", "attention_bf16kv")?;
     let warps = s.batch * s.q_len * s.heads;
     let a = [
         s.batch as i32,
@@ -225,8 +227,9 @@ pub fn attention(
     for x in &a {
         b.arg(x);
     }
-    // SAFETY: matches attention_f32(float*, const float*×3, int×7); sizes checked.
-    unsafe { b.launch(cfg) }.map_err(launch_err("attention_f32"))?;
+    // SAFETY: matches attention_bf16kv(float*, const float*, const uint16_t*×2, int×7); sizes
+    // checked.
+    unsafe { b.launch(cfg) }.map_err(launch_err("attention_bf16kv"))?;
     Ok(())
 }
 

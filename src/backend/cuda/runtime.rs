@@ -329,6 +329,23 @@ impl CudaDevice {
         self.meter.peak.store(live, Ordering::Relaxed);
     }
 
+    /// Theoretical memory bandwidth in bytes/s, from the driver's memory clock and bus width
+    /// (`2 · clock · width / 8`, double data rate): ≈ 3.35e12 on an H100 SXM. `None` when the
+    /// driver does not report them (the benches then take `QLORA_PEAK_GBS`).
+    pub fn peak_bandwidth(&self) -> Option<f64> {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let clock_khz = self
+            .ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)
+            .ok()?;
+        let bus_bits = self
+            .ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)
+            .ok()?;
+        (clock_khz > 0 && bus_bits > 0)
+            .then(|| 2.0 * clock_khz as f64 * 1e3 * bus_bits as f64 / 8.0)
+    }
+
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| drv("synchronize", e))

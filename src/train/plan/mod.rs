@@ -131,9 +131,9 @@
 //! any adapter, gradient, optimizer state or scratch exists, so below the step's peak.
 //!
 //! Evaluation (when the run holds out data) runs between steps, when the step's buffers are
-//! freed: `Llama::forward` of the longest held-out example with its KV cache (`2L · T_e·K`), the
-//! forward scratch (`2·T_e·C + 2·T_e·Q + 2·T_e·K + 3·T_e·F`), the final norm and the full logits
-//! `[T_e, V]`. Its peak counts when it exceeds the step's.
+//! freed: `Llama::forward` of the longest held-out example with its bf16 KV cache (`2L · T_e·K`
+//! values), the forward scratch (`2·T_e·C + 2·T_e·Q + 2·T_e·K + 3·T_e·F`; its `xn` also takes
+//! the final norm) and the full logits `[T_e, V]`. Its peak counts when it exceeds the step's.
 //!
 //! # Not metered
 //! - **cuBLAS workspace**: the handle (`CudaBlas::new`) is created without

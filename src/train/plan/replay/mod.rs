@@ -225,7 +225,10 @@ impl<'a> Walk<'a> {
         use Kind::Eval as E;
         use LoraTarget::*;
         self.sim.at("eval", None, "KV cache and forward scratch");
-        let mut held: Vec<Alloc> = (0..2 * d.layers).map(|_| self.f32(E, t * d.k)).collect();
+        // The KV cache is bf16 on the device (`Backend::Kv`).
+        let mut held: Vec<Alloc> = (0..2 * d.layers)
+            .map(|_| self.sim.alloc(E, 2 * (t * d.k).max(1)))
+            .collect();
         let mut scratch = Vec::new();
         for n in [d.c, d.c, d.q, d.k, d.k, d.q, d.f, d.f, d.f] {
             scratch.push(self.f32(E, t * n));
@@ -246,15 +249,19 @@ impl<'a> Walk<'a> {
                 }
             }
         }
+        // The head normalizes into the scratch's `xn`; a forward of at most
+        // KEEP_SCRATCH_ROWS tokens leaves its scratch in the cache (freed with it).
         self.sim.at("eval", None, "logits");
-        let xn = self.f32(E, t * d.c);
         let logits = self.f32(E, t * d.v);
         if self.adapted(LmHead) {
             let xa = self.f32(E, t * r);
             self.sim.free(xa);
         }
-        self.sim.free(xn);
-        self.sim.free_all(scratch);
+        if t <= crate::model::KEEP_SCRATCH_ROWS {
+            held.extend(scratch);
+        } else {
+            self.sim.free_all(scratch);
+        }
         let losses = self.f32(E, t);
         let targets = self.internal(E, t);
         self.free_opt(targets);
