@@ -272,3 +272,48 @@ fn export_tied_with_overwrite_writes_no_output_tensor() {
     assert!(types.iter().all(|t| *t == "BF16" || *t == "F32"));
     assert_eq!(d["metadata"]["general.file_type"]["value"], 32);
 }
+
+/// The SentencePiece (`llama`) vocabulary path on Llama-2's real tokenizer.json: token types as
+/// llama.cpp's converter gives them from tokenizer.model, and scores that order merges as the
+/// original (`▁t` first, runs of `▁` last).
+#[test]
+fn export_llama2_vocabulary_types_and_scores() {
+    use qlora::export::gguf::{Array, GgufWriter, Value};
+    let dir = root().join("tests/fixtures/llama-2-7b-chat-hf");
+    let cfg = qlora::loader::read_config(&dir).unwrap();
+    let mut g = GgufWriter::new();
+    let kind = qlora::export::vocab::add_tokenizer(&mut g, &dir, &cfg).unwrap();
+    assert_eq!(kind, "llama");
+    let Some(Value::Array(Array::Str(tokens))) = g.get("tokenizer.ggml.tokens") else {
+        panic!("tokens")
+    };
+    let Some(Value::Array(Array::I32(types))) = g.get("tokenizer.ggml.token_type") else {
+        panic!("types")
+    };
+    let Some(Value::Array(Array::F32(scores))) = g.get("tokenizer.ggml.scores") else {
+        panic!("scores")
+    };
+    assert_eq!(
+        (tokens.len(), types.len(), scores.len()),
+        (32000, 32000, 32000)
+    );
+    assert_eq!(&tokens[..3], ["<unk>", "<s>", "</s>"]);
+    assert_eq!(&types[..4], [2, 3, 3, 6]);
+    assert_eq!(tokens[3], "<0x00>");
+    assert!(types[3..259].iter().all(|&t| t == 6));
+    assert!(types[259..].iter().all(|&t| t == 1));
+    let id = |s: &str| tokens.iter().position(|t| t == s).unwrap();
+    assert!(scores[id("▁t")] > scores[id("er")]);
+    assert!(scores[id("er")] > scores[id("▁the")]);
+    assert!(scores[id("▁the")] > scores[id("▁▁")]);
+    for (k, v) in [
+        ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
+        ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
+    ] {
+        assert_eq!(g.get(k), Some(&v), "{k}");
+    }
+    assert!(g.get("tokenizer.ggml.merges").is_none());
+    assert!(g.get("tokenizer.chat_template").is_some());
+}
