@@ -9,7 +9,11 @@ and checks, independently of qlora's code:
   - the merged export: tensors equal permute(W + s·B·A) computed here from the PEFT adapter;
   - q8_0: every Q8_0 tensor's bytes equal `gguf.quants.quantize(f32 values, Q8_0)` (llama.cpp's
     reference quantizer), F16 fallbacks equal numpy's float16, and the dequantized values are
-    within half a quantization step of the f32 export.
+    within half a quantization step (plus the f16 rounding of the scale) of the f32 export;
+  - logits: a float64 numpy forward pass that reads only the GGUF file and follows llama.cpp's
+    `llama` graph (RoPE on adjacent pairs, rope_freqs, GQA, SwiGLU, tied output) reproduces the
+    committed transformers logits (tests/fixtures/tiny/*/golden.safetensors) and PEFT's merged
+    logits (tests/fixtures/peft/gqa-lora/golden.safetensors) within 1e-4 for the f32 files.
 Then writes tests/fixtures/gguf/tiny.json: per file the metadata, tensor names, gguf shapes,
 types and sha256 of the data bytes, and the figures above; tests/gguf.rs compares a fresh
 export against it.
@@ -175,6 +179,79 @@ def decoded(r):
     return out
 
 
+def meta_value(r, key):
+    f = r.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def llama_cpp_forward(r, ids):
+    """Logits [T, V] of a `llama` GGUF computed with llama.cpp's semantics (src/models/llama.cpp,
+    ggml_rope_ext in NORM mode), in float64 numpy, reading only the file: RMSNorm, RoPE on
+    adjacent pairs (2i, 2i+1) with theta = pos · base^(-2i/n_rot) / rope_freqs[i], causal GQA
+    attention scaled by 1/sqrt(head_dim), SwiGLU, output (or token_embd when absent)."""
+    w = {k: v.astype(np.float64) for k, v in decoded(r).items()}
+    m = lambda k: meta_value(r, f"llama.{k}")
+    n_head, n_kv, base = m("attention.head_count"), m("attention.head_count_kv"), m("rope.freq_base")
+    n_rot, eps, hd = m("rope.dimension_count"), m("attention.layer_norm_rms_epsilon"), m("attention.key_length")
+    ff = w.get("rope_freqs.weight", np.ones(n_rot // 2))
+    T = len(ids)
+    theta = np.arange(T)[:, None] * base ** (-np.arange(0, n_rot, 2) / n_rot)[None, :] / ff[None, :]
+    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+
+    def rope(x):  # [T, H, hd]
+        x0, x1 = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+        out = x.copy()
+        out[..., 0:n_rot:2] = x0 * cos - x1 * sin
+        out[..., 1:n_rot:2] = x0 * sin + x1 * cos
+        return out
+
+    def norm(x, g):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+    x = w["token_embd.weight"][ids]
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    for l in range(m("block_count")):
+        b = lambda n: w[f"blk.{l}.{n}.weight"]
+        h = norm(x, b("attn_norm"))
+        q = rope((h @ b("attn_q").T).reshape(T, n_head, hd))
+        k = rope((h @ b("attn_k").T).reshape(T, n_kv, hd))
+        v = (h @ b("attn_v").T).reshape(T, n_kv, hd)
+        rep = n_head // n_kv
+        k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+        att = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        o = np.einsum("hts,shd->thd", att, v).reshape(T, n_head * hd)
+        x = x + o @ b("attn_output").T
+        h = norm(x, b("ffn_norm"))
+        g = h @ b("ffn_gate").T
+        x = x + ((g / (1 + np.exp(-g))) * (h @ b("ffn_up").T)) @ b("ffn_down").T
+    x = norm(x, w["output_norm.weight"])
+    return x @ w.get("output.weight", w["token_embd.weight"]).T
+
+
+def golden_logits(model_dir, adapter_dir):
+    """Reference logits per prompt: transformers (base) or PEFT merge_and_unload (adapter)."""
+    prompts = json.loads((model_dir / "golden.json").read_text())["prompts"]
+    if adapter_dir is None:
+        g = read_safetensors(model_dir / "golden.safetensors")
+        return prompts, [g[f"logits.{i}"] for i in range(len(prompts))]
+    g = read_safetensors_any(adapter_dir / "golden.safetensors")
+    return prompts, [g[f"merged.{i}"] for i in range(len(prompts))]
+
+
+def read_safetensors_any(path):
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    out = {}
+    for name, info in header.items():
+        if name != "__metadata__" and info["dtype"] == "F32":
+            a, b = info["data_offsets"]
+            out[name] = np.frombuffer(raw[8 + n + a : 8 + n + b], dtype=np.float32).reshape(info["shape"])
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--qlora", default=str(ROOT / "target/debug/qlora"))
@@ -224,6 +301,18 @@ def main():
                 # |x − q·d16| in units of the f32 step d: ≤ 0.5 + 127·|d − d16|/d ≤ 0.5 + 127·2^-11.
                 entry["q8_0_max_err_in_steps"] = worst_step
                 assert worst_step <= 0.5 + 127 * 2**-11, worst_step
+            prompts, gold = golden_logits(ROOT / model, ROOT / adapter if adapter else None)
+            ours = [llama_cpp_forward(r, p) for p in prompts]
+            diff = max(float(np.abs(o - g).max()) for o, g in zip(ours, gold))
+            scale = max(float(np.abs(g).max()) for g in gold)
+            agree = float(np.mean(np.concatenate([o.argmax(-1) == g.argmax(-1) for o, g in zip(ours, gold)])))
+            entry["llama_cpp_semantics_logits_max_abs_diff"] = diff
+            entry["llama_cpp_semantics_argmax_agreement"] = agree
+            entry["reference_logits_max_abs"] = scale
+            # f32: float32 (reference) vs float64 (here) math only. q8_0: quantization error;
+            # this tiny random model amplifies weight rounding (bf16 weights alone give 0.14 of
+            # max |logit| 6.9, f16 0.015), so only a loose bound relative to the logit scale.
+            assert diff < (1e-4 if dtype == "f32" else 0.1 * scale), (name, diff, scale)
             result["files"][name] = entry
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

@@ -1,7 +1,9 @@
 //! `qlora export` against llama.cpp's `gguf` reader: tests/fixtures/gguf/tiny.json records what
 //! gguf-py 0.17.1 read from exports of the tiny fixtures (scripts/fixtures_gguf.py, which also
 //! checks the decoded tensors against the Hugging Face weights with llama.cpp's converter steps
-//! applied in numpy, and Q8_0 bytes against gguf's reference quantizer). Here a fresh export is
+//! applied in numpy, Q8_0 bytes against gguf's reference quantizer, and the logits of a numpy
+//! forward pass with llama.cpp's `llama` semantics on the file against transformers' / PEFT's
+//! golden logits). Here a fresh export is
 //! parsed with a minimal reader and must match that record: metadata, tensor names, shapes,
 //! types, offsets and the sha256 of every tensor's bytes.
 
@@ -193,6 +195,13 @@ fn export_matches_what_gguf_py_read() {
         // The oracle figures the fixture script asserted.
         if let Some(e) = entry.get("max_abs_diff_vs_hf") {
             assert!(e.as_f64().unwrap() <= 1e-6, "{name}: {e}");
+        }
+        let logits = entry["llama_cpp_semantics_logits_max_abs_diff"]
+            .as_f64()
+            .unwrap();
+        if entry["dtype"] == "f32" {
+            assert!(logits < 1e-4, "{name}: {logits}");
+            assert_eq!(entry["llama_cpp_semantics_argmax_agreement"], 1.0);
         }
         if entry["dtype"] == "q8_0" {
             assert_eq!(entry["q8_0_bytes_equal_gguf_quantize"], true);

@@ -13,8 +13,9 @@
 //!   `tokenizer.ggml.pre` selects llama.cpp's pre-tokenizer regex; the converter identifies it by
 //!   hashing a tokenization, which the exporter does not do yet: it writes `default`.
 //!
-//! Ids missing from the vocabulary up to the model's `vocab_size` become `[PAD<i>]`
-//! (USER_DEFINED), as in the converter. Special ids (bos, eos, unk, pad) come from the token
+//! Ids missing from the vocabulary up to the model's `vocab_size` become `[PAD<i>]` (UNUSED), as
+//! in the converter; added tokens that are special or look special (`<|...|>`) are CONTROL, other
+//! added tokens USER_DEFINED (with `▁` written as a space in byte-level vocabularies). Special ids (bos, eos, unk, pad) come from the token
 //! strings in `tokenizer_config.json`, else from `config.json`.
 
 use super::gguf::{Array, GgufWriter, Value};
@@ -30,6 +31,7 @@ pub mod token_type {
     pub const UNKNOWN: i32 = 2;
     pub const CONTROL: i32 = 3;
     pub const USER_DEFINED: i32 = 4;
+    pub const UNUSED: i32 = 5;
     pub const BYTE: i32 = 6;
 }
 
@@ -38,14 +40,16 @@ fn read_json(path: &Path) -> Result<Json> {
     serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("malformed JSON: {e}")))
 }
 
-/// `"a b"` or `["a", "b"]` → `("a", "b")`.
+/// `"a b"` or `["a", "b"]` → `("a", "b")`; a space inside a pair part is written `Ġ` (U+0120),
+/// as gguf-py's `SpecialVocab` does.
 fn merge_pair(m: &Json) -> Option<(String, String)> {
     match m {
         Json::String(s) => s
             .split_once(' ')
             .map(|(a, b)| (a.to_string(), b.to_string())),
         Json::Array(v) if v.len() == 2 => {
-            Some((v[0].as_str()?.to_string(), v[1].as_str()?.to_string()))
+            let part = |x: &Json| x.as_str().map(|s| s.replace(' ', "\u{120}"));
+            Some((part(&v[0])?, part(&v[1])?))
         }
         _ => None,
     }
@@ -60,10 +64,13 @@ fn config_token(tc: &Json, key: &str) -> Option<String> {
     }
 }
 
-/// The chat template: `tokenizer_config.json`'s string, the `default` one of a named list, or
-/// `chat_template.jinja`.
+/// The chat template: `tokenizer_config.json`'s string, the `default` one of a named list,
+/// `chat_template.json`'s, or `chat_template.jinja`.
 fn chat_template(dir: &Path, tc: &Json) -> Option<String> {
-    match tc.get("chat_template") {
+    let alt = read_json(&dir.join("chat_template.json"))
+        .ok()
+        .and_then(|j| j.get("chat_template").cloned());
+    match tc.get("chat_template").or(alt.as_ref()) {
         Some(Json::String(s)) => return Some(s.clone()),
         Some(Json::Array(list)) => {
             let t = list
@@ -176,13 +183,19 @@ pub fn add_tokenizer(g: &mut GgufWriter, dir: &Path, cfg: &ModelConfig) -> Resul
     let mut types = Vec::with_capacity(n);
     for (i, t) in tokens.iter().enumerate() {
         let (text, ty) = match t {
-            None => (format!("[PAD{i}]"), token_type::USER_DEFINED),
+            None => (format!("[PAD{i}]"), token_type::UNUSED),
             Some((s, added, special)) => {
+                let looks_special = s.starts_with("<|") && s.ends_with("|>");
                 let ty = if Some(i) == unk && kind == "llama" {
                     token_type::UNKNOWN
-                } else if *special {
+                } else if *special || (*added && looks_special) {
                     token_type::CONTROL
                 } else if *added {
+                    if kind == "gpt2" {
+                        texts.push(s.replace('\u{2581}', " "));
+                        types.push(token_type::USER_DEFINED);
+                        continue;
+                    }
                     token_type::USER_DEFINED
                 } else if kind == "llama" && is_byte_token(s) {
                     token_type::BYTE
@@ -197,9 +210,7 @@ pub fn add_tokenizer(g: &mut GgufWriter, dir: &Path, cfg: &ModelConfig) -> Resul
     }
 
     g.add("tokenizer.ggml.model", Value::Str(kind.into()));
-    if kind == "gpt2" {
-        g.add("tokenizer.ggml.pre", Value::Str("default".into()));
-    }
+    g.add("tokenizer.ggml.pre", Value::Str("default".into()));
     if kind == "llama" {
         let mut scores = vec![0f32; n];
         let mut seen = vec![false; n];
