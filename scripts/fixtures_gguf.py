@@ -10,6 +10,8 @@ and checks, independently of qlora's code:
   - q8_0: every Q8_0 tensor's bytes equal `gguf.quants.quantize(f32 values, Q8_0)` (llama.cpp's
     reference quantizer), F16 fallbacks equal numpy's float16, and the dequantized values are
     within half a quantization step (plus the f16 rounding of the scale) of the f32 export;
+  - the LoRA-only file passes llama.cpp's adapter shape checks, and base + (alpha/r)·B·A from it
+    equals the merged export (so names, B's q/k permutation and alpha are consistent);
   - logits: a float64 numpy forward pass that reads only the GGUF file and follows llama.cpp's
     `llama` graph (RoPE on adjacent pairs, rope_freqs, GQA, SwiGLU, tied output) reproduces the
     committed transformers logits (tests/fixtures/tiny/*/golden.safetensors) and PEFT's merged
@@ -40,13 +42,34 @@ from gguf import GGMLQuantizationType as QT
 ROOT = Path(__file__).resolve().parent.parent
 GGUF_VERSION = "0.17.1"
 
-# name, model, adapter, dtype
+# name, model, adapter, dtype, lora_only
 EXPORTS = [
-    ("gqa_f32", "tests/fixtures/tiny/gqa", None, "f32"),
-    ("gqa_q8_0", "tests/fixtures/tiny/gqa", None, "q8_0"),
-    ("gqa_lora_f32", "tests/fixtures/tiny/gqa", "tests/fixtures/peft/gqa-lora", "f32"),
-    ("llama3_f32", "tests/fixtures/tiny/llama3", None, "f32"),
+    ("gqa_f32", "tests/fixtures/tiny/gqa", None, "f32", False),
+    ("gqa_q8_0", "tests/fixtures/tiny/gqa", None, "q8_0", False),
+    ("gqa_lora_f32", "tests/fixtures/tiny/gqa", "tests/fixtures/peft/gqa-lora", "f32", False),
+    ("llama3_f32", "tests/fixtures/tiny/llama3", None, "f32", False),
+    ("gqa_lora_only_f32", "tests/fixtures/tiny/gqa", "tests/fixtures/peft/gqa-lora", "f32", True),
 ]
+
+
+def check_lora_file(r, base, merged):
+    """llama.cpp's checks on a LoRA GGUF (llama-adapter.cpp: a.ne[0] = in, b.ne[1] = out,
+    a.ne[1] = b.ne[0]) and base + (alpha/r)·B·A = the merged export; returns the max difference."""
+    alpha = float(meta_value(r, "adapter.lora.alpha"))
+    assert meta_value(r, "general.type") == "adapter" and meta_value(r, "adapter.type") == "lora"
+    lo = decoded(r)
+    shapes = {t.name: [int(x) for x in t.shape] for t in r.tensors}
+    err = 0.0
+    for name in base:
+        if f"{name}.lora_a" not in lo:
+            assert np.array_equal(base[name], merged[name]), name
+            continue
+        a, b = lo[f"{name}.lora_a"], lo[f"{name}.lora_b"]
+        ne, na, nb = list(reversed(base[name].shape)), shapes[f"{name}.lora_a"], shapes[f"{name}.lora_b"]
+        assert na[0] == ne[0] and nb[1] == ne[1] and na[1] == nb[0], (name, ne, na, nb)
+        want = base[name] + np.float32(alpha / na[1]) * (b @ a)
+        err = max(err, float(np.abs(want - merged[name]).max()))
+    return err
 
 
 def read_safetensors(path):
@@ -263,16 +286,28 @@ def main():
     result = {"gguf_version": GGUF_VERSION, "numpy_version": np.__version__, "files": {}}
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
-        for name, model, adapter, dtype in EXPORTS:
+        for name, model, adapter, dtype, lora_only in EXPORTS:
             p = Path(tmp) / f"{name}.gguf"
             cmd = [args.qlora, "export", "--model", str(ROOT / model), "-o", str(p), "--dtype", dtype]
             if adapter:
                 cmd += ["--adapter", str(ROOT / adapter)]
+            if lora_only:
+                cmd += ["--lora-only"]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             paths[name] = p
-        for name, model, adapter, dtype in EXPORTS:
+        for name, model, adapter, dtype, lora_only in EXPORTS:
             r, meta, tensors = read(paths[name])
-            entry = {"model": model, "adapter": adapter, "dtype": dtype, "metadata": meta, "tensors": tensors}
+            entry = {"model": model, "adapter": adapter, "dtype": dtype, "lora_only": lora_only,
+                     "metadata": meta, "tensors": tensors}
+            if lora_only:
+                base = decoded(gguf.GGUFReader(paths["gqa_f32"]))
+                merged = decoded(gguf.GGUFReader(paths["gqa_lora_f32"]))
+                err = check_lora_file(r, base, merged)
+                # merged: f32 W + s·(B·A) summed in another order than numpy's
+                entry["lora_plus_base_vs_merged_max_abs_diff"] = err
+                assert err <= 1e-6, err
+                result["files"][name] = entry
+                continue
             dec = decoded(r)
             want = expected_tensors(ROOT / model, ROOT / adapter if adapter else None)
             assert sorted(dec) == sorted(want), (sorted(dec), sorted(want))

@@ -106,6 +106,10 @@ pub struct ExportArgs {
     /// Replace an existing output file.
     #[arg(long)]
     pub overwrite: bool,
+    /// Write the adapter alone as a GGUF LoRA adapter (llama.cpp --lora) instead of the merged
+    /// model.
+    #[arg(long, requires = "adapter")]
+    pub lora_only: bool,
 }
 
 /// How the base weights are held in memory.
@@ -543,10 +547,27 @@ fn export(a: &ExportArgs) -> Result<()> {
             GgufDtype::Q8_0 => ExportDtype::Q8_0,
         },
         overwrite: a.overwrite,
+        lora_only: a.lora_only,
     };
     let r = qlora::export::export(&opts)
         .with_context(|| format!("cannot export to {}", a.output.display()))?;
     let out = a.output.display();
+    if a.lora_only {
+        eprintln!(
+            "wrote {out}: LoRA adapter, {} tensors ({:?}), {:.1} MiB, for base {}",
+            r.tensors,
+            a.dtype,
+            r.bytes_out as f64 / (1u64 << 20) as f64,
+            r.base.display()
+        );
+        println!("llama.cpp:  llama-cli -m BASE.gguf --lora {out} -cnv");
+        println!(
+            "            (BASE.gguf: qlora export --model {} -o BASE.gguf)",
+            r.base.display()
+        );
+        println!("Ollama:     printf 'FROM ./BASE.gguf\\nADAPTER {out}\\n' > Modelfile && ollama create my-model -f Modelfile");
+        return Ok(());
+    }
     eprintln!(
         "wrote {out}: {} tensors ({:?}, {} adapted modules merged, {} tokenizer), {:.1} MiB, from {}",
         r.tensors,

@@ -169,6 +169,7 @@ fn run_export(entry: &Json, out: &Path) {
         output: out.to_path_buf(),
         dtype: s("dtype").unwrap().parse().unwrap(),
         overwrite: false,
+        lora_only: entry["lora_only"].as_bool().unwrap(),
     })
     .unwrap();
 }
@@ -196,6 +197,10 @@ fn export_matches_what_gguf_py_read() {
         if let Some(e) = entry.get("max_abs_diff_vs_hf") {
             assert!(e.as_f64().unwrap() <= 1e-6, "{name}: {e}");
         }
+        if let Some(e) = entry.get("lora_plus_base_vs_merged_max_abs_diff") {
+            assert!(e.as_f64().unwrap() <= 1e-6, "{name}: {e}");
+            continue;
+        }
         let logits = entry["llama_cpp_semantics_logits_max_abs_diff"]
             .as_f64()
             .unwrap();
@@ -219,6 +224,7 @@ fn export_refuses_bad_input_clearly() {
         output: out.to_path_buf(),
         dtype: ExportDtype::F16,
         overwrite: false,
+        lora_only: false,
     };
     // Existing output.
     std::fs::write(&out, b"x").unwrap();
@@ -261,6 +267,7 @@ fn export_tied_with_overwrite_writes_no_output_tensor() {
         output: out.clone(),
         dtype: ExportDtype::Bf16,
         overwrite: true,
+        lora_only: false,
     })
     .unwrap();
     let d = describe(&out);
@@ -325,4 +332,41 @@ fn export_llama2_vocabulary_types_and_scores() {
     }
     assert!(g.get("tokenizer.ggml.merges").is_none());
     assert!(g.get("tokenizer.chat_template").is_some());
+}
+
+/// The command line: the llama.cpp / Ollama lines at the end, clap's errors for a bad dtype and
+/// `--lora-only` without an adapter.
+#[test]
+fn export_cli_prints_how_to_run_and_rejects_bad_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.gguf");
+    let model = root().join("tests/fixtures/tiny/tied");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_qlora"))
+            .arg("export")
+            .args(args)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let m = model.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    let ok = run(&["--model", m, "-o", o, "--dtype", "q8_0"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(stdout.contains(&format!("llama-cli -m {o}")), "{stdout}");
+    assert!(stdout.contains(&format!("FROM {o}")), "{stdout}");
+    let again = run(&["--model", m, "-o", o]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
+    let bad = run(&["--model", m, "-o", o, "--dtype", "q4_k"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("q8_0"));
+    let lora = run(&["--model", m, "-o", o, "--lora-only"]);
+    assert!(!lora.status.success());
+    assert!(String::from_utf8_lossy(&lora.stderr).contains("--adapter"));
 }

@@ -13,10 +13,12 @@
 //! With tied embeddings and no adapted `lm_head`, no `output.weight` is written (llama.cpp then
 //! reuses `token_embd.weight`); an adapted `lm_head` on tied embeddings is written untied.
 //! Streaming: one tensor in memory at a time, written to a temporary file renamed at the end.
+//! With `lora_only`, the adapter alone is written as a GGUF LoRA instead ([`lora`]).
 
 pub mod encode;
 pub mod gguf;
 pub mod llama;
+pub mod lora;
 pub mod vocab;
 
 use crate::error::{Error, Result};
@@ -85,6 +87,8 @@ pub struct ExportOptions {
     pub output: PathBuf,
     pub dtype: ExportDtype,
     pub overwrite: bool,
+    /// Write the adapter alone as a GGUF LoRA ([`lora`]) instead of the merged model.
+    pub lora_only: bool,
 }
 
 /// What an export did.
@@ -93,7 +97,7 @@ pub struct ExportReport {
     pub base: PathBuf,
     pub tensors: usize,
     pub merged_modules: usize,
-    /// `tokenizer.ggml.model`: `llama` or `gpt2`.
+    /// `tokenizer.ggml.model`: `llama` or `gpt2` (`none` for a LoRA file).
     pub tokenizer: &'static str,
     pub bytes_out: u64,
 }
@@ -197,6 +201,9 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     let spec = resolve_base(opts)?;
     let base = crate::hub::resolve_model(&spec)?;
     let cfg = crate::loader::read_config(&base)?;
+    if opts.lora_only {
+        return lora::export_lora(opts, base, &cfg);
+    }
     let adapter = match &opts.adapter {
         Some(dir) => Some(load_adapter(dir, &cfg)?),
         None => None,
@@ -206,6 +213,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
 
     let mut g = GgufWriter::new();
     g.add("general.architecture", Value::Str(llama::ARCH.into()));
+    g.add("general.type", Value::Str("model".into()));
     let name = base
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
