@@ -275,8 +275,35 @@ def read_safetensors_any(path):
     return out
 
 
+def llama_spm_reference(path):
+    """What llama.cpp's own converter wrote for Llama 2's SentencePiece vocabulary
+    (models/ggml-vocab-llama-spm.gguf, made from tokenizer.model), as hashes plus the score rule
+    it follows, for tests/gguf.rs to compare qlora's tokenizer.json-based export against."""
+    r = gguf.GGUFReader(path)
+    arr = lambda k: [r.fields[k].contents(i) for i in range(len(r.fields[k].data))]
+    tokens, types, scores = arr("tokenizer.ggml.tokens"), arr("tokenizer.ggml.token_type"), arr("tokenizer.ggml.scores")
+    low = [i for i, x in enumerate(scores) if x == -1e9]
+    # The rule: 0 for <unk>, <s>, </s> and the 256 byte tokens; -1e9 for `low`; else -(id - 259).
+    rule = [0.0 if i < 259 else (-1e9 if i in set(low) else -(i - 259.0)) for i in range(len(scores))]
+    assert rule == scores, "score rule does not describe the reference"
+    return {
+        "source": "llama-cpp-python 0.3.36 sdist, vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf",
+        "file_sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        "tokens_sha256": hashlib.sha256("\x00".join(tokens).encode()).hexdigest(),
+        "token_type_sha256": hashlib.sha256(np.array(types, dtype="<i4").tobytes()).hexdigest(),
+        "score_rule": "0 for ids < 259; -1e9 for minus_1e9_ids; else -(id - 259)",
+        "minus_1e9_ids": low,
+        "scalars": {k: meta_value(r, k) for k in [
+            "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+            "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"]},
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-spm-vocab", help="llama.cpp's models/ggml-vocab-llama-spm.gguf "
+                    "(e.g. from the llama-cpp-python sdist); default: keep the recorded reference")
     ap.add_argument("--qlora", default=str(ROOT / "target/debug/qlora"))
     ap.add_argument("--out", default=str(ROOT / "tests/fixtures/gguf/tiny.json"))
     args = ap.parse_args()
@@ -349,6 +376,12 @@ def main():
             # max |logit| 6.9, f16 0.015), so only a loose bound relative to the logit scale.
             assert diff < (1e-4 if dtype == "f32" else 0.1 * scale), (name, diff, scale)
             result["files"][name] = entry
+    if args.llama_spm_vocab:
+        result["llama2_spm_reference"] = llama_spm_reference(args.llama_spm_vocab)
+    elif Path(args.out).exists():
+        old = json.loads(Path(args.out).read_text()).get("llama2_spm_reference")
+        if old:
+            result["llama2_spm_reference"] = old
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)

@@ -332,6 +332,52 @@ fn export_llama2_vocabulary_types_and_scores() {
     }
     assert!(g.get("tokenizer.ggml.merges").is_none());
     assert!(g.get("tokenizer.chat_template").is_some());
+
+    // Against llama.cpp's own conversion of Llama 2's tokenizer.model
+    // (ggml-vocab-llama-spm.gguf, recorded by scripts/fixtures_gguf.py).
+    let reference = &fixture()["llama2_spm_reference"];
+    assert_eq!(
+        sha(tokens.join("\0").as_bytes()),
+        reference["tokens_sha256"],
+        "tokens"
+    );
+    let type_bytes: Vec<u8> = types.iter().flat_map(|t| t.to_le_bytes()).collect();
+    assert_eq!(sha(&type_bytes), reference["token_type_sha256"], "types");
+    for (k, v) in reference["scalars"].as_object().unwrap() {
+        let got = match g.get(k).unwrap() {
+            Value::Str(s) => Json::from(s.clone()),
+            Value::U32(x) => Json::from(*x),
+            Value::Bool(b) => Json::from(*b),
+            other => panic!("{k}: {other:?}"),
+        };
+        assert_eq!(&got, v, "{k}");
+    }
+    // Scores: the reference is -(id - 259) for ordinary pieces and -1e9 for 16 runs of `▁`, so
+    // every merge result must rank in id order, and the `▁` runs below all of them. (Ties among
+    // the `▁` runs in the reference are distinct here: not compared.)
+    let low: Vec<usize> = reference["minus_1e9_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    let merged: Vec<usize> = (259..32000)
+        .filter(|i| !low.contains(i) && scores[*i] < 0.0)
+        .collect();
+    assert!(merged.len() > 29000, "{}", merged.len());
+    assert!(merged.windows(2).all(|w| scores[w[0]] > scores[w[1]]));
+    let floor = merged
+        .iter()
+        .map(|&i| scores[i])
+        .fold(f32::INFINITY, f32::min);
+    assert!(low
+        .iter()
+        .filter(|&&i| tokens[i].chars().count() > 1)
+        .all(|&i| scores[i] < floor));
+    // Tokens no merge makes are single symbols, which never compete in llama.cpp's merging.
+    assert!((259..32000)
+        .filter(|i| scores[*i] == 0.0)
+        .all(|i| tokens[i].chars().count() == 1));
 }
 
 /// The command line: the llama.cpp / Ollama lines at the end, clap's errors for a bad dtype and
