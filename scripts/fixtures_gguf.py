@@ -300,8 +300,28 @@ def llama_spm_reference(path):
     }
 
 
+def chkhsh_reference(llama_cpp_dir, tokenizer_dir):
+    """llama.cpp's pre-tokenizer hash (conversion/base.py get_vocab_base_pre) of a tokenizer.json,
+    computed with the `tokenizers` package and the converter's own chktxt."""
+    import ast, re
+    from importlib.metadata import version
+    from tokenizers import Tokenizer
+
+    src = (Path(llama_cpp_dir) / "conversion/base.py").read_text(encoding="utf-8")
+    chktxt = ast.literal_eval(re.search(r"^\s*chktxt = (.*)$", src, re.M).group(1))
+    ids = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).encode(chktxt).ids
+    return {
+        "tokenizer": str(Path(tokenizer_dir).relative_to(ROOT)),
+        "tokenizers_version": version("tokenizers"),
+        "chktxt_sha256": hashlib.sha256(chktxt.encode()).hexdigest(),
+        "chkhsh": hashlib.sha256(str(ids).encode()).hexdigest(),
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-cpp-dir", help="a llama.cpp source tree (e.g. vendor/llama.cpp of the "
+                    "llama-cpp-python sdist) for the pre-tokenizer hash reference")
     ap.add_argument("--llama-spm-vocab", help="llama.cpp's models/ggml-vocab-llama-spm.gguf "
                     "(e.g. from the llama-cpp-python sdist); default: keep the recorded reference")
     ap.add_argument("--qlora", default=str(ROOT / "target/debug/qlora"))
@@ -376,6 +396,12 @@ def main():
             # max |logit| 6.9, f16 0.015), so only a loose bound relative to the logit scale.
             assert diff < (1e-4 if dtype == "f32" else 0.1 * scale), (name, diff, scale)
             result["files"][name] = entry
+    if args.llama_cpp_dir:
+        result["chkhsh_reference"] = chkhsh_reference(args.llama_cpp_dir, ROOT / "tests/fixtures/tiny/tokenizer")
+    elif Path(args.out).exists():
+        old = json.loads(Path(args.out).read_text()).get("chkhsh_reference")
+        if old:
+            result["chkhsh_reference"] = old
     if args.llama_spm_vocab:
         result["llama2_spm_reference"] = llama_spm_reference(args.llama_spm_vocab)
     elif Path(args.out).exists():

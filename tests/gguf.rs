@@ -416,3 +416,25 @@ fn export_cli_prints_how_to_run_and_rejects_bad_flags() {
     assert!(!lora.status.success());
     assert!(String::from_utf8_lossy(&lora.stderr).contains("--adapter"));
 }
+
+/// The pre-tokenizer hash equals the one Python `tokenizers` gives with llama.cpp's own text
+/// (recorded by scripts/fixtures_gguf.py --llama-cpp-dir).
+#[test]
+fn export_pre_tokenizer_hash_is_the_converters() {
+    let reference = &fixture()["chkhsh_reference"];
+    let dir = root().join(reference["tokenizer"].as_str().unwrap());
+    assert_eq!(
+        qlora::export::sha256::sha256_hex(qlora::export::pre::CHKTXT.as_bytes()),
+        reference["chktxt_sha256"]
+    );
+    assert_eq!(
+        qlora::export::pre::chkhsh(&dir).unwrap(),
+        reference["chkhsh"]
+    );
+    assert_eq!(
+        qlora::export::pre::name_of(
+            "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249"
+        ),
+        Some("smollm")
+    );
+}

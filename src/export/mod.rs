@@ -19,6 +19,8 @@ pub mod encode;
 pub mod gguf;
 pub mod llama;
 pub mod lora;
+pub mod pre;
+pub mod sha256;
 pub mod vocab;
 
 use crate::error::{Error, Result};

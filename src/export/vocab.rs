@@ -10,8 +10,8 @@
 //!   `tokenizer.json`, which gives the same merge priority as the Hugging Face tokenizer. Tokens
 //!   no merge produces (single symbols, bytes, specials) never compete and score 0.
 //! - `gpt2` (byte-level BPE, e.g. SmolLM2, Llama 3): tokens, token types and merges.
-//!   `tokenizer.ggml.pre` selects llama.cpp's pre-tokenizer regex; the converter identifies it by
-//!   hashing a tokenization, which the exporter does not do yet: it writes `default`.
+//!   `tokenizer.ggml.pre` selects llama.cpp's pre-tokenizer regex, identified as the converter does
+//!   by hashing a tokenization ([`super::pre`]); `default` when unknown.
 //!
 //! Ids missing from the vocabulary up to the model's `vocab_size` become `[PAD<i>]` (UNUSED), as
 //! in the converter; added tokens that are special or look special (`<|...|>`) are CONTROL, other
@@ -88,6 +88,21 @@ fn chat_template(dir: &Path, tc: &Json) -> Option<String> {
 
 fn is_byte_token(t: &str) -> bool {
     t.len() == 6 && t.starts_with("<0x") && t.ends_with('>')
+}
+
+/// llama.cpp's name for the byte-level pre-tokenizer of the tokenizer in `dir` ([`super::pre`]),
+/// `default` (with a warning) when the hash is unknown.
+fn pre_tokenizer(dir: &Path) -> &'static str {
+    match super::pre::chkhsh(dir) {
+        Ok(h) => super::pre::name_of(&h).unwrap_or_else(|| {
+            tracing::warn!(chkhsh = %h, "pre-tokenizer unknown to llama.cpp's converter: tokenizer.ggml.pre = default");
+            "default"
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot hash the pre-tokenizer: tokenizer.ggml.pre = default");
+            "default"
+        }
+    }
 }
 
 /// Adds the `tokenizer.ggml.*` keys for the tokenizer in `dir`; returns the kind written.
@@ -210,7 +225,12 @@ pub fn add_tokenizer(g: &mut GgufWriter, dir: &Path, cfg: &ModelConfig) -> Resul
     }
 
     g.add("tokenizer.ggml.model", Value::Str(kind.into()));
-    g.add("tokenizer.ggml.pre", Value::Str("default".into()));
+    let pre = if kind == "gpt2" {
+        pre_tokenizer(dir)
+    } else {
+        "default"
+    };
+    g.add("tokenizer.ggml.pre", Value::Str(pre.into()));
     if kind == "llama" {
         let mut scores = vec![0f32; n];
         let mut seen = vec![false; n];
