@@ -201,9 +201,12 @@ fn export_matches_what_gguf_py_read() {
             assert!(e.as_f64().unwrap() <= 1e-6, "{name}: {e}");
             continue;
         }
-        let logits = entry["llama_cpp_semantics_logits_max_abs_diff"]
-            .as_f64()
-            .unwrap();
+        let Some(logits) = entry
+            .get("llama_cpp_semantics_logits_max_abs_diff")
+            .and_then(Json::as_f64)
+        else {
+            continue; // no golden logits for this adapter
+        };
         if entry["dtype"] == "f32" {
             assert!(logits < 1e-4, "{name}: {logits}");
             assert_eq!(entry["llama_cpp_semantics_argmax_agreement"], 1.0);
