@@ -90,6 +90,33 @@ fn is_byte_token(t: &str) -> bool {
     t.len() == 6 && t.starts_with("<0x") && t.ends_with('>')
 }
 
+/// Text and llama.cpp token type of id `i` (`t`: text, added, special), as the converter writes it.
+fn token_entry(
+    i: usize,
+    t: Option<&(String, bool, bool)>,
+    unk: Option<usize>,
+    kind: &str,
+) -> (String, i32) {
+    let Some((s, added, special)) = t else {
+        return (format!("[PAD{i}]"), token_type::UNUSED);
+    };
+    let looks_special = s.starts_with("<|") && s.ends_with("|>");
+    if Some(i) == unk && kind == "llama" {
+        (s.clone(), token_type::UNKNOWN)
+    } else if *special || (*added && looks_special) {
+        (s.clone(), token_type::CONTROL)
+    } else if *added && kind == "gpt2" {
+        // The converter pre-normalizes user-defined spaces.
+        (s.replace('\u{2581}', " "), token_type::USER_DEFINED)
+    } else if *added {
+        (s.clone(), token_type::USER_DEFINED)
+    } else if kind == "llama" && is_byte_token(s) {
+        (s.clone(), token_type::BYTE)
+    } else {
+        (s.clone(), token_type::NORMAL)
+    }
+}
+
 /// llama.cpp's name for the byte-level pre-tokenizer of the tokenizer in `dir` ([`super::pre`]),
 /// `default` (with a warning) when the hash is unknown.
 fn pre_tokenizer(dir: &Path) -> &'static str {
@@ -194,35 +221,11 @@ pub fn add_tokenizer(g: &mut GgufWriter, dir: &Path, cfg: &ModelConfig) -> Resul
         |key: &str| config_token(&tc, key).and_then(|s| id_of.get(s.as_str()).copied());
     let unk = special_id("unk_token");
 
-    let mut texts = Vec::with_capacity(n);
-    let mut types = Vec::with_capacity(n);
-    for (i, t) in tokens.iter().enumerate() {
-        let (text, ty) = match t {
-            None => (format!("[PAD{i}]"), token_type::UNUSED),
-            Some((s, added, special)) => {
-                let looks_special = s.starts_with("<|") && s.ends_with("|>");
-                let ty = if Some(i) == unk && kind == "llama" {
-                    token_type::UNKNOWN
-                } else if *special || (*added && looks_special) {
-                    token_type::CONTROL
-                } else if *added {
-                    if kind == "gpt2" {
-                        texts.push(s.replace('\u{2581}', " "));
-                        types.push(token_type::USER_DEFINED);
-                        continue;
-                    }
-                    token_type::USER_DEFINED
-                } else if kind == "llama" && is_byte_token(s) {
-                    token_type::BYTE
-                } else {
-                    token_type::NORMAL
-                };
-                (s.clone(), ty)
-            }
-        };
-        texts.push(text);
-        types.push(ty);
-    }
+    let (texts, types): (Vec<String>, Vec<i32>) = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| token_entry(i, t.as_ref(), unk, kind))
+        .unzip();
 
     g.add("tokenizer.ggml.model", Value::Str(kind.into()));
     let pre = if kind == "gpt2" {
