@@ -22,9 +22,15 @@ Then writes tests/fixtures/gguf/tiny.json: per file the metadata, tensor names, 
 types and sha256 of the data bytes, and the figures above; tests/gguf.rs compares a fresh
 export against it.
 
-Pinned: gguf==0.17.1 (llama.cpp gguf-py), numpy (any 1.26+/2.x). Usage:
-    python -m venv /work/venv-gguf && /work/venv-gguf/bin/pip install gguf==0.17.1 numpy
-    cargo build --features cuda && /work/venv-gguf/bin/python scripts/fixtures_gguf.py
+Pinned: gguf==0.17.1 (llama.cpp gguf-py, asserted), numpy (recorded; 2.4.6 here), and for
+--llama-cpp-dir tokenizers (recorded; 0.23.3 here). The two llama.cpp references come from the
+llama-cpp-python 0.3.36 sdist (its vendor/llama.cpp: conversion/base.py for the pre-tokenizer
+hash text, models/ggml-vocab-llama-spm.gguf for Llama 2's vocabulary); without the flags the
+recorded references are kept. Usage:
+    python -m venv /work/venv-gguf && /work/venv-gguf/bin/pip install gguf==0.17.1 numpy tokenizers
+    cargo build --features cuda && /work/venv-gguf/bin/python scripts/fixtures_gguf.py \
+        [--llama-cpp-dir SDIST/vendor/llama.cpp] \
+        [--llama-spm-vocab SDIST/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf]
 """
 
 import argparse
