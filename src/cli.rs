@@ -42,6 +42,9 @@ pub enum Command {
     Train(Box<crate::train_cli::TrainArgs>),
     /// Merge a LoRA adapter into its (dequantized) base and write a plain model folder.
     Merge(MergeArgs),
+    /// Write a model (with a LoRA adapter folded in, if given) as one GGUF file for llama.cpp,
+    /// Ollama or LM Studio.
+    Export(ExportArgs),
     /// Self-test of the GPU backend: every CUDA kernel and a training step against the CPU
     /// specification, as a table; non-zero exit on any failure.
     Check(crate::check_cli::CheckArgs),
@@ -72,6 +75,41 @@ pub struct MergeArgs {
     /// Replace a non-empty output folder.
     #[arg(long)]
     pub overwrite: bool,
+}
+
+/// Tensor type of the matrices in an exported GGUF.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgufDtype {
+    F32,
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Base model: a local folder or a Hugging Face id (default with --adapter: the adapter's
+    /// base_model_name_or_path). A bitsandbytes 4-bit checkpoint is dequantized.
+    #[arg(long, short, required_unless_present = "adapter")]
+    pub model: Option<String>,
+    /// A LoRA adapter folder (PEFT format) to fold into the base before writing.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<std::path::PathBuf>,
+    /// Output file (.gguf).
+    #[arg(long, short)]
+    pub output: std::path::PathBuf,
+    /// Type of the weight matrices; norms stay f32. q8_0 falls back to f16 for a matrix whose
+    /// rows are not a multiple of 32 long.
+    #[arg(long, value_enum, default_value_t = GgufDtype::F16)]
+    pub dtype: GgufDtype,
+    /// Replace an existing output file.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Write the adapter alone as a GGUF LoRA adapter (llama.cpp --lora) instead of the merged
+    /// model.
+    #[arg(long, requires = "adapter")]
+    pub lora_only: bool,
 }
 
 /// How the base weights are held in memory.
@@ -230,6 +268,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Quantize(a) => quantize(&a),
         Command::Train(a) => crate::train_cli::run(&a),
         Command::Merge(a) => merge(&a),
+        Command::Export(a) => export(&a),
         Command::Check(a) => crate::check_cli::run(&a),
     }
 }
@@ -520,5 +559,54 @@ fn merge(a: &MergeArgs) -> Result<()> {
         r.bytes_out as f64 / (1u64 << 20) as f64,
         a.output.display()
     );
+    Ok(())
+}
+
+fn export(a: &ExportArgs) -> Result<()> {
+    use qlora::export::ExportDtype;
+    let opts = qlora::export::ExportOptions {
+        model: a.model.clone(),
+        adapter: a.adapter.clone(),
+        output: a.output.clone(),
+        dtype: match a.dtype {
+            GgufDtype::F32 => ExportDtype::F32,
+            GgufDtype::F16 => ExportDtype::F16,
+            GgufDtype::Bf16 => ExportDtype::Bf16,
+            GgufDtype::Q8_0 => ExportDtype::Q8_0,
+        },
+        overwrite: a.overwrite,
+        lora_only: a.lora_only,
+    };
+    let r = qlora::export::export(&opts)
+        .with_context(|| format!("cannot export to {}", a.output.display()))?;
+    let out = a.output.display();
+    if a.lora_only {
+        eprintln!(
+            "wrote {out}: LoRA adapter, {} tensors ({:?}), {:.1} MiB, for base {}",
+            r.tensors,
+            a.dtype,
+            r.bytes_out as f64 / (1u64 << 20) as f64,
+            r.base.display()
+        );
+        println!("llama.cpp:  llama-cli -m BASE.gguf --lora {out} -cnv");
+        println!(
+            "            (BASE.gguf: qlora export --model {} -o BASE.gguf)",
+            r.base.display()
+        );
+        println!("Ollama:     printf 'FROM ./BASE.gguf\\nADAPTER {out}\\n' > Modelfile && ollama create my-model -f Modelfile");
+        return Ok(());
+    }
+    eprintln!(
+        "wrote {out}: {} tensors ({:?}, {} adapted modules merged, {} tokenizer), {:.1} MiB, from {}",
+        r.tensors,
+        a.dtype,
+        r.merged_modules,
+        r.tokenizer,
+        r.bytes_out as f64 / (1u64 << 20) as f64,
+        r.base.display()
+    );
+    println!("llama.cpp:  llama-cli -m {out} -cnv");
+    println!("            llama-server -m {out} --port 8080");
+    println!("Ollama:     echo 'FROM {out}' > Modelfile && ollama create my-model -f Modelfile");
     Ok(())
 }

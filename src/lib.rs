@@ -9,6 +9,7 @@
 //! - [`backend`]: the op set of a Llama step (CPU spec, CUDA)
 //! - [`model`]: the Llama forward written once against [`backend::Backend`]
 //! - [`generate`], [`eval`], [`inspect`]: the user-facing jobs
+//! - [`export`]: a model (+ adapter) as one GGUF file for llama.cpp / Ollama
 //! - [`check`]: the CUDA backend against its CPU specification (`qlora check`)
 //! - [`loader`]: model id → tokenizer + model on a backend, with progress
 //! - [`lora`]: LoRA adapters (config, weights, init, PEFT file I/O)
@@ -25,6 +26,7 @@ pub mod data;
 pub mod durable;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod hub;
 pub mod inspect;

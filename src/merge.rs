@@ -88,7 +88,7 @@ pub fn add_lora(w: &mut [f32], pair: &LoraPair, scale: f32) {
 }
 
 /// The module a base tensor name belongs to, if LoRA can adapt it.
-pub(crate) fn module_of(name: &str) -> Option<LoraModule> {
+pub fn module_of(name: &str) -> Option<LoraModule> {
     if name == "lm_head.weight" {
         return Some(LoraModule::lm_head());
     }
