@@ -5,7 +5,7 @@
 //! - `nf4/dequant`: NF4 → f32 (and → bf16) at 4096×4096 (bytes moved: packed + scales in,
 //!   output out), next to a device-to-device memcpy of the f32 output size.
 //! - `nf4/gemv`: fused NF4 GEMV at M = 1, 8 on Llama-7B shapes (bytes: the packed weight).
-//! - `gemm/*`: products on Llama-7B shapes at M = 1, 16, 512, 2048, throughput in FLOP/s
+//! - `gemm/*`: products on Llama-7B shapes at M = 1, 16, 512, 2048, 8192, throughput in FLOP/s
 //!   (2·M·N·K, criterion's "elem/s"), side by side:
 //!   `fused` (kernels/nf4_gemm.cu, decode inside the tile loader, bf16 tensor cores),
 //!   `dequant_cublas_bf16` (dequantize to a bf16 scratch, round x to bf16, cublasGemmEx — the
@@ -13,7 +13,7 @@
 //!   dequantized bf16 weight: the ceiling), `dequant_sgemm` (the f32 path).
 //!   Each is validated against the CPU spec (`nf4_gemm_bf16`, on the first and last rows).
 //! - `gemm_dx/*`: the backward product `dx = dy · W` (W `[N, K]` as stored, the sum over its rows)
-//!   on the same shapes at M = 512, 2048 (training), FLOP/s as above: `fused`
+//!   on the same shapes at M = 512, 2048, 8192 (training), FLOP/s as above: `fused`
 //!   (kernels/nf4_gemm_dx.cu), `dequant_cublas_bf16` (the baseline it must beat),
 //!   `cublas_bf16` (on a dense bf16 copy and bf16 dy: the ceiling), `dequant_sgemm` (f32).
 //!   Validated against the CPU spec (`nf4_gemm_dx_bf16`; the f32 path against the unrounded
@@ -299,7 +299,7 @@ mod gpu {
         );
     }
 
-    /// The prefill products of one weight shape at M = 1, 16, 512, 2048 (see the file header).
+    /// The products of one weight shape at M = 1, 16, 512, 2048, 8192 (see the file header).
     fn gemm_shape(c: &mut Criterion, g: &CudaBackend, t: &Nf4Tensor, n: usize, k: usize) {
         let dev = g.dev.clone();
         let sync = || dev.synchronize().expect("synchronize");
@@ -316,7 +316,7 @@ mod gpu {
         let mut scratch = Bf16Scratch::default();
         let mut grp = c.benchmark_group("gemm");
         grp.sample_size(10).measurement_time(Duration::from_secs(2));
-        for m in [1usize, 16, 512, 2048] {
+        for m in [1usize, 16, 512, 2048, 8192] {
             let x: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
             let xd = dev.upload(&x).unwrap();
             let mut xb = dev.zeros::<u16>(m * k).unwrap();
@@ -404,7 +404,7 @@ mod gpu {
         let mut scratch = Bf16Scratch::default();
         let mut grp = c.benchmark_group("gemm_dx");
         grp.sample_size(10).measurement_time(Duration::from_secs(2));
-        for m in [512usize, 2048] {
+        for m in [512usize, 2048, 8192] {
             let dy: Vec<f32> = (0..m * n).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
             let dyd = dev.upload(&dy).unwrap();
             let mut dyb = dev.zeros::<u16>(m * n).unwrap();

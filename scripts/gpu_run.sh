@@ -4,7 +4,7 @@
 # training run on GPU and CPU with the same seed and data (per-step losses compared, checkpoints
 # resumed across devices), eval/generate CPU vs CUDA, and the benches. Each section has a time
 # limit; `check tests sanitize train e2e` fits one device call of about 8 minutes, `bench` is a
-# second one. `trainbench` (7B QLoRA training steps, qlora next to transformers + PEFT +
+# second one (about 4 minutes: ~110 kernel benches, the GEMMs up to M = 8192). `trainbench` (7B QLoRA training steps, qlora next to transformers + PEFT +
 # bitsandbytes, about 3-5 minutes) is a call of its own and runs only when named (not in
 # `all`); it needs `bash scripts/gpu_bundle.sh train`. `decode` (7B NF4 decode tokens/s and
 # time to first token, qlora next to transformers + bitsandbytes generate, about 3-5 minutes)
@@ -142,7 +142,7 @@ PY
 fi
 
 if want bench; then
-  timeout 150 ./.gpu/bench_cuda --bench --noplot --warm-up-time 1 --measurement-time 2 2>&1 | tee "$out/bench.log"
+  timeout 300 ./.gpu/bench_cuda --bench --noplot --warm-up-time 0.5 --measurement-time 1.5 2>&1 | tee "$out/bench.log"
   verdict bench "exit ${PIPESTATUS[0]}"
 fi
 if named load; then
