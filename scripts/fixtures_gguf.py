@@ -31,12 +31,26 @@ recorded references are kept. Usage:
     cargo build --features cuda && /work/venv-gguf/bin/python scripts/fixtures_gguf.py \
         [--llama-cpp-dir SDIST/vendor/llama.cpp] \
         [--llama-spm-vocab SDIST/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf]
+
+--llama-cpp: llama.cpp itself as the oracle, through llama-cpp-python 0.3.36 (asserted; it builds
+llama.cpp from source, CPU only):
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+        /work/venv-gguf/bin/pip install llama-cpp-python==0.3.36
+    /work/venv-gguf/bin/python scripts/fixtures_gguf.py --llama-cpp
+llama.cpp (CPU, f32 KV cache, no flash attention) loads the f32 and q8_0 exports of the tiny
+models and the merged-adapter exports, and records per prompt of each model's golden.json the
+logits at the last position (f32 exports) and 8 greedy tokens; it applies the --lora-only files to
+the f32 base export (`lora_path`) and records the same; and it tokenizes the 1000 guanaco rows
+with a vocab-only load of an export carrying Llama 2's tokenizer. Writes
+tests/fixtures/gguf/llama_cpp.json; tests/gguf.rs compares qlora's CPU-backend logits, greedy
+ids and tokenizer against it.
 """
 
 import argparse
 import hashlib
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -340,6 +354,201 @@ def chkhsh_reference(llama_cpp_dir, tokenizer_dir):
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# --llama-cpp: llama.cpp itself (through llama-cpp-python, which builds it from source) as the
+# oracle. Writes tests/fixtures/gguf/llama_cpp.json; tests/gguf.rs compares qlora against it.
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+# name, model, adapter, dtype (merged exports llama.cpp runs)
+LLAMA_CPP_MODELS = [
+    ("gqa_f32", "tests/fixtures/tiny/gqa", None, "f32"),
+    ("gqa_q8_0", "tests/fixtures/tiny/gqa", None, "q8_0"),
+    ("llama3_f32", "tests/fixtures/tiny/llama3", None, "f32"),
+    ("gqa_lora_f32", "tests/fixtures/tiny/gqa", "tests/fixtures/peft/gqa-lora", "f32"),
+    ("gqa_rslora_f32", "tests/fixtures/tiny/gqa", "tests/fixtures/peft/gqa-all-linear-rslora", "f32"),
+]
+# LoRA-only export applied by llama.cpp (`lora_path`) on the f32 base export → merged export.
+LLAMA_CPP_LORAS = [
+    ("gqa_lora_only_f32", "tests/fixtures/peft/gqa-lora", "gqa_f32", "gqa_lora_f32"),
+    ("gqa_rslora_lora_only_f32", "tests/fixtures/peft/gqa-all-linear-rslora", "gqa_f32", "gqa_rslora_f32"),
+]
+GREEDY_NEW = 8
+GGML_TYPE_F32 = 0
+
+
+def qlora_export(qlora, out, model, adapter=None, dtype="f32", lora_only=False):
+    cmd = [qlora, "export", "--model", str(model), "-o", str(out), "--dtype", dtype]
+    if adapter:
+        cmd += ["--adapter", str(adapter)]
+    if lora_only:
+        cmd += ["--lora-only"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def llama_cpp_load(path, **kw):
+    """A llama.cpp context on the CPU: f32 KV cache and no flash attention, so that the only
+    differences from an f32 reference are llama.cpp's own f32 summation orders."""
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_batch=64, n_threads=2,
+                           verbose=False, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32,
+                           flash_attn=False, **kw)
+
+
+def llama_cpp_logits(llm, ids):
+    llm.reset()
+    llm.eval(list(ids))
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def llama_cpp_greedy(llm, ids, n):
+    """n argmax tokens after `ids` (EOS does not stop), fed back one at a time."""
+    llm.reset()
+    llm.eval(list(ids))
+    out = []
+    for _ in range(n):
+        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(t)
+        llm.eval([t])
+    return out
+
+
+def logit_record(logits, prompts):
+    """Rows of llama.cpp's logits kept in the fixture: per prompt the last position (which
+    attends to the whole prompt), rounded to 1e-5, far below the 1e-3 the test allows. Every
+    position is compared here (vs_transformers_max_abs_diff, vs_merged_export_max_abs_diff)."""
+    return [{"prompt": p, "pos": len(ids) - 1, "logits": [round(float(x), 5) for x in l[-1]]}
+            for p, (ids, l) in enumerate(zip(prompts, logits))]
+
+
+def write_safetensors(path, tensors):
+    header, off, blobs = {}, 0, []
+    for name, a in tensors.items():
+        b = np.ascontiguousarray(a, dtype=np.float32).tobytes()
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        off += len(b)
+        blobs.append(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def llama2_vocab_model(tmp):
+    """A model folder with Llama 2's real tokenizer files (tests/fixtures/llama-2-7b-chat-hf) and
+    the tiny GQA model's architecture widened to Llama 2's 32000-token vocabulary (random
+    embedding / output rows: the weights are never run, only the vocabulary is read)."""
+    src, tiny = ROOT / "tests/fixtures/llama-2-7b-chat-hf", ROOT / "tests/fixtures/tiny/gqa"
+    d = Path(tmp) / "llama2-vocab"
+    d.mkdir()
+    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]:
+        if (src / f).exists():
+            (d / f).write_bytes((src / f).read_bytes())
+    cfg = json.loads((tiny / "config.json").read_text())
+    cfg["vocab_size"] = 32000
+    (d / "config.json").write_text(json.dumps(cfg))
+    w = read_safetensors(tiny / "model.safetensors")
+    rng = np.random.default_rng(0)
+    for k in ["model.embed_tokens.weight", "lm_head.weight"]:
+        w[k] = rng.standard_normal((32000, cfg["hidden_size"])).astype(np.float32) * 0.02
+    write_safetensors(d / "model.safetensors", w)
+    return d
+
+
+def guanaco_tokenization(llm):
+    """llama.cpp's ids (special tokens parsed, no BOS added: the rows start with a literal `<s>`)
+    for the 1000 guanaco rows, against Python `tokenizers`' ids of the same rows
+    (tests/fixtures/tiny/guanaco_llama2_ids.json, which qlora's tokenizer equals:
+    tests/tokenizer.rs). `all_rows_sha256` hashes the per-row sha256 (u32-LE ids) lines."""
+    want = json.loads((ROOT / "tests/fixtures/tiny/guanaco_llama2_ids.json").read_text())["rows"]
+    lines = (ROOT / "tests/fixtures/guanaco-llama2-1k/train.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(want) == 1000
+    equal, differ, per_row, total = 0, [], [], 0
+    for i, (line, w) in enumerate(zip(lines, want)):
+        ids = llm.tokenize(json.loads(line)["text"].encode("utf-8"), add_bos=False, special=True)
+        h = hashlib.sha256(np.array(ids, dtype="<u4").tobytes()).hexdigest()
+        per_row.append(h)
+        total += len(ids)
+        if h == w["sha256"] and len(ids) == w["len"]:
+            equal += 1
+        else:
+            k = next((j for j, (a, b) in enumerate(zip(ids, w["head"])) if a != b), None)
+            differ.append({"row": i, "len": len(ids), "want_len": w["len"], "sha256": h,
+                           "first_diff_in_head": k})
+    return {
+        "rows": len(lines),
+        "rows_equal_to_python_tokenizers": equal,
+        "total_ids": total,
+        "all_rows_sha256": hashlib.sha256("".join(h + "\n" for h in per_row).encode()).hexdigest(),
+        "differing_rows": differ[:20],
+    }
+
+
+def llama_cpp_oracle(args):
+    from importlib.metadata import version
+
+    import llama_cpp
+
+    got = version("llama_cpp_python")
+    assert got == LLAMA_CPP_PYTHON_VERSION, f"pin llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}, found {got}"
+    result = {"llama_cpp_python_version": got, "numpy_version": np.__version__,
+              "settings": "CPU, n_threads=2, f32 KV cache, flash_attn off, logits_all",
+              "greedy_new_tokens": GREEDY_NEW, "models": {}, "loras": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, logits = {}, {}
+        for name, model, adapter, dtype in LLAMA_CPP_MODELS:
+            paths[name] = Path(tmp) / f"{name}.gguf"
+            qlora_export(args.qlora, paths[name], ROOT / model, adapter and ROOT / adapter, dtype)
+        for name, model, adapter, dtype in LLAMA_CPP_MODELS:
+            prompts = json.loads((ROOT / model / "golden.json").read_text())["prompts"]
+            llm = llama_cpp_load(paths[name])
+            logits[name] = [llama_cpp_logits(llm, p) for p in prompts]
+            entry = {"model": model, "adapter": adapter, "dtype": dtype,
+                     "greedy": [llama_cpp_greedy(llm, p, GREEDY_NEW) for p in prompts]}
+            del llm
+            gold_path = ROOT / (adapter or model) / "golden.safetensors"
+            if gold_path.exists():
+                _, gold = golden_logits(ROOT / model, ROOT / adapter if adapter else None)
+                entry["vs_transformers_max_abs_diff"] = max(
+                    float(np.abs(l - g).max()) for l, g in zip(logits[name], gold))
+            if dtype == "f32":
+                entry["logits"] = logit_record(logits[name], prompts)
+            else:
+                f32 = logits[name.replace(dtype, "f32")]
+                entry["vs_f32_export_max_abs_diff"] = max(
+                    float(np.abs(a - b).max()) for a, b in zip(logits[name], f32))
+            if dtype == "f32" and "vs_transformers_max_abs_diff" in entry:
+                assert entry["vs_transformers_max_abs_diff"] <= 1e-3, (name, entry)
+            result["models"][name] = entry
+            print(name, {k: v for k, v in entry.items() if k != "logits"}, file=sys.stderr)
+        for name, adapter, base, merged in LLAMA_CPP_LORAS:
+            p = Path(tmp) / f"{name}.gguf"
+            qlora_export(args.qlora, p, ROOT / "tests/fixtures/tiny/gqa", ROOT / adapter, "f32", lora_only=True)
+            prompts = json.loads((ROOT / "tests/fixtures/tiny/gqa/golden.json").read_text())["prompts"]
+            llm = llama_cpp_load(paths[base], lora_path=str(p))
+            got = [llama_cpp_logits(llm, q) for q in prompts]
+            entry = {"adapter": adapter, "base": base, "merged": merged,
+                     "vs_merged_export_max_abs_diff": max(
+                         float(np.abs(a - b).max()) for a, b in zip(got, logits[merged])),
+                     "greedy": [llama_cpp_greedy(llm, q, GREEDY_NEW) for q in prompts],
+                     "logits": logit_record(got, prompts)}
+            del llm
+            assert entry["vs_merged_export_max_abs_diff"] <= 1e-3, (name, entry)
+            result["loras"][name] = entry
+            print(name, {k: v for k, v in entry.items() if k != "logits"}, file=sys.stderr)
+        d = llama2_vocab_model(tmp)
+        p = Path(tmp) / "llama2_vocab.gguf"
+        qlora_export(args.qlora, p, d, dtype="q8_0")
+        llm = llama_cpp.Llama(model_path=str(p), vocab_only=True, verbose=False)
+        result["llama2_guanaco_tokenization"] = tok = guanaco_tokenization(llm)
+        print("guanaco", {k: v for k, v in tok.items() if k != "differing_rows"}, file=sys.stderr)
+    out = ROOT / "tests/fixtures/gguf/llama_cpp.json"
+    # Number arrays (logits, greedy ids) on one line each.
+    text = re.sub(r"\[[-0-9.e,\s]*\]", lambda m: re.sub(r"\s+", "", m.group(0)).replace(",", ", "),
+                  json.dumps(result, indent=1))
+    out.write_text(text + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-cpp-dir", help="a llama.cpp source tree (e.g. vendor/llama.cpp of the "
@@ -348,7 +557,13 @@ def main():
                     "(e.g. from the llama-cpp-python sdist); default: keep the recorded reference")
     ap.add_argument("--qlora", default=str(ROOT / "target/debug/qlora"))
     ap.add_argument("--out", default=str(ROOT / "tests/fixtures/gguf/tiny.json"))
+    ap.add_argument("--llama-cpp", action="store_true", help="run the exports in llama.cpp "
+                    f"(llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}) and write "
+                    "tests/fixtures/gguf/llama_cpp.json instead")
     args = ap.parse_args()
+    if args.llama_cpp:
+        llama_cpp_oracle(args)
+        return
     from importlib.metadata import version
 
     assert version("gguf") == GGUF_VERSION, f"pin gguf=={GGUF_VERSION}, found {version('gguf')}"

@@ -6,6 +6,11 @@
 //! golden logits). Here a fresh export is
 //! parsed with a minimal reader and must match that record: metadata, tensor names, shapes,
 //! types, offsets and the sha256 of every tensor's bytes.
+//!
+//! llama.cpp itself: tests/fixtures/gguf/llama_cpp.json records what llama.cpp (llama-cpp-python
+//! 0.3.36, `scripts/fixtures_gguf.py --llama-cpp`) computed from the exports: logits, greedy
+//! continuations, LoRA-only files applied to the base, and the tokenization of the 1000 guanaco
+//! rows with the exported Llama-2 vocabulary; qlora's CPU backend must agree (tests at the end).
 
 mod common;
 
@@ -440,4 +445,155 @@ fn export_pre_tokenizer_hash_is_the_converters() {
         ),
         Some("smollm")
     );
+}
+
+// ---- llama.cpp itself (tests/fixtures/gguf/llama_cpp.json, scripts/fixtures_gguf.py --llama-cpp:
+// llama-cpp-python 0.3.36 on the CPU, f32 KV cache, no flash attention).
+
+use qlora::backend::cpu::CpuBackend;
+use qlora::model::{BaseQuant, Llama, Logits, MergeLora};
+
+fn llama_cpp_fixture() -> Json {
+    let p = root().join("tests/fixtures/gguf/llama_cpp.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// qlora's merged model on the CPU backend: the base with the adapter (if any) folded in while
+/// loading, which equals the folder `qlora merge` writes (tests/merge.rs).
+fn qlora_model(model: &str, adapter: Option<&str>) -> Llama<CpuBackend> {
+    let dir = root().join(model);
+    let Some(adapter) = adapter else {
+        return qlora::loader::load_model_dir(&dir, CpuBackend::new(), BaseQuant::None)
+            .unwrap()
+            .model;
+    };
+    let cfg = qlora::loader::read_config(&dir).unwrap();
+    let (c, w) = qlora::lora::load_adapter(&root().join(adapter), &cfg).unwrap();
+    let merge = MergeLora {
+        weights: &w,
+        scale: c.scaling(),
+    };
+    qlora::loader::load_model_dir_merged(&dir, CpuBackend::new(), BaseQuant::None, Some(merge))
+        .unwrap()
+        .model
+}
+
+fn all_logits(m: &Llama<CpuBackend>, ids: &[u32]) -> Vec<f32> {
+    let mut cache = m.new_cache(ids.len()).unwrap();
+    m.forward(ids, &mut cache, Logits::All).unwrap()
+}
+
+/// `n` argmax tokens after `ids` (EOS does not stop), as the fixture script asks llama.cpp.
+fn greedy(m: &Llama<CpuBackend>, ids: &[u32], n: usize) -> Vec<u32> {
+    let v = m.cfg.vocab_size;
+    let mut seq = ids.to_vec();
+    for _ in 0..n {
+        let l = all_logits(m, &seq);
+        let last = &l[l.len() - v..];
+        let best = (0..v).fold(0, |b, i| if last[i] > last[b] { i } else { b });
+        seq.push(best as u32);
+    }
+    seq[ids.len()..].to_vec()
+}
+
+fn prompts_of(model: &str) -> Vec<Vec<u32>> {
+    let g: Json = serde_json::from_str(
+        &std::fs::read_to_string(root().join(model).join("golden.json")).unwrap(),
+    )
+    .unwrap();
+    serde_json::from_value(g["prompts"].clone()).unwrap()
+}
+
+fn ids_of(v: &Json) -> Vec<Vec<u32>> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+/// Max |llama.cpp − qlora| over the recorded logit rows of `entry`.
+fn recorded_logits_diff(entry: &Json, ours: &[Vec<f32>], vocab: usize) -> f32 {
+    let rows = entry["logits"].as_array().unwrap();
+    assert!(!rows.is_empty());
+    let mut worst = 0f32;
+    for r in rows {
+        let (p, t) = (
+            r["prompt"].as_u64().unwrap() as usize,
+            r["pos"].as_u64().unwrap() as usize,
+        );
+        let want: Vec<f32> = serde_json::from_value(r["logits"].clone()).unwrap();
+        assert_eq!(want.len(), vocab);
+        let got = &ours[p][t * vocab..(t + 1) * vocab];
+        worst = want
+            .iter()
+            .zip(got)
+            .fold(worst, |m, (a, b)| m.max((a - b).abs()));
+    }
+    worst
+}
+
+/// llama.cpp's logits on the f32 exports (tiny GQA, tiny Llama-3 with rope_freqs, and the merged
+/// exports of a LoRA and an all-linear rsLoRA adapter) equal qlora's merged-model logits within
+/// 1e-3, and its greedy continuations equal qlora's; the --lora-only files applied by llama.cpp on
+/// the base export give the merged model's logits and greedy ids.
+#[test]
+fn llama_cpp_runs_the_exports_as_qlora_does() {
+    let fx = llama_cpp_fixture();
+    let n_new = fx["greedy_new_tokens"].as_u64().unwrap() as usize;
+    let mut merged_logits = std::collections::HashMap::new();
+    for (name, e) in fx["models"].as_object().unwrap() {
+        let model = e["model"].as_str().unwrap();
+        let m = qlora_model(model, e["adapter"].as_str());
+        let prompts = prompts_of(model);
+        let ours: Vec<Vec<f32>> = prompts.iter().map(|p| all_logits(&m, p)).collect();
+        let ours_greedy: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(&m, p, n_new)).collect();
+        if e["dtype"] == "f32" {
+            let d = recorded_logits_diff(e, &ours, m.cfg.vocab_size);
+            println!("{name}: llama.cpp vs qlora logits {d:.2e}");
+            assert!(d <= 1e-3, "{name}: {d}");
+            assert_eq!(ids_of(&e["greedy"]), ours_greedy, "{name}: greedy");
+            merged_logits.insert(name.clone(), (ours, ours_greedy, m.cfg.vocab_size));
+        } else {
+            // q8_0: llama.cpp quantizes the activations too; recorded, not compared with f32.
+            let same = ids_of(&e["greedy"]) == ours_greedy;
+            println!(
+                "{name}: llama.cpp vs its f32 export {}, greedy equal to qlora f32: {same}",
+                e["vs_f32_export_max_abs_diff"]
+            );
+        }
+    }
+    for (name, e) in fx["loras"].as_object().unwrap() {
+        let (ours, ours_greedy, vocab) = &merged_logits[e["merged"].as_str().unwrap()];
+        let d = recorded_logits_diff(e, ours, *vocab);
+        let vs_file = e["vs_merged_export_max_abs_diff"].as_f64().unwrap();
+        println!(
+            "{name}: llama.cpp base+LoRA vs qlora merged {d:.2e}, vs merged file {vs_file:.2e}"
+        );
+        assert!(d <= 1e-3, "{name}: {d}");
+        assert!(vs_file <= 1e-3, "{name}: {vs_file}");
+        assert_eq!(&ids_of(&e["greedy"]), ours_greedy, "{name}: greedy");
+    }
+}
+
+/// llama.cpp's tokenization of the 1000 guanaco rows with the exported Llama-2 vocabulary (a
+/// vocab-only load, special tokens parsed, no BOS added) equals qlora's tokenizer, row for row.
+#[test]
+fn llama_cpp_tokenizes_guanaco_as_qlora_does() {
+    let rec = &llama_cpp_fixture()["llama2_guanaco_tokenization"];
+    let tok =
+        qlora::tokenizer::Tokenizer::from_dir(&root().join("tests/fixtures/llama-2-7b-chat-hf"))
+            .unwrap();
+    let data = std::fs::read_to_string(root().join("tests/fixtures/guanaco-llama2-1k/train.jsonl"))
+        .unwrap();
+    let mut lines = String::new();
+    let mut total = 0;
+    for line in data.lines() {
+        let row: Json = serde_json::from_str(line).unwrap();
+        let ids = tok.encode(row["text"].as_str().unwrap()).unwrap();
+        total += ids.len();
+        let bytes: Vec<u8> = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
+        lines += &sha(&bytes);
+        lines.push('\n');
+    }
+    assert_eq!(rec["rows"], 1000);
+    assert_eq!(rec["rows_equal_to_python_tokenizers"], 1000, "{rec}");
+    assert_eq!(rec["total_ids"], total);
+    assert_eq!(sha(lines.as_bytes()), rec["all_rows_sha256"]);
 }
