@@ -61,6 +61,107 @@ fn drv(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Backend(format!("device AdamW: {what}: {e}"))
 }
 
+/// The buffer checks of a device optimizer step (`label` names the optimizer in errors): one
+/// parameter and one gradient per state, each holding at least its tensor's `sizes[t]` values.
+pub(super) fn check_step_buffers(
+    label: &str,
+    sizes: &[usize],
+    params: &[&mut CudaSlice<f32>],
+    grads: &[&CudaSlice<f32>],
+) -> Result<()> {
+    let nt = sizes.len();
+    if params.len() != nt || grads.len() != nt {
+        return Err(Error::InvalidArg(format!(
+            "adamw_step: {} parameters, {} gradients, {nt} states",
+            params.len(),
+            grads.len()
+        )));
+    }
+    for (t, &n) in sizes.iter().enumerate() {
+        for (what, have) in [("param", params[t].len()), ("grad", grads[t].len())] {
+            if have < n {
+                return Err(Error::Backend(format!(
+                    "{label} {what} {t}: buffer holds {have} values, op needs {n}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The device pointers `[p0, g0, p1, g1, ..]` a step's table is built from.
+pub(super) fn param_grad_ptrs(
+    stream: &Arc<CudaStream>,
+    params: &mut [&mut CudaSlice<f32>],
+    grads: &[&CudaSlice<f32>],
+) -> Vec<u64> {
+    let mut ptrs = Vec::with_capacity(2 * params.len());
+    for (p, g) in params.iter_mut().zip(grads) {
+        ptrs.push((**p).device_ptr_mut(stream).0);
+        ptrs.push(g.device_ptr(stream).0);
+    }
+    ptrs
+}
+
+/// The global gradient norm and clip coefficient of a step into `out` (`{norm, coef}`): zeroes
+/// `sumsq`, then `adamw_sumsq_f32` over `chunks` blocks and `adamw_norm_f32` (clipping when
+/// `max_norm > 0`).
+///
+/// # Safety
+/// `table` holds `nt` `AdamTensor` entries (kernels/adamw.cu's 48-byte layout) whose chunks cover
+/// exactly `chunks` blocks, each g pointer valid for its n_t values until the stream is
+/// synchronized; `sumsq` holds at least `nt` doubles and `out` 2 floats.
+pub(super) unsafe fn launch_norm(
+    dev: &CudaDevice,
+    table: &CudaSlice<u64>,
+    nt: usize,
+    chunks: usize,
+    sumsq: &mut CudaSlice<f64>,
+    out: &mut CudaSlice<f32>,
+    max_norm: f32,
+) -> Result<()> {
+    let stream = &dev.stream;
+    stream
+        .memset_zeros(sumsq)
+        .map_err(drv("zeroing the norm sums"))?;
+    let t32 = nt as i32;
+    let grid = LaunchConfig {
+        grid_dim: (chunks as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let f = dev.function("adamw", "adamw_sumsq_f32")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(table).arg(&t32).arg(&mut *sumsq);
+    // SAFETY: matches adamw_sumsq_f32(const AdamTensor*, int, double*); the table, its g
+    // pointers and sumsq are as this function's contract requires.
+    unsafe { b.launch(grid) }.map_err(drv("adamw_sumsq_f32"))?;
+    let clip = i32::from(max_norm > 0.0);
+    let max_norm = if clip == 1 { max_norm } else { 0.0 };
+    let f = dev.function("adamw", "adamw_norm_f32")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(sumsq).arg(&t32).arg(&clip).arg(&max_norm).arg(out);
+    let one = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches adamw_norm_f32(double*, int, int, float, float*); sumsq holds nt
+    // doubles, out 2 floats.
+    unsafe { b.launch(one) }.map_err(drv("adamw_norm_f32"))?;
+    Ok(())
+}
+
+/// Waits for the step and reads back its gradient norm (`out[0]`).
+pub(super) fn read_norm(dev: &CudaDevice, out: &CudaSlice<f32>) -> Result<f32> {
+    let mut norm = [0f32];
+    dev.stream
+        .memcpy_dtoh(&out.slice(..1), &mut norm[..])
+        .map_err(drv("reading the norm"))?;
+    dev.synchronize()?;
+    Ok(norm[0])
+}
+
 fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
@@ -442,33 +543,14 @@ impl DeviceAdamW {
         max_norm: f32,
     ) -> Result<f32> {
         let nt = self.sizes.len();
-        if params.len() != nt || grads.len() != nt {
-            return Err(Error::InvalidArg(format!(
-                "adamw_step: {} parameters, {} gradients, {nt} states",
-                params.len(),
-                grads.len()
-            )));
-        }
-        for (t, &n) in self.sizes.iter().enumerate() {
-            for (what, have) in [("param", params[t].len()), ("grad", grads[t].len())] {
-                if have < n {
-                    return Err(Error::Backend(format!(
-                        "cuda adamw_step {what} {t}: buffer holds {have} values, op needs {n}"
-                    )));
-                }
-            }
-        }
+        check_step_buffers("cuda adamw_step", &self.sizes, params, grads)?;
         if self.layout.chunks == 0 {
             // Only empty tensors (or none): the norm is 0 and every update a no-op, as on the host.
             self.steps.iter_mut().for_each(|s| *s += 1);
             return Ok(0.0);
         }
         let stream = &dev.stream;
-        let mut ptrs = Vec::with_capacity(2 * nt);
-        for (p, g) in params.iter_mut().zip(grads) {
-            ptrs.push((**p).device_ptr_mut(stream).0);
-            ptrs.push(g.device_ptr(stream).0);
-        }
+        let ptrs = param_grad_ptrs(stream, params, grads);
         if self.table.is_none() || ptrs != self.table_ptrs {
             let base = self.mem.base(stream);
             let tab = self.layout.table(&self.sizes, &ptrs, base);
@@ -487,43 +569,27 @@ impl DeviceAdamW {
         if let StateMem::Managed(m) = &self.mem {
             m.prefetch()?;
         }
-        stream
-            .memset_zeros(&mut *self.sumsq)
-            .map_err(drv("zeroing the norm sums"))?;
-
         let table = self.table.as_ref().expect("uploaded above");
-        let t32 = nt as i32;
+        let (t32, chunks) = (nt as i32, self.layout.chunks);
+        // SAFETY: the table holds nt entries whose chunks cover exactly `chunks` blocks, every g
+        // pointer holds n_t values (checked above) and stays borrowed until `read_norm`
+        // synchronizes; sumsq holds nt doubles, out 2 floats.
+        unsafe {
+            launch_norm(
+                dev,
+                table,
+                nt,
+                chunks,
+                &mut self.sumsq,
+                &mut self.out,
+                max_norm,
+            )?
+        };
         let grid = LaunchConfig {
-            grid_dim: (self.layout.chunks as u32, 1, 1),
+            grid_dim: (chunks as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let f = dev.function("adamw", "adamw_sumsq_f32")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&**table).arg(&t32).arg(&mut *self.sumsq);
-        // SAFETY: matches adamw_sumsq_f32(const AdamTensor*, int, double*); the table holds nt
-        // entries whose chunks cover exactly `chunks` blocks, every g pointer holds n_t values
-        // (checked above) and stays borrowed until the stream is synchronized below; sumsq
-        // holds nt doubles.
-        unsafe { b.launch(grid) }.map_err(drv("adamw_sumsq_f32"))?;
-
-        let clip = i32::from(max_norm > 0.0);
-        let max_norm = if clip == 1 { max_norm } else { 0.0 };
-        let f = dev.function("adamw", "adamw_norm_f32")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut *self.sumsq)
-            .arg(&t32)
-            .arg(&clip)
-            .arg(&max_norm)
-            .arg(&mut *self.out);
-        let one = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: matches adamw_norm_f32(double*, int, int, float, float*); sumsq holds nt
-        // doubles, out 2 floats.
-        unsafe { b.launch(one) }.map_err(drv("adamw_norm_f32"))?;
 
         let c = Consts::new(hyper, lr);
         let (use_decay, lerp_lo) = (i32::from(c.use_decay), i32::from(c.lerp_lo));
@@ -547,15 +613,11 @@ impl DeviceAdamW {
         // `Layout`, disjoint) are valid; scalars holds 2·nt floats, out 2.
         unsafe { b.launch(grid) }.map_err(drv("adamw_update_f32"))?;
 
-        let mut norm = [0f32];
-        stream
-            .memcpy_dtoh(&self.out.slice(..1), &mut norm[..])
-            .map_err(drv("reading the norm"))?;
-        dev.synchronize()?;
-        if norm[0].is_finite() {
+        let norm = read_norm(dev, &self.out)?;
+        if norm.is_finite() {
             self.steps.iter_mut().for_each(|s| *s += 1);
         }
-        Ok(norm[0])
+        Ok(norm)
     }
 
     /// Device bytes of the states (m and v of every tensor, each padded to 256 bytes).

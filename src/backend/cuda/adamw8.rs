@@ -34,14 +34,17 @@
 //!    norm is not finite.
 //! 5. The norm back to the host (4 bytes); the step counts advance when it is finite.
 
-use super::adamw::{managed_supported, Managed, StateMem, CHUNK};
+use super::adamw::{
+    check_step_buffers, launch_norm, managed_supported, param_grad_ptrs, read_norm, Managed,
+    StateMem, CHUNK,
+};
 use super::runtime::{CudaDevice, DevBuf};
 use crate::error::{Error, Result};
 use crate::train::optim8::{
     self, blocks, signed_map, unsigned_map, uses_q8, Consts8, Quant8, Scalars8, BLOCK,
 };
 use crate::train::{AdamParamState, AdamW};
-use cudarc::driver::{result, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{result, CudaSlice, LaunchConfig, PushKernelArg};
 
 /// Threads per block (`ADAMW8_THREADS`); one warp per quantization block.
 const THREADS: u32 = 256;
@@ -355,33 +358,14 @@ impl DeviceAdamW8 {
         max_norm: f32,
     ) -> Result<f32> {
         let nt = self.sizes.len();
-        if params.len() != nt || grads.len() != nt {
-            return Err(Error::InvalidArg(format!(
-                "adamw_step: {} parameters, {} gradients, {nt} states",
-                params.len(),
-                grads.len()
-            )));
-        }
-        for (t, &n) in self.sizes.iter().enumerate() {
-            for (what, have) in [("param", params[t].len()), ("grad", grads[t].len())] {
-                if have < n {
-                    return Err(Error::Backend(format!(
-                        "cuda adamw_step (8-bit) {what} {t}: buffer holds {have} values, op needs {n}"
-                    )));
-                }
-            }
-        }
+        check_step_buffers("cuda adamw_step (8-bit)", &self.sizes, params, grads)?;
         if self.layout.chunks == 0 {
             // Only empty tensors (or none): the norm is 0 and every update a no-op, as on the host.
             self.steps.iter_mut().for_each(|s| *s += 1);
             return Ok(0.0);
         }
         let stream = &dev.stream;
-        let mut ptrs = Vec::with_capacity(2 * nt);
-        for (p, g) in params.iter_mut().zip(grads) {
-            ptrs.push((**p).device_ptr_mut(stream).0);
-            ptrs.push(g.device_ptr(stream).0);
-        }
+        let ptrs = param_grad_ptrs(stream, params, grads);
         if self.table.is_none() || ptrs != self.table_ptrs {
             let base = self.mem.base(stream);
             let (tab, amx) = self.layout.tables(&self.sizes, &ptrs, base);
@@ -403,43 +387,27 @@ impl DeviceAdamW8 {
         if let StateMem::Managed(m) = &self.mem {
             m.prefetch()?;
         }
-        stream
-            .memset_zeros(&mut *self.sumsq)
-            .map_err(drv("zeroing the norm sums"))?;
-
         let (table, amx) = self.table.as_ref().expect("uploaded above");
-        let t32 = nt as i32;
+        let (t32, chunks) = (nt as i32, self.layout.chunks);
+        // SAFETY: the table holds nt 48-byte entries in adamw.cu's layout whose chunks (of CHUNK
+        // values) cover exactly `chunks` blocks; every g pointer holds n_t values (checked above)
+        // and stays borrowed until `read_norm` synchronizes; sumsq holds nt doubles, out 2 floats.
+        unsafe {
+            launch_norm(
+                dev,
+                table,
+                nt,
+                chunks,
+                &mut self.sumsq,
+                &mut self.out,
+                max_norm,
+            )?
+        };
         let grid = LaunchConfig {
-            grid_dim: (self.layout.chunks as u32, 1, 1),
+            grid_dim: (chunks as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let f = dev.function("adamw", "adamw_sumsq_f32")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&**table).arg(&t32).arg(&mut *self.sumsq);
-        // SAFETY: matches adamw_sumsq_f32(const AdamTensor*, int, double*); the table holds nt
-        // 48-byte entries in adamw.cu's layout whose chunks (of CHUNK values) cover exactly
-        // `chunks` blocks; every g pointer holds n_t values (checked above) and stays borrowed
-        // until the stream is synchronized below; sumsq holds nt doubles.
-        unsafe { b.launch(grid) }.map_err(drv("adamw_sumsq_f32"))?;
-
-        let clip = i32::from(max_norm > 0.0);
-        let max_norm = if clip == 1 { max_norm } else { 0.0 };
-        let f = dev.function("adamw", "adamw_norm_f32")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut *self.sumsq)
-            .arg(&t32)
-            .arg(&clip)
-            .arg(&max_norm)
-            .arg(&mut *self.out);
-        let one = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: matches adamw_norm_f32(double*, int, int, float, float*); sumsq holds nt
-        // doubles, out 2 floats.
-        unsafe { b.launch(one) }.map_err(drv("adamw_norm_f32"))?;
 
         let c = Consts8::new(hyper, lr);
         let use_decay = i32::from(c.use_decay);
@@ -465,15 +433,11 @@ impl DeviceAdamW8 {
         // maps 512. Each quantization block is owned by one warp (no two blocks share bytes).
         unsafe { b.launch(grid) }.map_err(drv("adamw8_update_f32"))?;
 
-        let mut norm = [0f32];
-        stream
-            .memcpy_dtoh(&self.out.slice(..1), &mut norm[..])
-            .map_err(drv("reading the norm"))?;
-        dev.synchronize()?;
-        if norm[0].is_finite() {
+        let norm = read_norm(dev, &self.out)?;
+        if norm.is_finite() {
             self.steps.iter_mut().for_each(|s| *s += 1);
         }
-        Ok(norm[0])
+        Ok(norm)
     }
 
     /// Device bytes of the states (with alignment).
