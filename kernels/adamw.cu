@@ -21,9 +21,9 @@
 // __fadd_rn/__fmul_rn/__fdiv_rn/__fsqrt_rn/__fmaf_rn intrinsics and f32↔f64 conversions with
 // .ftz (subnormal inputs and results flushed to zero), which would differ from the host as soon
 // as a value is subnormal (v = w2·g² is, for |g| < ~3e-18). Every f32 operation of the math
-// above therefore goes through the one-instruction PTX helpers below (add/sub/mul/div/sqrt/fma
-// .rn without .ftz: IEEE-754 round-to-nearest-even, subnormals kept, never contracted or
-// reassociated), and the f64 ones through __dadd_rn/__dmul_rn/__dsqrt_rn (f64 is never
+// above therefore goes through the one-instruction PTX helpers of ieee_f32.cuh
+// (add/sub/mul/div/sqrt/fma .rn without .ftz: IEEE-754 round-to-nearest-even, subnormals kept,
+// never contracted or reassociated), and the f64 ones through __dadd_rn/__dmul_rn/__dsqrt_rn (f64 is never
 // flushed; the intrinsics stop -fmad contraction). Given the same clip coefficient, p, m and v
 // are then bit-identical to the host's; the returned norm may differ from the host's in its last
 // bit(s) only through the order of the f64 sums.
@@ -45,6 +45,8 @@
 //                        thread, stride 256: coalesced).
 #include <cstdint>
 
+#include "ieee_f32.cuh"
+
 #define ADAMW_THREADS 256
 #define ADAMW_CHUNK 2048  // elements per block; src/backend/cuda/adamw.rs CHUNK must match
 
@@ -57,51 +59,6 @@ struct AdamTensor {
   int64_t chunk0;
 };
 static_assert(sizeof(AdamTensor) == 48, "table layout shared with src/backend/cuda/adamw.rs");
-
-// IEEE f32 arithmetic regardless of --use_fast_math (see the header).
-__device__ __forceinline__ float f_add(float a, float b) {
-  float r;
-  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float f_sub(float a, float b) {
-  float r;
-  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float f_mul(float a, float b) {
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float f_div(float a, float b) {
-  float r;
-  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float f_sqrt(float a) {
-  float r;
-  asm("sqrt.rn.f32 %0, %1;" : "=f"(r) : "f"(a));
-  return r;
-}
-__device__ __forceinline__ float f_fma(float a, float b, float c) {
-  float r;
-  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
-  return r;
-}
-__device__ __forceinline__ double f_to_d(float a) {
-  double r;
-  asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(a));
-  return r;
-}
-__device__ __forceinline__ float d_to_f(double a) {
-  float r;
-  asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(a));
-  return r;
-}
-__device__ __forceinline__ bool finite_f32(float x) {
-  return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
-}
 
 // The tensor block b works on: the last t with chunk0 ≤ b (tab[0].chunk0 = 0 ≤ b).
 __device__ __forceinline__ int find_tensor(const AdamTensor* __restrict__ tab, int T, int64_t b) {

@@ -22,10 +22,10 @@
 //
 // Exact rounding: this file is compiled with --use_fast_math, under which nvcc emits even the
 // _rn intrinsics, comparisons (setp) and min/max with .ftz (subnormals flushed). Every f32
-// operation and comparison therefore goes through the one-instruction PTX helpers below (no
-// .ftz, never contracted), absmax is a maximum of integer bit patterns, and finiteness and sign
-// are bit tests; so given the same clip coefficient p, codes and absmax are bit-identical to the
-// spec's. The norm and coefficient come from kernels/adamw.cu (`adamw_sumsq_f32`,
+// operation and comparison therefore goes through the one-instruction PTX helpers of
+// ieee_f32.cuh (no .ftz, never contracted), absmax is a maximum of integer bit patterns, and
+// finiteness and sign are bit tests; so given the same clip coefficient p, codes and absmax are
+// bit-identical to the spec's. The norm and coefficient come from kernels/adamw.cu (`adamw_sumsq_f32`,
 // `adamw_norm_f32`, launched on this optimizer's table), so they are the 32-bit path's.
 //
 // Layout: the table `AdamTensor` (48 bytes, the same struct as kernels/adamw.cu so its norm
@@ -41,6 +41,8 @@
 // reduction (shuffles), so no barrier follows the early exits. Nothing is written when the norm
 // in clip[0] is not finite.
 #include <cstdint>
+
+#include "ieee_f32.cuh"
 
 #define ADAMW8_THREADS 256
 #define ADAMW8_BLOCK 256  // values per quantization block = one warp's share
@@ -64,41 +66,6 @@ struct Adam8Absmax {
 };
 static_assert(sizeof(Adam8Absmax) == 16, "layout shared with src/backend/cuda/adamw8.rs");
 
-// IEEE f32 arithmetic and comparisons regardless of --use_fast_math (see the header).
-__device__ __forceinline__ float f_add(float a, float b) {
-  float r;
-  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float f_mul(float a, float b) {
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float f_div(float a, float b) {
-  float r;
-  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float f_sqrt(float a) {
-  float r;
-  asm("sqrt.rn.f32 %0, %1;" : "=f"(r) : "f"(a));
-  return r;
-}
-// a > b, a < b: IEEE comparisons (false when either is NaN; subnormals compared as they are).
-__device__ __forceinline__ bool f_gt(float a, float b) {
-  unsigned r;
-  asm("{ .reg .pred p; setp.gt.f32 p, %1, %2; selp.u32 %0, 1, 0, p; }" : "=r"(r) : "f"(a), "f"(b));
-  return r != 0;
-}
-__device__ __forceinline__ bool f_lt(float a, float b) {
-  unsigned r;
-  asm("{ .reg .pred p; setp.lt.f32 p, %1, %2; selp.u32 %0, 1, 0, p; }" : "=r"(r) : "f"(a), "f"(b));
-  return r != 0;
-}
-__device__ __forceinline__ bool finite_f32(float x) {
-  return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
-}
 __device__ __forceinline__ unsigned abs_bits(float x) { return __float_as_uint(x) & 0x7fffffffu; }
 
 // The tensor block b works on: the last t with chunk0 ≤ b (tab[0].chunk0 = 0 ≤ b).
