@@ -9,7 +9,7 @@
 //! The split length comes from [`split_plan`] (about `TARGET_CTAS` CTAs); with one split the
 //! kernel normalises in place and no combine is launched.
 
-use super::ops::grid;
+use super::ops::{grid, launch_err, need};
 use super::runtime::{CudaDevice, DevBuf};
 use crate::backend::cpu::decode_attention::{split_plan, MAX_ROWS};
 use crate::backend::AttnShape;
@@ -21,19 +21,6 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 pub struct DecodeScratch {
     part_o: Option<DevBuf<f32>>,
     part_ml: Option<DevBuf<f32>>,
-}
-
-fn launch_err(kernel: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| Error::Backend(format!("{kernel}: {e}"))
-}
-
-fn need(what: &str, have: usize, want: usize) -> Result<()> {
-    if have < want {
-        return Err(Error::Backend(format!(
-            "cuda {what}: buffer holds {have} values, op needs {want}"
-        )));
-    }
-    Ok(())
 }
 
 /// `cache[off..off + len] = bf16(src[..len])`, round to nearest even.

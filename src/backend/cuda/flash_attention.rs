@@ -19,6 +19,7 @@
 //! zeroes `dq` (`flash_attention_delta_f32`); the tensor-core backward then accumulates `dq` with
 //! atomics.
 
+use super::ops::launch_err;
 use super::runtime::{CudaDevice, DevBuf};
 use crate::backend::Packed;
 use crate::error::{Error, Result};
@@ -34,10 +35,6 @@ const TILE: usize = 64;
 const MAX_HEAD_DIM: usize = 256;
 /// Largest 1-D grid (CUDA's x dimension).
 const MAX_GRID: usize = i32::MAX as usize;
-
-fn launch_err(kernel: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| Error::Backend(format!("{kernel}: {e}"))
-}
 
 fn need(what: &str, have: usize, want: usize) -> Result<()> {
     if have < want {

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-fn launch_err(kernel: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+pub(super) fn launch_err(kernel: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Backend(format!("{kernel}: {e}"))
 }
 
@@ -22,7 +22,7 @@ pub(super) fn grid(n: usize) -> LaunchConfig {
     }
 }
 
-fn need(what: &str, have: usize, want: usize) -> Result<()> {
+pub(super) fn need(what: &str, have: usize, want: usize) -> Result<()> {
     if have < want {
         return Err(Error::Backend(format!(
             "cuda {what}: buffer holds {have} values, op needs {want}"
