@@ -1,35 +1,17 @@
 //! End-to-end checks of the `qlora` binary on bad input: every case must exit non-zero with a
 //! message naming the file and the problem, and must not panic.
 
+mod common;
+use common::run_qlora as qlora;
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny/gqa");
 const EVAL: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fixtures/tiny/eval.jsonl"
 );
-
-fn qlora(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qlora"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run qlora");
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !stderr.contains("panicked"),
-        "qlora panicked on {args:?}:\n{stderr}"
-    );
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        stderr,
-    )
-}
 
 /// Runs `eval` on `model` and asserts failure with every `needle` in stderr.
 fn eval_fails(model: &Path, dataset: &str, needles: &[&str]) {

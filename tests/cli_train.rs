@@ -1,6 +1,8 @@
 //! The `qlora` binary's training-related commands: `train` (flags, `--config` file, bad input)
 //! and `--adapter` on `eval` / `generate`.
 
+mod common;
+use common::run_qlora as qlora;
 use std::path::Path;
 use std::process::Command;
 
@@ -14,26 +16,6 @@ fn guanaco() -> String {
 }
 fn peft_adapter() -> String {
     format!("{ROOT}/tests/fixtures/peft/gqa-lora")
-}
-
-fn qlora(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qlora"))
-        .args(args)
-        .current_dir(ROOT)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run qlora");
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !stderr.contains("panicked"),
-        "panicked on {args:?}:\n{stderr}"
-    );
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        stderr,
-    )
 }
 
 fn train_args<'a>(out: &'a str, m: &'a str, d: &'a str) -> Vec<&'a str> {

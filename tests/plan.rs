@@ -8,6 +8,8 @@
 //! - `qlora train --dry-run` (text and JSON) on the 7B fixture (config + shard index only) and on
 //!   the tiny fixture, both with the guanaco dataset, and the "does not fit" advice.
 
+mod common;
+use common::run_qlora as qlora;
 use qlora::backend::cpu::{CpuBackend, CpuLinear};
 use qlora::backend::{AttnShape, Backend, HostLinear, LoraShape, Packed, TrainBackend};
 use qlora::config::ModelConfig;
@@ -21,7 +23,6 @@ use qlora::train::plan::{
 use qlora::train::{AdamParamState, AdamW, OptimKind};
 use qlora::weights::DType;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -1147,26 +1148,6 @@ fn plan_matches_the_cuda_meter() {
 
 // =============================================================================================
 // The CLI.
-
-fn qlora(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qlora"))
-        .args(args)
-        .current_dir(ROOT)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run qlora");
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !stderr.contains("panicked"),
-        "panicked on {args:?}:\n{stderr}"
-    );
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        stderr,
-    )
-}
 
 const LLAMA7B: &str = "tests/fixtures/llama-2-7b-chat-hf";
 const GUANACO: &str = "tests/fixtures/guanaco-llama2-1k";

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::Command;
 
 /// The repository root (tests read fixtures under `tests/fixtures`).
 pub fn root() -> PathBuf {
@@ -26,4 +27,26 @@ pub fn golden_prompts() -> Vec<Vec<u32>> {
                 .collect()
         })
         .collect()
+}
+
+/// Runs the `qlora` binary from the repository root, offline, logging warnings only: its exit
+/// code, stdout and stderr. A panic fails the test.
+pub fn run_qlora(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .args(args)
+        .current_dir(root())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run qlora");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !stderr.contains("panicked"),
+        "qlora panicked on {args:?}:\n{stderr}"
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        stderr,
+    )
 }
