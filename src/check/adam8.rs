@@ -32,6 +32,7 @@
 //!   (error: the number of changed values); host → device → host of 8-bit states (including the
 //!   0/255 codes of all-zero blocks and a 32-bit state converted on upload) is exact.
 
+use super::adamw::{download_all, step_both, upload_all, BothSides};
 use super::{max_rel_err, rows_or_failure, test_values, CheckRow};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::backend::CudaBackend;
@@ -76,14 +77,6 @@ fn grads(step: u64) -> Vec<Vec<f32>> {
             g
         })
         .collect()
-}
-
-fn upload_all(be: &CudaBackend, xs: &[Vec<f32>]) -> Result<Vec<DevBuf<f32>>> {
-    xs.iter().map(|x| be.dev.upload(x)).collect()
-}
-
-fn download_all(be: &CudaBackend, xs: &[DevBuf<f32>]) -> Result<Vec<Vec<f32>>> {
-    xs.iter().map(|x| be.dev.download(x)).collect()
 }
 
 /// Per-tensor states of a CPU run of `steps` steps from fresh (tensor t skips its first
@@ -184,21 +177,15 @@ fn run_case(be: &CudaBackend, c: &Case) -> Result<Vec<CheckRow>> {
         let lr = hyper.lr * (1.0 - 0.25 * step as f64);
         let mut hg = grads(step);
         let mut dg = upload_all(be, &hg)?;
-        let want = {
-            let mut p: Vec<&mut Vec<f32>> = hp.iter_mut().collect();
-            let mut g: Vec<&mut Vec<f32>> = hg.iter_mut().collect();
-            cpu.adamw_step(&mut hs, &mut p, &mut g, &hyper, lr, c.max_norm)?
+        let sides = BothSides {
+            cpu: &cpu,
+            hs: &mut hs,
+            hp: &mut hp,
+            be,
+            ds: &mut ds,
+            dp: &mut dp,
         };
-        let got = {
-            let mut p: Vec<&mut DevBuf<f32>> = dp.iter_mut().collect();
-            let mut g: Vec<&mut DevBuf<f32>> = dg.iter_mut().collect();
-            be.adamw_step(&mut ds, &mut p, &mut g, &hyper, lr, c.max_norm)?
-        };
-        let e = if got.is_finite() && want.is_finite() && want > 0.0 {
-            ((got as f64 - want as f64) / want as f64).abs()
-        } else {
-            f64::INFINITY
-        };
+        let e = step_both(sides, &mut hg, &mut dg, &hyper, lr, c.max_norm)?;
         norm_err = norm_err.max(e);
     }
     let gp = download_all(be, &dp)?;

@@ -32,8 +32,10 @@
 
 use super::{max_rel_err, rows_or_failure, test_values, CheckRow};
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cpu::CpuOptState;
 use crate::backend::cuda::backend::CudaBackend;
 use crate::backend::cuda::runtime::DevBuf;
+use crate::backend::cuda::train::DeviceOptState;
 use crate::backend::TrainBackend;
 use crate::error::{Error, Result};
 use crate::train::{AdamParamState, AdamW, OptimKind};
@@ -100,12 +102,51 @@ fn params() -> Vec<Vec<f32>> {
         .collect()
 }
 
-fn upload_all(be: &CudaBackend, xs: &[Vec<f32>]) -> Result<Vec<DevBuf<f32>>> {
+pub(super) fn upload_all(be: &CudaBackend, xs: &[Vec<f32>]) -> Result<Vec<DevBuf<f32>>> {
     xs.iter().map(|x| be.dev.upload(x)).collect()
 }
 
-fn download_all(be: &CudaBackend, xs: &[DevBuf<f32>]) -> Result<Vec<Vec<f32>>> {
+pub(super) fn download_all(be: &CudaBackend, xs: &[DevBuf<f32>]) -> Result<Vec<Vec<f32>>> {
     xs.iter().map(|x| be.dev.download(x)).collect()
+}
+
+/// The host's and the device's state, parameters and gradients of a check.
+pub(super) struct BothSides<'a> {
+    pub cpu: &'a CpuBackend,
+    pub hs: &'a mut CpuOptState,
+    pub hp: &'a mut [Vec<f32>],
+    pub be: &'a CudaBackend,
+    pub ds: &'a mut DeviceOptState,
+    pub dp: &'a mut [DevBuf<f32>],
+}
+
+/// One `adamw_step` on the host spec (gradients `hg`) and on the device (the same gradients,
+/// `dg`): the relative error of the device's gradient norm (∞ when either is not finite or the
+/// host's is 0).
+pub(super) fn step_both(
+    s: BothSides<'_>,
+    hg: &mut [Vec<f32>],
+    dg: &mut [DevBuf<f32>],
+    hyper: &AdamW,
+    lr: f64,
+    max_norm: f32,
+) -> Result<f64> {
+    let want = {
+        let mut p: Vec<&mut Vec<f32>> = s.hp.iter_mut().collect();
+        let mut g: Vec<&mut Vec<f32>> = hg.iter_mut().collect();
+        s.cpu
+            .adamw_step(s.hs, &mut p, &mut g, hyper, lr, max_norm)?
+    };
+    let got = {
+        let mut p: Vec<&mut DevBuf<f32>> = s.dp.iter_mut().collect();
+        let mut g: Vec<&mut DevBuf<f32>> = dg.iter_mut().collect();
+        s.be.adamw_step(s.ds, &mut p, &mut g, hyper, lr, max_norm)?
+    };
+    Ok(if got.is_finite() && want.is_finite() && want > 0.0 {
+        ((got as f64 - want as f64) / want as f64).abs()
+    } else {
+        f64::INFINITY
+    })
 }
 
 /// Largest per-tensor `max_rel_err` over p, m and v (∞ when a step count differs).
@@ -208,21 +249,15 @@ fn run_case(be: &CudaBackend, c: &Case) -> Result<Vec<CheckRow>> {
         } else {
             dg = upload_all(be, &hg)?;
         }
-        let want = {
-            let mut p: Vec<&mut Vec<f32>> = hp.iter_mut().collect();
-            let mut g: Vec<&mut Vec<f32>> = hg.iter_mut().collect();
-            cpu.adamw_step(&mut hs, &mut p, &mut g, &hyper, lr, c.max_norm)?
+        let sides = BothSides {
+            cpu: &cpu,
+            hs: &mut hs,
+            hp: &mut hp,
+            be,
+            ds: &mut ds,
+            dp: &mut dp,
         };
-        let got = {
-            let mut p: Vec<&mut DevBuf<f32>> = dp.iter_mut().collect();
-            let mut g: Vec<&mut DevBuf<f32>> = dg.iter_mut().collect();
-            be.adamw_step(&mut ds, &mut p, &mut g, &hyper, lr, c.max_norm)?
-        };
-        let e = if got.is_finite() && want.is_finite() && want > 0.0 {
-            ((got as f64 - want as f64) / want as f64).abs()
-        } else {
-            f64::INFINITY
-        };
+        let e = step_both(sides, &mut hg, &mut dg, &hyper, lr, c.max_norm)?;
         norm_err = norm_err.max(e);
     }
     let gp = download_all(be, &dp)?;
