@@ -243,20 +243,32 @@ mod gpu {
             ttft * 1e3
         );
 
-        // Decode steps at each context length, without and with the adapter. The cache's
-        // contents do not change the time, so each step reuses position `ctx`.
+        // Decode steps (`Llama::decode`, as `qlora generate` runs them: one CUDA graph launch
+        // per token) at each context length, without and with the adapter, and without graphs
+        // (each kernel launched from the host) for the base model. The cache's contents do not
+        // change the time, so each step reuses position `ctx`.
         let mut grp = c.benchmark_group("decode");
         grp.sample_size(20).measurement_time(Duration::from_secs(4));
         grp.throughput(Throughput::Elements(1));
         let mut adapter = Some(adapter);
-        for with in [false, true] {
+        for (with, graphs) in [(false, true), (false, false), (true, true)] {
             model.lora = if with { adapter.take() } else { None };
-            let tag = if with { "adapter_r64" } else { "base" };
+            model.backend.set_step_graphs(graphs);
+            let tag = match (with, graphs) {
+                (true, _) => "adapter_r64",
+                (false, true) => "base",
+                (false, false) => "base_no_graph",
+            };
             for ctx in CTXS {
                 let mut step = || {
                     cache.len = ctx;
-                    let l = model.forward(&[42], &mut cache, Logits::Last).unwrap();
-                    model.backend.download(&l).unwrap()
+                    let l = model.decode(42, &mut cache).unwrap();
+                    // Greedy pick on the device; only the id comes back (as in generate).
+                    let greedy = qlora::generate::Sampling::GREEDY;
+                    model
+                        .backend
+                        .sample(l, cfg.vocab_size, &greedy, 0.0)
+                        .unwrap()
                 };
                 grp.bench_function(
                     BenchmarkId::new(format!("llama2-7b-shape/{tag}"), ctx),

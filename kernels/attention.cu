@@ -19,7 +19,9 @@ __device__ __forceinline__ float bf16_at(const uint16_t* p, int64_t i) {
 extern "C" __global__ void attention_bf16kv(float* __restrict__ out, const float* __restrict__ q,
                                             const uint16_t* __restrict__ k,
                                             const uint16_t* __restrict__ v, int batch, int q_len,
-                                            int pos0, int cap, int heads, int kv_heads, int d) {
+                                            int pos0, int cap, int heads, int kv_heads, int d,
+                                            const uint32_t* __restrict__ pos_dev) {
+  if (pos_dev) pos0 = (int)*pos_dev;  // a captured decode step (see decode_attention.cu)
   const int lane = threadIdx.x & 31;
   const int64_t w = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (w >= (int64_t)batch * q_len * heads) return;

@@ -20,11 +20,28 @@
 //     M = max_s m_s,  L = Σ_s l_s e^{m_s − M},  out = Σ_s O_s e^{m_s − M} / L.
 // decode_attention_combine: grid B·T·H, D threads.
 // kv_write_bf16: cache[off + i] = bf16(src[i]) (round to nearest even, NaN kept quiet), i < n.
+//
+// Device position (CUDA-graph decode steps, src/backend/cuda/step.rs): when `pos_dev` is not
+// null the position is read from it instead of the pos0 / off arguments, so one captured launch
+// serves every step. The split kernel then plans its own split (dec_split_plan, the device copy
+// of split_plan) for pos0 + T keys over a grid sized for the whole cache: CTAs past the plan's
+// n_splits exit at once, the combine recomputes the same plan and returns when it is one split
+// (the split kernel normalised in place). kv_write_bf16 takes off = *pos_dev · stride.
 #include "common.cuh"
 
 #define DEC_THREADS 128
 #define DEC_TK 64
 #define DEC_MAX_ROWS 16
+#define DEC_TARGET_CTAS 264  // src/backend/cpu/decode_attention.rs TARGET_CTAS
+
+// split_plan of src/backend/cpu/decode_attention.rs: (split_len, n_splits) for n_keys keys when
+// ctas CTAs exist without splitting.
+__device__ __forceinline__ void dec_split_plan(int n_keys, int ctas, int* split_len, int* n_splits) {
+  const int tiles = max(1, (n_keys + DEC_TK - 1) / DEC_TK);
+  const int want = min(max((DEC_TARGET_CTAS + ctas - 1) / ctas, 1), tiles);
+  *split_len = (tiles + want - 1) / want * DEC_TK;
+  *n_splits = max(1, (n_keys + *split_len - 1) / *split_len);
+}
 
 __device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
@@ -36,7 +53,9 @@ __device__ __forceinline__ uint16_t f32_to_bf16_rne(float f) {
 }
 
 extern "C" __global__ void kv_write_bf16(uint16_t* __restrict__ cache, const float* __restrict__ src,
-                                         int64_t off, int64_t n) {
+                                         int64_t off, int64_t n, const uint32_t* __restrict__ pos_dev,
+                                         int64_t stride) {
+  if (pos_dev) off = (int64_t)*pos_dev * stride;
   GRID_STRIDE(i, n) { cache[off + i] = f32_to_bf16_rne(src[i]); }
 }
 
@@ -66,7 +85,7 @@ __device__ __forceinline__ void decode_split(float* __restrict__ out, float* __r
                                              const uint16_t* __restrict__ k,
                                              const uint16_t* __restrict__ v, int q_len, int pos0,
                                              int cap, int heads, int kv_heads, int split_len,
-                                             int n_splits) {
+                                             int n_splits, const uint32_t* __restrict__ pos_dev) {
   constexpr int DW = D / 2;                      // bf16 pairs (32-bit words) per row
   constexpr int KS = DW + 1;                     // padded K row stride: conflict-free columns
   constexpr int CH = D / 8;                      // 16-byte chunks per row
@@ -86,6 +105,11 @@ __device__ __forceinline__ void decode_split(float* __restrict__ out, float* __r
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int split = blockIdx.x, g = blockIdx.y;
+  if (pos_dev) {
+    pos0 = (int)*pos_dev;
+    dec_split_plan(pos0 + q_len, (int)(gridDim.y * gridDim.z), &split_len, &n_splits);
+    if (split >= n_splits) return;  // the whole CTA: before any barrier
+  }
   const int group = heads / kv_heads;
   const int tq = DEC_MAX_ROWS / group;
   const int n_qb = (q_len + tq - 1) / tq;
@@ -235,9 +259,9 @@ __device__ __forceinline__ void decode_split(float* __restrict__ out, float* __r
       float* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,           \
       const float* __restrict__ q, const uint16_t* __restrict__ k,                                \
       const uint16_t* __restrict__ v, int q_len, int pos0, int cap, int heads, int kv_heads,      \
-      int split_len, int n_splits) {                                                              \
+      int split_len, int n_splits, const uint32_t* __restrict__ pos_dev) {                        \
     decode_split<D>(out, part_o, part_ml, q, k, v, q_len, pos0, cap, heads, kv_heads, split_len, \
-                    n_splits);                                                                    \
+                    n_splits, pos_dev);                                                           \
   }
 DECODE_SPLIT(64)
 DECODE_SPLIT(128)
@@ -245,9 +269,16 @@ DECODE_SPLIT(128)
 extern "C" __global__ void decode_attention_combine(float* __restrict__ out,
                                                    const float* __restrict__ part_o,
                                                    const float* __restrict__ part_ml, int n_rows,
-                                                   int n_splits, int d) {
+                                                   int n_splits, int d,
+                                                   const uint32_t* __restrict__ pos_dev, int q_len,
+                                                   int ctas) {
   const int64_t qi = blockIdx.x;
   if (qi >= n_rows) return;
+  if (pos_dev) {
+    int split_len;
+    dec_split_plan((int)*pos_dev + q_len, ctas, &split_len, &n_splits);
+    if (n_splits == 1) return;  // normalised in place by the split kernel
+  }
   const float* ml = part_ml + qi * n_splits * 2;
   float mx = -INFINITY;
   for (int s = 0; s < n_splits; s++) mx = fmaxf(mx, ml[2 * s]);

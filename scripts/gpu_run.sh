@@ -248,7 +248,8 @@ PY
 fi
 if named decode; then
   # Llama-2-7B-shaped NF4 decode, batch 1: qlora (benches/cuda.rs decode group, QLORA_BENCH=decode:
-  # tokens/s at 128 / 2,048 / 4,096 context with and without an r 64 adapter, fraction of the
+  # tokens/s at 128 / 2,048 / 4,096 context with and without an r 64 adapter, and without CUDA
+  # graphs (base_no_graph: every kernel launched from the host), fraction of the
   # bandwidth limit, time to first token of 512 tokens) then transformers + bitsandbytes 4-bit
   # generate (scripts/bench_decode_ref.py, same shapes), one after the other on the same GPU;
   # then the side-by-side table. Needs `bash scripts/gpu_bundle.sh bench train` (the bench binary
@@ -259,7 +260,7 @@ if named decode; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$whl" 2>&1 | tail -n 3
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   fi
-  QLORA_BENCH=decode timeout 200 ./.gpu/bench_cuda --bench --noplot --warm-up-time 1 \
+  QLORA_BENCH=decode timeout 260 ./.gpu/bench_cuda --bench --noplot --warm-up-time 1 \
     --measurement-time 2 2>&1 | tee "$out/decode-qlora.log"
   ours=${PIPESTATUS[0]}
   # shellcheck disable=SC2086
@@ -280,7 +281,7 @@ f = lambda v, s="{:.1f}": "-" if v is None else s.format(v)
 print(f"\n## 7B NF4 decode, batch 1, on {dev}\n")
 print("| case | qlora tokens/s | qlora % of bandwidth limit | transformers+bnb tokens/s | ratio |")
 print("|---|---:|---:|---:|---:|")
-for tag in ("base", "adapter_r64"):
+for tag in ("base", "base_no_graph", "adapter_r64"):
     for ctx in (128, 2048, 4096):
         o, r = ours.get(f"{tag}/{ctx}", {}), ref.get(f"{tag}/{ctx}", {})
         a, b = o.get("tokens_per_s"), r.get("tokens_per_s")
@@ -297,6 +298,9 @@ r128 = ref.get("base/128", {}).get("tokens_per_s")
 print(f"targets (H100): >= 600 tok/s at 128: {f(b128)}; >= 400 at 4096: {f(b4k)}; "
       f">= 10x the reference: {f(b128 / r128 if b128 and r128 else None, '{:.1f}x')}; "
       f"TTFT <= 30 ms: {f(t_o)}")
+n128 = ours.get("base_no_graph/128", {}).get("tokens_per_s")
+if n128 and b128:
+    print(f"CUDA graph per step at 128 context: {b128 / n128:.2f}x the tokens/s of host-launched kernels")
 a128 = ours.get("adapter_r64/128", {}).get("tokens_per_s")
 if a128 and b128:
     print(f"adapter cost at 128 context: {100 * (b128 / a128 - 1):.1f}% of the base decode time (target < 10%)")

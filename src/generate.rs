@@ -131,7 +131,7 @@ pub fn generate<B: Backend>(
         stats.ids.push(next);
         on_token(next)?;
         if step + 1 < max_new {
-            next = pick(&model.forward(&[next], &mut cache, Logits::Last)?)?;
+            next = pick(model.decode(next, &mut cache)?)?;
         }
     }
     stats.decode_secs = t1.elapsed().as_secs_f64();

@@ -830,6 +830,7 @@ check_test!(check_adamw, adamw);
 check_test!(check_adamw8, adam8);
 check_test!(check_training_step, model);
 check_test!(check_sample, sample);
+check_test!(check_decode_step, decode_step);
 
 /// `generate` on the device (sampling in `kernels/sample.cu`) against the CPU on the tiny
 /// fixture: greedy must give the CPU's tokens; a seeded sampled run must repeat itself exactly

@@ -139,6 +139,39 @@ fn kv_cache_decode_equals_full_forward() {
     }
 }
 
+/// `Llama::decode` (the step a device may record and replay) computes what a one-token
+/// `forward` computes, bit for bit on the CPU, and refuses a full cache or a token outside the
+/// vocabulary without touching the cache.
+#[test]
+fn decode_steps_equal_one_token_forwards() {
+    let Loaded { model, .. } =
+        load_model_dir(&fixture("gqa"), CpuBackend::new(), BaseQuant::None).unwrap();
+    let prompt: Vec<u32> = (1..12)
+        .map(|i| (i * 37 % model.cfg.vocab_size) as u32)
+        .collect();
+    let (mut a, mut b) = (
+        model.new_cache(prompt.len()).unwrap(),
+        model.new_cache(prompt.len()).unwrap(),
+    );
+    model.forward(&prompt[..4], &mut a, Logits::Last).unwrap();
+    model.forward(&prompt[..4], &mut b, Logits::Last).unwrap();
+    for &id in &prompt[4..] {
+        let want = model.forward(&[id], &mut a, Logits::Last).unwrap();
+        let got = model.decode(id, &mut b).unwrap();
+        assert_eq!(got, &want);
+    }
+    assert_eq!(b.len, prompt.len());
+    let e = model.decode(1, &mut b).unwrap_err().to_string();
+    assert!(e.contains("positions are all filled"), "{e}");
+    let mut c = model.new_cache(4).unwrap();
+    let e = model
+        .decode(model.cfg.vocab_size as u32, &mut c)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("outside the embedding table"), "{e}");
+    assert_eq!(c.len, 0);
+}
+
 #[test]
 fn eval_loss_matches_transformers() {
     let golden: Value =

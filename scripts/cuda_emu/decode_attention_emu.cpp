@@ -4,6 +4,10 @@
 // plan of src/backend/cuda/decode_attention.rs and the bounds of src/check/decode_attention.rs
 // (attention max rel err ≤ 1e-4; the cache write bit for bit). The cache is 3 positions longer
 // than the keys in use and its tail holds NaN: a kernel reading past pos0 + T fails the row.
+// Every decode case (T = 1) runs again with its position read from a device word, as a
+// replayed CUDA-graph step launches it (src/backend/cuda/step.rs): host pos0 / split arguments
+// garbage, the grid sized for a 4096-position cache (max_splits), partials NaN-filled; it must
+// give the host-planned launch's bits. The cache write likewise, one row at the word's position.
 #include "attention.cu"
 #include "decode_attention.cu"
 
@@ -26,6 +30,58 @@ void split_plan(int n_keys, int ctas, int* split_len, int* n_splits) {
   *n_splits = std::max(1, (n_keys + *split_len - 1) / *split_len);
 }
 
+// src/backend/cpu/decode_attention.rs max_splits.
+int max_splits(int cap, int ctas) {
+  return std::clamp((264 + ctas - 1) / ctas, 1, std::max(1, (cap + 63) / 64));
+}
+
+// kv_write_bf16 at a device position: row `p` of a [P, row] cache from the word, host off
+// garbage; that row's bits, every other value untouched.
+void kv_write_at_device_pos(uint64_t seed) {
+  const int P = 9, row = 96, p = 6;
+  const vector<float> src = drv::test_values(seed, row, 3);
+  Buf<float> gs(src);
+  Buf<uint16_t> cache((size_t)P * row, 0xdead);
+  Buf<uint32_t> word(vector<uint32_t>{(uint32_t)p});
+  emu::launch("kv_write_bf16", dim3(1), 256, 0, [&] {
+    kv_write_bf16(cache, gs, /*off=*/-777, row, word, row);
+  });
+  const vector<uint16_t> got = cache.get();
+  size_t bad = 0;
+  for (int i = 0; i < P * row; i++) {
+    const bool in_row = i / row == p;
+    bad += got[i] != (in_row ? emu::bf16_bits(src[i % row]) : (uint16_t)0xdead);
+  }
+  drv::row("kv_write_bf16 at a device position (mismatching values)", (double)bad, 0.0);
+}
+
+// The split kernel and the combine with the position read from a device word (a replayed
+// step): the same bits as the host-planned launch `host`.
+void device_pos_case(const Case& c, Buf<float>& gq, Buf<uint16_t>& kc, Buf<uint16_t>& vc, int cap, const vector<float>& host,
+                     const std::string& name) {
+  const int G = c.H / c.KV, tq = 16 / G, q_blocks = (c.T + tq - 1) / tq;
+  const int ctas = c.B * c.KV * q_blocks, grid_splits = max_splits(4096, ctas);
+  const size_t rows = (size_t)c.B * c.T * c.H, qn = rows * c.D;
+  Buf<float> out(qn, NAN), part_o(rows * grid_splits * c.D, NAN), part_ml(rows * grid_splits * 2, NAN);
+  Buf<uint32_t> word(vector<uint32_t>{(uint32_t)c.pos0});
+  const dim3 grid(grid_splits, c.KV, c.B * q_blocks);
+  emu::launch(c.D == 64 ? "decode_attention_split_d64" : "decode_attention_split_d128", grid, 128,
+              0, [&] {
+                if (c.D == 64)
+                  decode_attention_split_d64(out, part_o, part_ml, gq, kc, vc, c.T, -999, cap, c.H,
+                                             c.KV, 0, 0, word);
+                else
+                  decode_attention_split_d128(out, part_o, part_ml, gq, kc, vc, c.T, -999, cap,
+                                              c.H, c.KV, 0, 0, word);
+              });
+  emu::launch("decode_attention_combine", dim3(rows), c.D, 0, [&] {
+    decode_attention_combine(out, part_o, part_ml, (int)rows, grid_splits, c.D, word, c.T, ctas);
+  });
+  drv::row(drv::fmt("decode_attention device pos, grid of %d splits, vs host (bits differing) ",
+                    grid_splits) + name,
+           (double)drv::count_diff(out.get(), host), 0.0);
+}
+
 void run_case(const Case& c, uint64_t seed) {
   const int cap = c.pos0 + c.T + 3, row = c.KV * c.D, G = c.H / c.KV;
   const size_t qn = (size_t)c.B * c.T * c.H * c.D, kvn = (size_t)c.B * cap * row;
@@ -38,8 +94,8 @@ void run_case(const Case& c, uint64_t seed) {
   Buf<float> gk(k), gv(v);
   Buf<uint16_t> kc(kvn, 0xdead), vc(kvn, 0xdead);
   const unsigned wblocks = (unsigned)std::min<size_t>((kvn + 255) / 256, 65535 * 16);
-  emu::launch("kv_write_bf16", dim3(wblocks), 256, 0, [&] { kv_write_bf16(kc, gk, 0, (int64_t)kvn); });
-  emu::launch("kv_write_bf16", dim3(wblocks), 256, 0, [&] { kv_write_bf16(vc, gv, 0, (int64_t)kvn); });
+  emu::launch("kv_write_bf16", dim3(wblocks), 256, 0, [&] { kv_write_bf16(kc, gk, 0, (int64_t)kvn, nullptr, 0); });
+  emu::launch("kv_write_bf16", dim3(wblocks), 256, 0, [&] { kv_write_bf16(vc, gv, 0, (int64_t)kvn, nullptr, 0); });
   const vector<uint16_t> kb = kc.get(), vb = vc.get();
   size_t bad = 0;
   for (size_t i = 0; i < kvn; i++) bad += (kb[i] != emu::bf16_bits(k[i])) + (vb[i] != emu::bf16_bits(v[i]));
@@ -78,9 +134,19 @@ void run_case(const Case& c, uint64_t seed) {
   if (c.D != 64 && c.D != 128) {
     const int warps = c.B * c.T * c.H;
     emu::launch("attention_bf16kv", dim3((warps + 3) / 4), 128, 0, [&] {
-      attention_bf16kv(out, gq, kc, vc, c.B, c.T, c.pos0, cap, c.H, c.KV, c.D);
+      attention_bf16kv(out, gq, kc, vc, c.B, c.T, c.pos0, cap, c.H, c.KV, c.D, nullptr);
     });
-    drv::row("attention_bf16kv " + name, drv::max_rel_err(out.get(), want), 1e-4);
+    const vector<float> host = out.get();
+    drv::row("attention_bf16kv " + name, drv::max_rel_err(host, want), 1e-4);
+    if (c.T == 1) {
+      Buf<uint32_t> word(vector<uint32_t>{(uint32_t)c.pos0});
+      Buf<float> out2(qn, NAN);
+      emu::launch("attention_bf16kv", dim3((warps + 3) / 4), 128, 0, [&] {
+        attention_bf16kv(out2, gq, kc, vc, c.B, c.T, -999, cap, c.H, c.KV, c.D, word);
+      });
+      drv::row("attention_bf16kv device pos vs host (bits differing) " + name,
+               (double)drv::count_diff(out2.get(), host), 0.0);
+    }
     return;
   }
   const int tq = 16 / G, q_blocks = (c.T + tq - 1) / tq;
@@ -92,19 +158,21 @@ void run_case(const Case& c, uint64_t seed) {
   if (c.D == 64)
     emu::launch("decode_attention_split_d64", grid, 128, 0, [&] {
       decode_attention_split_d64(out, part_o, part_ml, gq, kc, vc, c.T, c.pos0, cap, c.H, c.KV,
-                                 split_len, n_splits);
+                                 split_len, n_splits, nullptr);
     });
   else
     emu::launch("decode_attention_split_d128", grid, 128, 0, [&] {
       decode_attention_split_d128(out, part_o, part_ml, gq, kc, vc, c.T, c.pos0, cap, c.H, c.KV,
-                                  split_len, n_splits);
+                                  split_len, n_splits, nullptr);
     });
   if (n_splits > 1)
     emu::launch("decode_attention_combine", dim3(rows), c.D, 0, [&] {
-      decode_attention_combine(out, part_o, part_ml, (int)rows, n_splits, c.D);
+      decode_attention_combine(out, part_o, part_ml, (int)rows, n_splits, c.D, nullptr, 0, 0);
     });
+  const vector<float> host = out.get();
   drv::row(drv::fmt("decode_attention %d split(s) of %d ", n_splits, split_len) + name,
-           drv::max_rel_err(out.get(), want), 1e-4);
+           drv::max_rel_err(host, want), 1e-4);
+  if (c.T == 1) device_pos_case(c, gq, kc, vc, cap, host, name);
 }
 
 }  // namespace
@@ -114,16 +182,18 @@ int main() {
   // Decode at cache lengths 1, 7, 300, 2049 (one key; under a tile; a partial tile; 33 splits,
   // the last of one key), GQA ratios 1, 3, 4, 8, a batch of 2; causal chunks (T = 5 after 295
   // keys); a 40-token prefill with G = 3 (blocks of 5 positions) and a 200-token one with G = 4
-  // (4 splits: the first query blocks see no key of the later splits); the general kernel at
-  // D = 16.
+  // (4 splits: the first query blocks see no key of the later splits); 7 KV heads at 2401 keys
+  // (264 / 7 not whole: the device plan must round as the host's, 38 splits of one tile); the
+  // general kernel at D = 16.
   const Case cases[] = {
       {1, 1, 0, 4, 1, 64},    {1, 1, 6, 9, 3, 64},    {1, 1, 299, 4, 4, 128},
       {1, 1, 2048, 8, 1, 128}, {1, 1, 2048, 3, 3, 64}, {2, 1, 299, 16, 2, 128},
       {1, 5, 295, 4, 1, 64},  {1, 5, 295, 8, 2, 128}, {1, 40, 0, 9, 3, 64},
-      {1, 200, 0, 4, 1, 64},
+      {1, 200, 0, 4, 1, 64},  {1, 1, 2400, 7, 7, 64},
       {1, 1, 299, 4, 2, 16},  {1, 7, 33, 6, 3, 16},
   };
   uint64_t seed = 2000;
   for (const Case& c : cases) run_case(c, seed += 10);
+  kv_write_at_device_pos(seed + 1);
   return drv::finish("decode_attention", t0);
 }

@@ -57,6 +57,13 @@ inline bool all_finite(const std::vector<float>& got) {
     if (!std::isfinite(g)) return false;
   return true;
 }
+// Elements whose bits differ (all of them on a length mismatch): "the same bits" checks.
+inline size_t count_diff(const std::vector<float>& got, const std::vector<float>& want) {
+  if (got.size() != want.size()) return std::max(got.size(), want.size());
+  size_t bad = 0;
+  for (size_t i = 0; i < got.size(); i++) bad += std::memcmp(&got[i], &want[i], sizeof(float)) != 0;
+  return bad;
+}
 // max |got − want| / max |want| (infinite on a non-finite value).
 inline double max_rel_err(const std::vector<float>& got, const std::vector<double>& want) {
   if (got.size() != want.size() || !all_finite(got)) return INFINITY;

@@ -44,6 +44,9 @@ mutants=(
   "sample-above|sample.cu|s/u64 run = st->above + (incl - local);/u64 run = incl - local;/|sample|weight above the interval forgotten after the first level"
   "sample-range-bin|sample.cu|s/? SAMPLE_BINS - 1 - (int)d : 0;/? (int)d : 0;/|sample|value bins in reverse order"
   "sample-top-weight|sample.cu|/if (k32 == mkey) return (u64)SAMPLE_ONE;/d|sample|exp(inf - inf) for tied +inf maxima"
+  "dec-devplan-want|decode_attention.cu|s/const int want = min(max((DEC_TARGET_CTAS + ctas - 1) \/ ctas, 1), tiles);/const int want = min(max(DEC_TARGET_CTAS \/ ctas, 1), tiles);/|decode_attention|device split plan differs from the host's"
+  "dec-devplan-combine|decode_attention.cu|s/if (n_splits == 1) return;  \/\/ normalised/if (n_splits == 0) return;  \/\/ normalised/|decode_attention|combine overwrites a one-split result"
+  "dec-kvwrite-pos|decode_attention.cu|s/if (pos_dev) off = (int64_t)\*pos_dev \* stride;/if (pos_dev) off = (int64_t)*pos_dev;/|decode_attention|cache write at the word's value, not its row"
   "sample-top-k|sample.cu|s/if (top_k > 0 \&\& top_k < vocab) {/if (top_k > 1 \&\& top_k < vocab) {/|sample|k = 1 ignored"
 )
 

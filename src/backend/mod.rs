@@ -341,6 +341,35 @@ pub trait Backend: Send + Sync {
         }
         Ok(cpu::sample::sample(&row[..vocab], s, u))
     }
+
+    /// Where `buf`'s data lives (a device address on a device): two buffers with the same
+    /// address and length are interchangeable to a recorded step (see [`Backend::decode_step`]).
+    fn buf_addr(&self, buf: &Self::Buf) -> usize {
+        std::ptr::from_ref(buf) as usize
+    }
+
+    /// Issues `body`, the ops of one decode step (`step.token` at `step.pos`). The default runs
+    /// it. A device backend may record the ops of a cache's step once and replay the recording
+    /// at that cache's later steps (CUDA: one graph launch per token, `cuda/step.rs`), so `body`
+    /// must issue the same ops on the same buffers at every step of a cache, with the token and
+    /// the position as the only inputs that change, read nothing back, and pass those two to the
+    /// ops that take them (`embedding`, `rope`, `kv_write`, `attention`) unchanged. A step
+    /// whose ops differ from the cache's earlier steps (another adapter) must carry another
+    /// `step.cache`.
+    fn decode_step(&self, step: DecodeStep, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let _ = step;
+        body()
+    }
+}
+
+/// A one-token decode step, for [`Backend::decode_step`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeStep {
+    /// The KV cache's id (unique for the process: a new cache is a new id).
+    pub cache: u64,
+    pub token: u32,
+    /// The token's position (the cache's length before the step).
+    pub pos: usize,
 }
 
 /// An adapter's inference term `scale · (x·Aᵀ)·Bᵀ` for [`Backend::matmul_lora`]: `A` `[rank,

@@ -21,6 +21,8 @@ pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod decode_attention;
 #[cfg(feature = "cuda")]
+pub mod decode_step;
+#[cfg(feature = "cuda")]
 pub mod lora;
 #[cfg(feature = "cuda")]
 pub mod lora_decode;
@@ -195,6 +197,7 @@ pub fn run_all(be: &crate::backend::cuda::backend::CudaBackend) -> Vec<CheckRow>
     rows.extend(rows_or_failure("training step", || model::run(be)));
     rows.extend(rows_or_failure("nf4 quantize", || quantize::run(be)));
     rows.extend(rows_or_failure("sample", || sample::run(be)));
+    rows.extend(rows_or_failure("decode step", || decode_step::run(be)));
     rows
 }
 

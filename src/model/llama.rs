@@ -10,7 +10,7 @@
 //! first, so prefill (`pos0 = 0`) and decoding (`T = 1`) are the same code path.
 
 use super::lora::Lora;
-use crate::backend::{AttnShape, Backend, HostLinear, LoraTerm, RawTensor};
+use crate::backend::{Backend, HostLinear, LoraTerm, RawTensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::LoraTarget;
@@ -368,69 +368,6 @@ impl RandomSource {
     }
 }
 
-/// Per-layer key/value cache, `[cap, kv_heads, head_dim]` per layer (batch 1), in the backend's
-/// cache precision ([`Backend::Kv`]: f32 on the CPU, bf16 on CUDA).
-pub struct KvCache<B: Backend> {
-    pub k: Vec<B::Kv>,
-    pub v: Vec<B::Kv>,
-    pub cap: usize,
-    /// Number of positions already filled.
-    pub len: usize,
-    /// Activation buffers kept between decode steps (≤ [`KEEP_SCRATCH_ROWS`] tokens), so a
-    /// step allocates only its logits.
-    scratch: Option<Scratch<B>>,
-}
-
-/// Forward passes of at most this many tokens keep their activation buffers in the cache.
-pub(crate) const KEEP_SCRATCH_ROWS: usize = 8;
-
-/// Which rows of logits a forward pass should produce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Logits {
-    /// `[T, vocab]`, for evaluation.
-    All,
-    /// `[1, vocab]` for the last token only, for generation.
-    Last,
-}
-
-/// Activation buffers for a chunk of up to `rows` tokens, reused across layers.
-struct Scratch<B: Backend> {
-    /// Tokens the buffers have room for.
-    rows: usize,
-    x: B::Buf,
-    xn: B::Buf,
-    q: B::Buf,
-    k: B::Buf,
-    v: B::Buf,
-    att: B::Buf,
-    gate: B::Buf,
-    up: B::Buf,
-    h: B::Buf,
-}
-
-impl<B: Backend> Scratch<B> {
-    fn new(b: &B, cfg: &ModelConfig, rows: usize) -> Result<Self> {
-        let (c, qd, kvd, f) = (
-            cfg.hidden_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.intermediate_size,
-        );
-        Ok(Scratch {
-            rows,
-            x: b.zeros(rows * c)?,
-            xn: b.zeros(rows * c)?,
-            q: b.zeros(rows * qd)?,
-            k: b.zeros(rows * kvd)?,
-            v: b.zeros(rows * kvd)?,
-            att: b.zeros(rows * qd)?,
-            gate: b.zeros(rows * f)?,
-            up: b.zeros(rows * f)?,
-            h: b.zeros(rows * f)?,
-        })
-    }
-}
-
 impl<B: Backend> Llama<B> {
     /// Loads every tensor of the checkpoint onto the backend, checking names and shapes against
     /// the config. Decoder linear projections are quantized per `quant` one tensor at a time, so
@@ -602,106 +539,6 @@ impl<B: Backend> Llama<B> {
         self.layers.iter().map(per_layer).sum::<usize>() + b.linear_bytes(&self.lm_head)
     }
 
-    /// An empty cache with room for `cap` positions.
-    pub fn new_cache(&self, cap: usize) -> Result<KvCache<B>> {
-        let n = cap * self.cfg.kv_dim();
-        let mut k = Vec::with_capacity(self.layers.len());
-        let mut v = Vec::with_capacity(self.layers.len());
-        for _ in &self.layers {
-            k.push(self.backend.kv_new(n)?);
-            v.push(self.backend.kv_new(n)?);
-        }
-        Ok(KvCache {
-            k,
-            v,
-            cap,
-            len: 0,
-            scratch: None,
-        })
-    }
-
-    /// Runs `ids` (one sequence) at positions `cache.len..cache.len + ids.len()`, appends their keys
-    /// and values to the cache, and returns the requested logits (`[rows, vocab]`, on the backend).
-    pub fn forward(&self, ids: &[u32], cache: &mut KvCache<B>, which: Logits) -> Result<B::Buf> {
-        let cfg = &self.cfg;
-        let b = &self.backend;
-        let t = ids.len();
-        let pos0 = cache.len;
-        if t == 0 || pos0 + t > cache.cap {
-            return Err(crate::Error::InvalidArg(format!(
-                "forward: {t} tokens at position {pos0} do not fit a cache of {} positions",
-                cache.cap
-            )));
-        }
-        let (c, kvd, f) = (cfg.hidden_size, cfg.kv_dim(), cfg.intermediate_size);
-        let positions: Vec<u32> = (pos0..pos0 + t).map(|p| p as u32).collect();
-        let shape = AttnShape {
-            batch: 1,
-            q_len: t,
-            pos0,
-            cache_cap: cache.cap,
-            heads: cfg.num_attention_heads,
-            kv_heads: cfg.num_key_value_heads,
-            head_dim: cfg.head_dim,
-        };
-        // Every op writes its full output region, so reused buffers need no clearing.
-        let mut s = match cache.scratch.take() {
-            Some(s) if s.rows >= t => s,
-            _ => Scratch::new(b, cfg, t)?,
-        };
-        b.embedding(&mut s.x, &self.embed, ids, c)?;
-        for (l, w) in self.layers.iter().enumerate() {
-            // Attention block.
-            b.rmsnorm(&mut s.xn, &s.x, &w.attn_norm, t, c, cfg.rms_norm_eps)?;
-            self.project(&mut s.q, &s.xn, Some(l), LoraTarget::QProj, t)?;
-            self.project(&mut s.k, &s.xn, Some(l), LoraTarget::KProj, t)?;
-            self.project(&mut s.v, &s.xn, Some(l), LoraTarget::VProj, t)?;
-            b.rope(
-                &mut s.q,
-                &positions,
-                &self.inv_freq,
-                cfg.num_attention_heads,
-                cfg.head_dim,
-            )?;
-            b.rope(
-                &mut s.k,
-                &positions,
-                &self.inv_freq,
-                cfg.num_key_value_heads,
-                cfg.head_dim,
-            )?;
-            b.kv_write(&mut cache.k[l], pos0 * kvd, &s.k, t * kvd)?;
-            b.kv_write(&mut cache.v[l], pos0 * kvd, &s.v, t * kvd)?;
-            b.attention(&mut s.att, &s.q, &cache.k[l], &cache.v[l], shape)?;
-            self.project_add(&mut s.x, &s.att, Some(l), LoraTarget::OProj, t)?;
-            // MLP block.
-            b.rmsnorm(&mut s.xn, &s.x, &w.mlp_norm, t, c, cfg.rms_norm_eps)?;
-            self.project(&mut s.gate, &s.xn, Some(l), LoraTarget::GateProj, t)?;
-            self.project(&mut s.up, &s.xn, Some(l), LoraTarget::UpProj, t)?;
-            b.swiglu(&mut s.h, &s.gate, &s.up, t * f)?;
-            self.project_add(&mut s.x, &s.h, Some(l), LoraTarget::DownProj, t)?;
-        }
-        cache.len = pos0 + t;
-        // Head: only the rows the caller wants. When that is all of `s.x` (every row, or the
-        // one row of a decode step) the head runs on the scratch buffers directly.
-        if t == 1 || which == Logits::All {
-            b.rmsnorm(&mut s.xn, &s.x, &self.norm, t, c, cfg.rms_norm_eps)?;
-            let mut logits = b.zeros(t * cfg.vocab_size)?;
-            self.project(&mut logits, &s.xn, None, LoraTarget::LmHead, t)?;
-            if t <= KEEP_SCRATCH_ROWS {
-                cache.scratch = Some(s);
-            }
-            return Ok(logits);
-        }
-        // The last row of a longer chunk.
-        let mut last = b.zeros(c)?;
-        b.copy(&mut last, 0, &s.x, (t - 1) * c, c)?;
-        b.rmsnorm(&mut s.xn, &last, &self.norm, 1, c, cfg.rms_norm_eps)?;
-        let mut logits = b.zeros(cfg.vocab_size)?;
-        self.project(&mut logits, &s.xn, None, LoraTarget::LmHead, 1)?;
-        Ok(logits)
-    }
-
     /// The base weight of projection `target` in layer `layer` (`None`: lm_head).
     pub fn base_weight(&self, layer: Option<usize>, target: LoraTarget) -> &B::Linear {
         match layer {
@@ -714,7 +551,7 @@ impl<B: Backend> Llama<B> {
 
     /// `out = x·Wᵀ` for projection `target` of layer `layer` (`None`: lm_head), plus the attached
     /// adapter's term `s · x·Aᵀ·Bᵀ` when that module is adapted (no dropout: inference).
-    fn project(
+    pub(super) fn project(
         &self,
         out: &mut B::Buf,
         x: &B::Buf,
@@ -726,7 +563,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// `out += x · Wᵀ` (+ the adapter term): a projection with its residual add fused.
-    fn project_add(
+    pub(super) fn project_add(
         &self,
         out: &mut B::Buf,
         x: &B::Buf,

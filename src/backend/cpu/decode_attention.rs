@@ -38,6 +38,14 @@ pub fn split_plan(n_keys: usize, ctas: usize) -> (usize, usize) {
     (split_len, n_keys.div_ceil(split_len).max(1))
 }
 
+/// The most splits [`split_plan`] gives any length up to `cap` keys with `ctas` CTAs: the grid
+/// of a launch that plans its split on the device (a replayed decode step) for every position.
+pub fn max_splits(cap: usize, ctas: usize) -> usize {
+    TARGET_CTAS
+        .div_ceil(ctas.max(1))
+        .clamp(1, cap.div_ceil(TILE).max(1))
+}
+
 /// One split's partial `(m, l, O)` for query `qv` over keys `lo..hi` (visible ones only: `j ≤ p`).
 fn partial(
     qv: &[f32],
@@ -184,6 +192,18 @@ mod tests {
                     .map(|(a, b)| (a - b).abs())
                     .fold(0.0f32, f32::max);
                 assert!(err < 1e-5, "{s:?} split {split}: max err {err}");
+            }
+        }
+    }
+
+    /// The grid of a device-planned launch covers every length's plan: no position of the cache
+    /// needs more splits than [`max_splits`], and some position needs exactly that many.
+    #[test]
+    fn max_splits_bounds_every_plan() {
+        for cap in [1, 63, 64, 65, 300, 576, 2049, 4096, 8192] {
+            for ctas in [1, 3, 8, 32, 40, 132, 264, 1000] {
+                let most = (1..=cap).map(|n| split_plan(n, ctas).1).max().unwrap();
+                assert_eq!(most, max_splits(cap, ctas), "cap {cap}, {ctas} CTAs");
             }
         }
     }

@@ -11,9 +11,10 @@ use super::lora::LoraScratch;
 use super::lora_decode;
 use super::nf4::{DeviceNf4, GEMV_MAX_M};
 use super::nf4_gemm::Bf16Scratch;
-use super::ops;
+use super::ops::{self, DevU32};
 use super::runtime::{CudaDevice, DevBuf};
-use crate::backend::{AttnShape, Backend, HostLinear, LoraShape, LoraTerm, RawTensor};
+use super::step::{StepMode, StepWord, Steps};
+use crate::backend::{AttnShape, Backend, DecodeStep, HostLinear, LoraShape, LoraTerm, RawTensor};
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
 use std::sync::{Arc, Mutex};
@@ -51,6 +52,10 @@ pub struct CudaBackend {
     positions: Mutex<Option<(Vec<u32>, DevBuf<u32>)>>,
     /// The sampled token id (`Backend::sample`), one u32 reused every token.
     sample_out: Mutex<Option<DevBuf<u32>>>,
+    /// Decode-step graphs (`step.rs`).
+    pub(super) steps: Mutex<Steps>,
+    /// Set while a decode step's ops are issued: where its token and position words are.
+    pub(super) step_mode: Mutex<Option<StepMode>>,
 }
 
 /// A projection weight on the device.
@@ -85,6 +90,8 @@ impl CudaBackend {
             lora_xa: Mutex::default(),
             positions: Mutex::default(),
             sample_out: Mutex::default(),
+            steps: Mutex::default(),
+            step_mode: Mutex::default(),
         })
     }
 
@@ -107,6 +114,12 @@ impl CudaBackend {
         if positions.is_empty() {
             return Ok(());
         }
+        if let [p] = positions {
+            let word = self.step_word(StepWord::Pos, *p as usize)?;
+            if !matches!(word, DevU32::Addr(0)) {
+                return ops::rope(&self.dev, x, word, 1, inv_freq, heads, head_dim, sign);
+            }
+        }
         let mut cached = self.positions.lock().unwrap_or_else(|p| p.into_inner());
         if cached.as_ref().is_none_or(|(p, _)| p != positions) {
             *cached = None;
@@ -114,6 +127,7 @@ impl CudaBackend {
         }
         let (_, pos) = cached.as_ref().expect("uploaded above");
         let rows = positions.len();
+        let pos = DevU32::Buf(pos);
         ops::rope(&self.dev, x, pos, rows, inv_freq, heads, head_dim, sign)
     }
 
@@ -297,7 +311,8 @@ impl Backend for CudaBackend {
         src: &Self::Buf,
         len: usize,
     ) -> Result<()> {
-        super::decode_attention::kv_write(&self.dev, cache, off, src, len)
+        let pos = self.step_word(StepWord::Pos, off / len.max(1))?;
+        super::decode_attention::kv_write(&self.dev, cache, off, src, len, pos)
     }
 
     fn embedding(
@@ -318,9 +333,25 @@ impl Backend for CudaBackend {
                 "token id {bad} is outside the embedding table (vocab {vocab})"
             )));
         }
+        let word = match ids {
+            [id] => self.step_word(StepWord::Token, *id as usize)?,
+            _ => DevU32::NULL,
+        };
+        let uploaded;
+        let ids_dev = match word {
+            DevU32::Addr(0) if ids.is_empty() => word,
+            DevU32::Addr(0) => {
+                uploaded = self.dev.upload(ids)?;
+                DevU32::Buf(&uploaded)
+            }
+            step => step,
+        };
+        let rows = ids.len();
         match table {
-            CudaLinear::Dense { w, .. } => ops::embedding(&self.dev, out, w, ids, dim),
-            CudaLinear::Half(h) => ops::embedding_half(&self.dev, out, &h.w, h.f16, ids, dim),
+            CudaLinear::Dense { w, .. } => ops::embedding(&self.dev, out, w, ids_dev, rows, dim),
+            CudaLinear::Half(h) => {
+                ops::embedding_half(&self.dev, out, &h.w, h.f16, ids_dev, rows, dim)
+            }
             CudaLinear::Nf4(_) => Err(Error::Backend(
                 "embedding: the table must be dense, not NF4".into(),
             )),
@@ -397,8 +428,13 @@ impl Backend for CudaBackend {
         v_cache: &Self::Kv,
         shape: AttnShape,
     ) -> Result<()> {
+        let pos = match (shape.batch, shape.q_len) {
+            (1, 1) => self.step_word(StepWord::Pos, shape.pos0)?,
+            _ => DevU32::NULL,
+        };
         let mut scratch = self.decode.lock().unwrap_or_else(|p| p.into_inner());
-        super::decode_attention::attention(&self.dev, &mut scratch, out, q, k_cache, v_cache, shape)
+        let (dev, sc) = (&self.dev, &mut *scratch);
+        super::decode_attention::attention(dev, sc, out, q, k_cache, v_cache, shape, pos)
     }
 
     fn swiglu(
@@ -470,5 +506,14 @@ impl Backend for CudaBackend {
         let mut slot = self.sample_out.lock().unwrap_or_else(|p| p.into_inner());
         let out = self.dev.grown(&mut slot, 1)?;
         super::sample::sample(&self.dev, logits, vocab, s, u, out)
+    }
+
+    fn buf_addr(&self, buf: &Self::Buf) -> usize {
+        use cudarc::driver::DevicePtr;
+        buf.device_ptr(&self.dev.stream).0 as usize
+    }
+
+    fn decode_step(&self, step: DecodeStep, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        self.run_step(step, body)
     }
 }

@@ -8,10 +8,16 @@
 //! reading the same bf16 cache) for any other shape, e.g. the tiny test models' head_dim 16.
 //! The split length comes from [`split_plan`] (about `TARGET_CTAS` CTAs); with one split the
 //! kernel normalises in place and no combine is launched.
+//!
+//! A decode step replayed from a CUDA graph (`step.rs`) passes its position as a device word
+//! (`pos_dev`): the grid is then sized for the whole cache ([`max_splits`]), the kernels plan the
+//! split for the position they read, and the combine is always launched (it returns at once
+//! when the plan is one split). The result is the same split, hence the same bits, as a launch
+//! planned on the host at that position.
 
-use super::ops::{grid, launch_err, need};
+use super::ops::{grid, launch_err, need, DevU32};
 use super::runtime::{CudaDevice, DevBuf};
-use crate::backend::cpu::decode_attention::{split_plan, MAX_ROWS};
+use crate::backend::cpu::decode_attention::{max_splits, split_plan, MAX_ROWS};
 use crate::backend::AttnShape;
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -23,13 +29,15 @@ pub struct DecodeScratch {
     part_ml: Option<DevBuf<f32>>,
 }
 
-/// `cache[off..off + len] = bf16(src[..len])`, round to nearest even.
+/// `cache[off..off + len] = bf16(src[..len])`, round to nearest even. A non-null `pos_dev`
+/// (a decode step's position word) replaces `off` by `*pos_dev · len` on the device.
 pub fn kv_write(
     dev: &CudaDevice,
     cache: &mut CudaSlice<u16>,
     off: usize,
     src: &CudaSlice<f32>,
     len: usize,
+    pos_dev: DevU32<'_>,
 ) -> Result<()> {
     need("kv_write cache", cache.len(), off + len)?;
     need("kv_write src", src.len(), len)?;
@@ -40,7 +48,11 @@ pub fn kv_write(
     let (off64, n64) = (off as i64, len as i64);
     let mut b = dev.stream.launch_builder(&f);
     b.arg(cache).arg(src).arg(&off64).arg(&n64);
-    // SAFETY: matches kv_write_bf16(uint16_t*, const float*, int64_t, int64_t); sizes checked.
+    pos_dev.push(&mut b);
+    b.arg(&n64);
+    // SAFETY: matches kv_write_bf16(uint16_t*, const float*, int64_t, int64_t, const uint32_t*,
+    // int64_t); sizes checked; a device position is below the cache's positions (the step
+    // checks it on the host before every launch).
     unsafe { b.launch(grid(len)) }.map_err(launch_err("kv_write_bf16"))?;
     Ok(())
 }
@@ -50,15 +62,22 @@ pub fn supported(s: &AttnShape) -> bool {
     matches!(s.head_dim, 64 | 128) && s.kv_heads > 0 && s.heads / s.kv_heads <= MAX_ROWS
 }
 
-/// `(split_len, n_splits, query blocks)` of a launch for `s`.
-pub fn plan(s: &AttnShape) -> (usize, usize, usize) {
+/// `(split_len, n_splits, query blocks)` of a launch for `s`; with a device position, the grid's
+/// `n_splits` is the most any position of the cache needs.
+pub fn plan(s: &AttnShape, device_pos: bool) -> (usize, usize, usize) {
     let tq = MAX_ROWS / (s.heads / s.kv_heads);
     let q_blocks = s.q_len.div_ceil(tq);
-    let (split_len, n_splits) = split_plan(s.pos0 + s.q_len, s.batch * s.kv_heads * q_blocks);
+    let ctas = s.batch * s.kv_heads * q_blocks;
+    let (split_len, n_splits) = split_plan(s.pos0 + s.q_len, ctas);
+    if device_pos {
+        return (split_len, max_splits(s.cache_cap, ctas), q_blocks);
+    }
     (split_len, n_splits, q_blocks)
 }
 
-/// Causal GQA attention over bf16 caches (see [`AttnShape`]), by whichever kernel takes `s`.
+/// Causal GQA attention over bf16 caches (see [`AttnShape`]), by whichever kernel takes `s`;
+/// a non-null `pos_dev` is a decode step's position word (see the module doc).
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     dev: &CudaDevice,
     scratch: &mut DecodeScratch,
@@ -67,6 +86,7 @@ pub fn attention(
     k: &CudaSlice<u16>,
     v: &CudaSlice<u16>,
     s: AttnShape,
+    pos_dev: DevU32<'_>,
 ) -> Result<()> {
     if s.pos0 + s.q_len > s.cache_cap || s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
         return Err(Error::Backend(format!(
@@ -83,9 +103,10 @@ pub fn attention(
         return Ok(());
     }
     if !supported(&s) {
-        return super::ops::attention(dev, out, q, k, v, s);
+        return super::ops::attention(dev, out, q, k, v, s, pos_dev);
     }
-    let (split_len, n_splits, q_blocks) = plan(&s);
+    let device_pos = !matches!(pos_dev, DevU32::Addr(0));
+    let (split_len, n_splits, q_blocks) = plan(&s, device_pos);
     let rows = s.batch * s.q_len * s.heads;
     let part_o = dev.grown(&mut scratch.part_o, rows * n_splits * s.head_dim)?;
     let part_ml = dev.grown(&mut scratch.part_ml, rows * n_splits * 2)?;
@@ -123,14 +144,17 @@ pub fn attention(
     for x in &a {
         b.arg(x);
     }
+    pos_dev.push(&mut b);
     // SAFETY: matches decode_attention_split_d{64,128}(float*×3, const float*, const uint16_t*×2,
-    // int×7); q, out, k, v sizes checked above, the partials hold rows·n_splits·(D, 2) floats.
+    // int×7, const uint32_t*); q, out, k, v sizes checked above, the partials hold
+    // rows·n_splits·(D, 2) floats; a device plan never has more splits than the grid.
     unsafe { b.launch(cfg) }.map_err(launch_err(name))?;
     if n_splits == 1 {
         return Ok(());
     }
     let f = dev.function("decode_attention", "decode_attention_combine")?;
     let (rows32, splits32, d32) = (rows as i32, n_splits as i32, s.head_dim as i32);
+    let (q_len32, ctas32) = (s.q_len as i32, (s.batch * s.kv_heads * q_blocks) as i32);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (s.head_dim as u32, 1, 1),
@@ -143,8 +167,10 @@ pub fn attention(
         .arg(&rows32)
         .arg(&splits32)
         .arg(&d32);
-    // SAFETY: matches decode_attention_combine(float*, const float*×2, int×3); the partials
-    // were written above for rows × n_splits.
+    pos_dev.push(&mut b);
+    b.arg(&q_len32).arg(&ctas32);
+    // SAFETY: matches decode_attention_combine(float*, const float*×2, int×3, const uint32_t*,
+    // int×2); the partials were written above for rows × n_splits (the device plan's splits).
     unsafe { b.launch(cfg) }.map_err(launch_err("decode_attention_combine"))?;
     Ok(())
 }

@@ -60,6 +60,8 @@ pub mod runtime;
 #[cfg(feature = "cuda")]
 pub mod sample;
 #[cfg(feature = "cuda")]
+pub mod step;
+#[cfg(feature = "cuda")]
 pub mod train;
 
 /// Why the CUDA backend cannot be used by this binary.

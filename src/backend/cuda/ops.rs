@@ -6,7 +6,32 @@ use super::runtime::CudaDevice;
 use crate::backend::AttnShape;
 use crate::error::{Error, Result};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+
+/// A kernel's `const uint32_t*` argument (token ids, positions): a device buffer, or a raw
+/// device address — a decode step's state words at their fixed address (`step.rs`), or 0 for a
+/// null pointer where the kernel then takes its host argument instead.
+#[derive(Clone, Copy, Debug)]
+pub enum DevU32<'a> {
+    Buf(&'a CudaSlice<u32>),
+    Addr(u64),
+}
+
+impl<'a> DevU32<'a> {
+    /// The null pointer: the kernel uses its host value.
+    pub const NULL: DevU32<'static> = DevU32::Addr(0);
+
+    /// Pushes the pointer onto a launch.
+    pub(super) fn push<'l>(&'l self, l: &mut LaunchArgs<'l>)
+    where
+        'a: 'l,
+    {
+        match self {
+            DevU32::Buf(s) => l.arg(*s),
+            DevU32::Addr(p) => l.arg(p),
+        };
+    }
+}
 
 pub(super) fn launch_err(kernel: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Backend(format!("{kernel}: {e}"))
@@ -99,20 +124,23 @@ pub fn embedding(
     dev: &CudaDevice,
     out: &mut CudaSlice<f32>,
     table: &CudaSlice<f32>,
-    ids: &[u32],
+    ids: DevU32<'_>,
+    rows: usize,
     dim: usize,
 ) -> Result<()> {
-    need("embedding out", out.len(), ids.len() * dim)?;
-    if ids.is_empty() || dim == 0 {
+    need("embedding out", out.len(), rows * dim)?;
+    if rows == 0 || dim == 0 {
         return Ok(()); // no rows, as on the CPU
     }
-    let idd = dev.upload(ids)?;
     let f = dev.function("elementwise", "embedding_f32")?;
-    let (d64, r64) = (dim as i64, ids.len() as i64);
+    let (d64, r64) = (dim as i64, rows as i64);
     let mut b = dev.stream.launch_builder(&f);
-    b.arg(out).arg(table).arg(&*idd).arg(&d64).arg(&r64);
-    // SAFETY: matches embedding_f32(float*, const float*, const uint32_t*, int64_t, int64_t).
-    unsafe { b.launch(grid(ids.len() * dim)) }.map_err(launch_err("embedding_f32"))?;
+    b.arg(out).arg(table);
+    ids.push(&mut b);
+    b.arg(&d64).arg(&r64);
+    // SAFETY: matches embedding_f32(float*, const float*, const uint32_t*, int64_t, int64_t);
+    // `ids` holds `rows` ids below the table's rows (checked by the caller).
+    unsafe { b.launch(grid(rows * dim)) }.map_err(launch_err("embedding_f32"))?;
     Ok(())
 }
 
@@ -123,26 +151,24 @@ pub fn embedding_half(
     out: &mut CudaSlice<f32>,
     table: &CudaSlice<u16>,
     f16: bool,
-    ids: &[u32],
+    ids: DevU32<'_>,
+    rows: usize,
     dim: usize,
 ) -> Result<()> {
-    need("embedding out", out.len(), ids.len() * dim)?;
-    if ids.is_empty() || dim == 0 {
+    need("embedding out", out.len(), rows * dim)?;
+    if rows == 0 || dim == 0 {
         return Ok(());
     }
-    let idd = dev.upload(ids)?;
     let f = dev.function("elementwise", "embedding_half")?;
-    let (d64, r64, is_f16) = (dim as i64, ids.len() as i64, i32::from(f16));
+    let (d64, r64, is_f16) = (dim as i64, rows as i64, i32::from(f16));
     let mut b = dev.stream.launch_builder(&f);
-    b.arg(out)
-        .arg(table)
-        .arg(&*idd)
-        .arg(&d64)
-        .arg(&r64)
-        .arg(&is_f16);
+    b.arg(out).arg(table);
+    ids.push(&mut b);
+    b.arg(&d64).arg(&r64).arg(&is_f16);
     // SAFETY: matches embedding_half(float*, const uint16_t*, const uint32_t*, int64_t, int64_t,
-    // int); out holds rows·dim floats (checked above), every id < vocab (checked by the caller).
-    unsafe { b.launch(grid(ids.len() * dim)) }.map_err(launch_err("embedding_half"))?;
+    // int); out holds rows·dim floats (checked above), `ids` holds `rows` ids < vocab (checked
+    // by the caller).
+    unsafe { b.launch(grid(rows * dim)) }.map_err(launch_err("embedding_half"))?;
     Ok(())
 }
 
@@ -152,7 +178,7 @@ pub fn embedding_half(
 pub fn rope(
     dev: &CudaDevice,
     x: &mut CudaSlice<f32>,
-    pos: &CudaSlice<u32>,
+    pos: DevU32<'_>,
     rows: usize,
     inv_freq: &CudaSlice<f32>,
     heads: usize,
@@ -160,7 +186,9 @@ pub fn rope(
     sign: f32,
 ) -> Result<()> {
     need("rope x", x.len(), rows * heads * d)?;
-    need("rope positions", pos.len(), rows)?;
+    if let DevU32::Buf(p) = pos {
+        need("rope positions", p.len(), rows)?;
+    }
     need("rope inv_freq", inv_freq.len(), d / 2)?;
     if rows == 0 {
         return Ok(());
@@ -168,21 +196,18 @@ pub fn rope(
     let f = dev.function("rope", "rope_f32")?;
     let (h32, d32, r64) = (heads as i32, d as i32, rows as i64);
     let mut b = dev.stream.launch_builder(&f);
-    b.arg(x)
-        .arg(pos)
-        .arg(inv_freq)
-        .arg(&h32)
-        .arg(&d32)
-        .arg(&sign)
-        .arg(&r64);
-    // SAFETY: matches rope_f32(float*, const uint32_t*, const float*, int, int, float, int64_t).
+    b.arg(x);
+    pos.push(&mut b);
+    b.arg(inv_freq).arg(&h32).arg(&d32).arg(&sign).arg(&r64);
+    // SAFETY: matches rope_f32(float*, const uint32_t*, const float*, int, int, float, int64_t);
+    // `pos` holds `rows` positions (a buffer checked above, or a step's position word).
     unsafe { b.launch(grid(rows * heads * (d / 2))) }.map_err(launch_err("rope_f32"))?;
     Ok(())
 }
 
 /// Causal GQA attention over bf16 caches (see [`AttnShape`]), one warp per query; `head_dim ≤
 /// 256`. The general path of [`super::decode_attention::attention`] (shapes its split kernel
-/// does not take).
+/// does not take). A non-null `pos_dev` replaces `s.pos0` on the device (a decode step).
 pub fn attention(
     dev: &CudaDevice,
     out: &mut CudaSlice<f32>,
@@ -190,6 +215,7 @@ pub fn attention(
     k: &CudaSlice<u16>,
     v: &CudaSlice<u16>,
     s: AttnShape,
+    pos_dev: DevU32<'_>,
 ) -> Result<()> {
     if s.pos0 + s.q_len > s.cache_cap
         || s.kv_heads == 0
@@ -227,8 +253,9 @@ pub fn attention(
     for x in &a {
         b.arg(x);
     }
-    // SAFETY: matches attention_bf16kv(float*, const float*, const uint16_t*×2, int×7); sizes
-    // checked.
+    pos_dev.push(&mut b);
+    // SAFETY: matches attention_bf16kv(float*, const float*, const uint16_t*×2, int×7, const
+    // uint32_t*); sizes checked; a device position (a decode step's) stays below the capacity.
     unsafe { b.launch(cfg) }.map_err(launch_err("attention_bf16kv"))?;
     Ok(())
 }

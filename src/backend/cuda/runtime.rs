@@ -95,6 +95,9 @@ pub struct CudaDevice {
     /// Kernel handles already looked up (one `cuModuleGetFunction` per kernel, not per launch).
     functions: std::sync::Mutex<HashMap<(String, String), CudaFunction>>,
     meter: Arc<Meter>,
+    /// Counts the reallocations of [`CudaDevice::grown`] scratch buffers: a captured CUDA graph
+    /// holds their addresses, so it is stale once this moves (`step.rs`).
+    scratch_epoch: AtomicUsize,
 }
 
 fn drv(what: &str, e: impl std::fmt::Display) -> Error {
@@ -166,7 +169,9 @@ impl CudaDevice {
         // cudarc's per-buffer events (for multi-stream use) would only add driver calls.
         unsafe { ctx.disable_event_tracking() };
         keep_freed_memory(&ctx)?;
-        let stream = ctx.default_stream();
+        // A stream of our own, not the legacy default stream: only such a stream can be
+        // captured into a CUDA graph (decode steps, `step.rs`).
+        let stream = ctx.new_stream().map_err(|e| drv("stream", e))?;
         Ok(CudaDevice {
             ordinal,
             name,
@@ -176,6 +181,7 @@ impl CudaDevice {
             modules,
             functions: Default::default(),
             meter: Arc::new(Meter::default()),
+            scratch_epoch: AtomicUsize::new(0),
         })
     }
 
@@ -287,10 +293,22 @@ impl CudaDevice {
         len: usize,
     ) -> Result<&'a mut DevBuf<T>> {
         if slot.as_ref().is_none_or(|b| b.len() < len) {
+            self.scratch_epoch.fetch_add(1, Ordering::Relaxed);
             *slot = None;
             *slot = Some(self.zeros::<T>(len)?);
         }
         Ok(slot.as_mut().expect("allocated above"))
+    }
+
+    /// Drops a driver error cudarc recorded from a call that could not return it (a free in
+    /// a destructor), after a failure that has been handled (an abandoned graph capture).
+    pub fn clear_recorded_error(&self) {
+        let _ = self.ctx.check_err();
+    }
+
+    /// How many times a [`CudaDevice::grown`] buffer has been (re)allocated so far.
+    pub fn scratch_epoch(&self) -> usize {
+        self.scratch_epoch.load(Ordering::Relaxed)
     }
 
     /// Copies host data into a new buffer.

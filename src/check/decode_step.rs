@@ -1,0 +1,172 @@
+//! Decode steps on CUDA (`backend/cuda/step.rs`): `Llama::decode` replayed from a CUDA graph,
+//! against the same steps issued eagerly in step mode, against one-token `forward` passes (the
+//! host-planned launches), and against the CPU.
+//!
+//! Teacher-forced: after a 21-token prefill every run feeds the same 40 tokens, so the runs are
+//! comparable step by step. Tiny NF4 models with an adapter on every projection and lm_head
+//! (the fused decode LoRA GEMV): head_dim 64 (flash-decoding, its split planned on the device
+//! over a grid sized for the 512-position cache) and head_dim 16 (the general attention
+//! kernel), then the same cache with the adapter detached (the step must be re-recorded).
+//!
+//! Bounds:
+//! - graph vs eager steps and vs one-token forwards: 0, the same bits (the same kernels, and the
+//!   device plans the split the host would plan for that position);
+//! - graph launches: exactly one per step after the first two (an eager step, a capture);
+//! - vs the CPU (the spec with the device's bf16 KV cache, prefill by dequantize + sgemm): max
+//!   error ≤ [`CPU_BOUND`] of the logits' scale — f32 products of exactly dequantized weights,
+//!   differing in summation order and the device's fast-math `expf` (as
+//!   tests/cuda_ops.rs's tiny-model prefill bound).
+
+use super::model::{full_adapter, test_ids};
+use super::{max_rel_err, CheckRow};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::backend::{CudaBackend, Prefill};
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::model::{Llama, Logits, Lora};
+
+pub const CPU_BOUND: f64 = 1e-4;
+
+const PROMPT: usize = 21;
+const STEPS: usize = 40;
+const CAP: usize = 512;
+
+/// head_dim 64, GQA 2 (the flash-decoding kernel).
+const D64: &str = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 128,
+  "intermediate_size": 352, "num_hidden_layers": 2, "num_attention_heads": 2,
+  "num_key_value_heads": 1, "vocab_size": 512, "max_position_embeddings": 512,
+  "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false}"#;
+/// head_dim 16, GQA 2 (the general attention kernel).
+const D16: &str = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+  "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+  "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 512,
+  "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false}"#;
+
+/// How a run issues its one-token steps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Graph,
+    Eager,
+    Forward,
+}
+
+/// The logits of every step of a teacher-forced run of `ids` (prefill `ids[..PROMPT]`).
+fn steps<B: Backend>(m: &Llama<B>, ids: &[u32], mode: Mode) -> Result<Vec<Vec<f32>>> {
+    let b = &m.backend;
+    let mut cache = m.new_cache(CAP)?;
+    m.forward(&ids[..PROMPT], &mut cache, Logits::Last)?;
+    let mut out = Vec::new();
+    for &id in &ids[PROMPT..] {
+        let row = match mode {
+            Mode::Forward => b.download(&m.forward(&[id], &mut cache, Logits::Last)?)?,
+            _ => b.download(m.decode(id, &mut cache)?)?,
+        };
+        out.push(row);
+    }
+    Ok(out)
+}
+
+/// The worst step of `got` against `want` (max error relative to each step's logits).
+fn worst(got: &[Vec<f32>], want: &[Vec<f32>]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| max_rel_err(g, w))
+        .fold(0.0, f64::max)
+}
+
+/// Rows for one model: graph, eager and forward runs on `gpu`, the CPU spec run on `cpu`.
+fn compare(
+    cpu: &Llama<CpuBackend>,
+    gpu: &Llama<CudaBackend>,
+    ids: &[u32],
+    tag: &str,
+) -> Result<Vec<CheckRow>> {
+    let be = &gpu.backend;
+    be.set_step_graphs(true);
+    let before = be.step_replays();
+    let graph = steps(gpu, ids, Mode::Graph)?;
+    let replays = be.step_replays() - before;
+    be.set_step_graphs(false);
+    let eager = steps(gpu, ids, Mode::Eager)?;
+    be.set_step_graphs(true);
+    let forward = steps(gpu, ids, Mode::Forward)?;
+    let spec = steps(cpu, ids, Mode::Forward)?;
+    Ok(vec![
+        CheckRow::new(
+            format!("decode graph vs eager steps {tag}"),
+            worst(&graph, &eager),
+            0.0,
+        ),
+        CheckRow::new(
+            format!("decode graph vs one-token forward {tag}"),
+            worst(&graph, &forward),
+            0.0,
+        ),
+        CheckRow::new(
+            format!(
+                "decode graph launches {replays} of {STEPS} steps (want {}) {tag}",
+                STEPS - 2
+            ),
+            (replays as f64 - (STEPS - 2) as f64).abs(),
+            0.0,
+        ),
+        CheckRow::new(
+            format!("decode graph vs CPU {tag}"),
+            worst(&graph, &spec),
+            CPU_BOUND,
+        ),
+    ])
+}
+
+/// Both models, with the adapter and after detaching it.
+pub fn run(be: &CudaBackend) -> Result<Vec<CheckRow>> {
+    let mut rows = Vec::new();
+    for (json, tag) in [(D64, "D64 GQA2"), (D16, "D16 GQA2")] {
+        let cfg = ModelConfig::from_json_str(json).map_err(crate::Error::InvalidArg)?;
+        let mut g = CudaBackend::new(be.dev.ordinal)?;
+        g.prefill = Prefill::DequantSgemm;
+        let mut gpu = Llama::random_nf4(g, &cfg, 5)?;
+        let mut cpu = Llama::random_nf4(CpuBackend::with_bf16_kv_cache(), &cfg, 5)?;
+        let (lc, w) = full_adapter(&cfg, 0.0, 9)?;
+        cpu.lora = Some(Lora::new(&cpu.backend, &lc, &w, &cfg)?);
+        gpu.lora = Some(Lora::new(&gpu.backend, &lc, &w, &cfg)?);
+        let ids = test_ids(PROMPT + STEPS, cfg.vocab_size, 3);
+        rows.extend(compare(&cpu, &gpu, &ids, &format!("{tag} r8 adapter"))?);
+        (cpu.lora, gpu.lora) = (None, None);
+        rows.extend(compare(&cpu, &gpu, &ids, &format!("{tag} no adapter"))?);
+    }
+    rows.push(adapter_swap(be)?);
+    Ok(rows)
+}
+
+/// Detaching the adapter between two steps of one cache: the next step must not replay the
+/// recording made with the adapter (its logits equal a one-token forward without it).
+fn adapter_swap(be: &CudaBackend) -> Result<CheckRow> {
+    let cfg = ModelConfig::from_json_str(D64).map_err(crate::Error::InvalidArg)?;
+    let mut gpu = Llama::random_nf4(CudaBackend::new(be.dev.ordinal)?, &cfg, 5)?;
+    let (lc, w) = full_adapter(&cfg, 0.0, 9)?;
+    gpu.lora = Some(Lora::new(&gpu.backend, &lc, &w, &cfg)?);
+    let ids = test_ids(PROMPT + 8, cfg.vocab_size, 3);
+    let (mut a, mut b) = (gpu.new_cache(CAP)?, gpu.new_cache(CAP)?);
+    gpu.forward(&ids[..PROMPT], &mut a, Logits::Last)?;
+    gpu.forward(&ids[..PROMPT], &mut b, Logits::Last)?;
+    for &id in &ids[PROMPT..PROMPT + 6] {
+        gpu.decode(id, &mut a)?;
+        gpu.forward(&[id], &mut b, Logits::Last)?;
+    }
+    gpu.lora = None;
+    let id = ids[PROMPT + 6];
+    let got = gpu.backend.download(gpu.decode(id, &mut a)?)?;
+    let want = gpu
+        .backend
+        .download(&gpu.forward(&[id], &mut b, Logits::Last)?)?;
+    Ok(CheckRow::new(
+        "decode step after detaching the adapter (no stale graph)",
+        max_rel_err(&got, &want),
+        0.0,
+    ))
+}
