@@ -342,8 +342,10 @@ pub trait Backend: Send + Sync {
         Ok(cpu::sample::sample(&row[..vocab], s, u))
     }
 
-    /// Where `buf`'s data lives (a device address on a device): two buffers with the same
-    /// address and length are interchangeable to a recorded step (see [`Backend::decode_step`]).
+    /// An address identifying `buf` for [`Backend::decode_step`]'s recordings: on a device
+    /// backend where its data lives (two buffers with the same address and length are then
+    /// interchangeable to a recorded step); the default, for backends that record nothing, is
+    /// the buffer object's own address.
     fn buf_addr(&self, buf: &Self::Buf) -> usize {
         std::ptr::from_ref(buf) as usize
     }
