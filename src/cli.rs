@@ -348,6 +348,9 @@ fn load<B: Backend>(m: &ModelArgs, b: B) -> Result<Loaded<B>> {
             &weights,
             &model.cfg,
         )?);
+        // generate, chat and eval never change the adapter: let the backend read its own copies
+        // (bf16 on CUDA, half the bytes of a decode step's adapter reads).
+        model.freeze_adapter()?;
         tracing::info!(adapter = %dir.display(), r = cfg.r, alpha = cfg.lora_alpha, targets = ?cfg.target_modules, "adapter applied");
     }
     Ok(loaded)
