@@ -18,11 +18,13 @@
 //!   `cublas_bf16` (on a dense bf16 copy and bf16 dy: the ceiling), `dequant_sgemm` (f32).
 //!   Validated against the CPU spec (`nf4_gemm_dx_bf16`; the f32 path against the unrounded
 //!   operands) on the first 3 rows and the last, relative to Σ|terms| (bound 1e-4).
-//! - `decode/llama2-7b-shape/{base,adapter_r64}/{128,2048,4096}`: one decode step (batch 1) of a
-//!   random NF4 model with Llama-2-7B's shapes, generated on the host directly in NF4, at 128,
-//!   2,048 and 4,096 cached positions, without and with an r = 64 adapter on every linear
-//!   projection (fused into the NF4 GEMV); tokens/s = 1 / step time. A `DECODE` line per case
-//!   gives the bytes a token reads (NF4 weights + lm_head, the bf16 KV cache, the f32 adapter)
+//! - `decode/llama2-7b-shape/{base,adapter_r64_f32,adapter_r64}/{128,2048,4096}`: one decode
+//!   step (batch 1) of a random NF4 model with Llama-2-7B's shapes, generated on the host
+//!   directly in NF4, at 128, 2,048 and 4,096 cached positions, without and with an r = 64
+//!   adapter on every linear projection (fused into the NF4 GEMV), read in f32 (unfrozen) or,
+//!   `adapter_r64`, from its bf16 copies (frozen, as `qlora generate --adapter` runs it);
+//!   tokens/s = 1 / step time. A `DECODE` line per case gives the bytes a token reads (NF4
+//!   weights + lm_head, the bf16 KV cache, the adapter: 0.64 GB in f32, 0.32 GB in bf16)
 //!   over the measured time as a fraction of the card's bandwidth (driver clock × bus width, or
 //!   `QLORA_PEAK_GBS`). `prefill/…`: a 512-token prompt through the same model, and a `DECODE
 //!   ttft` line (prefill + last logits on the host: time to first token).
@@ -199,11 +201,9 @@ mod gpu {
         let lcfg = LoraConfig::new(64, 16.0, &targets).unwrap();
         let lw = LoraWeights::zeros(&lcfg, &cfg).unwrap();
         let adapter = Lora::new(&model.backend, &lcfg, &lw, &cfg).unwrap();
-        let adapter_bytes: usize = lw
-            .modules
-            .values()
-            .map(|p| 4 * (p.a.len() + p.b.len()))
-            .sum();
+        // Adapter bytes a token reads: A and B once per projection, in f32 (unfrozen, as
+        // training's eval reads it) or in bf16 (frozen, as generate reads it).
+        let adapter_values: usize = lw.modules.values().map(|p| p.a.len() + p.b.len()).sum();
         let peak = model.backend.dev.peak_bandwidth().or_else(|| {
             std::env::var("QLORA_PEAK_GBS")
                 .ok()
@@ -244,20 +244,26 @@ mod gpu {
         );
 
         // Decode steps (`Llama::decode`, as `qlora generate` runs them: one CUDA graph launch
-        // per token) at each context length, without and with the adapter, and without graphs
-        // (each kernel launched from the host) for the base model. The cache's contents do not
-        // change the time, so each step reuses position `ctx`.
+        // per token) at each context length: without the adapter, without it and without graphs
+        // (every kernel launched from the host), with the adapter in f32 (unfrozen), then frozen
+        // with bf16 copies (`Llama::freeze_adapter`, as generate runs it). The cache's contents
+        // do not change the time, so each step reuses position `ctx`.
         let mut grp = c.benchmark_group("decode");
         grp.sample_size(20).measurement_time(Duration::from_secs(4));
         grp.throughput(Throughput::Elements(1));
         let mut adapter = Some(adapter);
-        for (with, graphs) in [(false, true), (false, false), (true, true)] {
-            model.lora = if with { adapter.take() } else { None };
-            model.backend.set_step_graphs(graphs);
-            let tag = match (with, graphs) {
-                (true, _) => "adapter_r64",
-                (false, true) => "base",
-                (false, false) => "base_no_graph",
+        for tag in ["base", "base_no_graph", "adapter_r64_f32", "adapter_r64"] {
+            model.backend.set_step_graphs(tag != "base_no_graph");
+            let adapter_bytes = match tag {
+                "base" | "base_no_graph" => 0,
+                "adapter_r64_f32" => {
+                    model.lora = adapter.take();
+                    4 * adapter_values
+                }
+                _ => {
+                    model.freeze_adapter().unwrap();
+                    2 * adapter_values
+                }
             };
             for ctx in CTXS {
                 let mut step = || {
@@ -277,7 +283,7 @@ mod gpu {
                 let secs = median_secs(20, || {
                     step();
                 });
-                let bytes = weight_bytes + kv_bytes(ctx) + if with { adapter_bytes } else { 0 };
+                let bytes = weight_bytes + kv_bytes(ctx) + adapter_bytes;
                 let frac_v = peak.map(|p| bytes as f64 / secs / p);
                 println!(
                     r#"{{"impl": "qlora", "case": "{tag}/{ctx}", "device": "{device}", "tokens_per_s": {:.2}, "ms_per_token": {:.4}, "bytes_per_token": {bytes}, "bandwidth_frac": {}}}"#,
@@ -298,7 +304,7 @@ mod gpu {
                     bytes as f64 / 1e9,
                     weight_bytes as f64 / 1e9,
                     kv_bytes(ctx) as f64 / 1e9,
-                    if with { adapter_bytes as f64 / 1e9 } else { 0.0 },
+                    adapter_bytes as f64 / 1e9,
                     peak.map(|p| format!("{:.0} GB/s", p / 1e9))
                         .unwrap_or_else(|| "unknown".into()),
                 );

@@ -207,28 +207,75 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 // LoRA at decode (spec: Backend::matmul_lora's default, src/backend/mod.rs; launcher
-// src/backend/cuda/lora_decode.rs), y (+)= x·Wᵀ + scale · (x·Aᵀ)·Bᵀ for m ≤ 8 rows, rank ≤ 64:
-//   lora_xa_f32:           xa[i, c] = Σ_j x[i, j] · A[c, j]   (A [rank, k] f32, k % 4 == 0)
-//                          one 256-thread block per c: float4 strides over j, block reduction.
-//   nf4_gemv_lora_f32_k32: nf4_gemv_f32_k32 whose warps add, before their reduction,
-//                          scale · Σ_c xa[i, c] · B[o, c] (B [rows_out, rank] f32, lanes over c),
-//                          so the adapter's up-projection costs no launch and no pass over y.
-extern "C" __global__ void __launch_bounds__(256)
-    lora_xa_f32(float* __restrict__ xa, const float* __restrict__ x, const float* __restrict__ a,
-                int m, int rank, int64_t k) {
+// src/backend/cuda/lora_decode.rs), y (+)= x·Wᵀ + scale · (x·Aᵀ)·Bᵀ for m ≤ 8 rows, rank ≤ 64,
+// x f32 [m, k], y f32 [m, rows_out], xa f32 [m, rank]; A [rank, k] and B [rows_out, rank]
+// row-major, in f32 (`_f32`: the adapter being trained, whose f32 buffers are the truth) or in
+// bf16 bits (`_bf16`: the round-to-nearest-even copies of a frozen adapter, widened exactly in
+// registers, half the bytes). Products and sums in f32 either way:
+//   lora_xa_{f32,bf16}:           xa[i, c] = Σ_j x[i, j] · A[c, j]   (k % 8 == 0)
+//                                 one 256-thread block per c: 16-byte loads of A (4 f32 or 8
+//                                 bf16) strided over j, block reduction. Reads A once:
+//                                 rank · k · (4 or 2) bytes (x, m·k·4 bytes, from L2 after c = 0).
+//   nf4_gemv_lora_{f32,bf16}_k32: nf4_gemv_f32_k32 whose warps add, before their reduction,
+//                                 scale · Σ_c xa[i, c] · B[o, c] (lanes over c), so the adapter's
+//                                 up-projection costs no launch and no pass over y. Reads B once:
+//                                 rows_out · rank · (4 or 2) bytes.
+// Llama-2-7B, r = 64 on all seven projections: 640 MB per token in f32 next to 3.6 GB of NF4
+// weights (≈ 18 % of a decode step's bytes), 320 MB in bf16 (≈ 9 %).
+
+// The adapter's element widened to f32: f32 as is, bf16 bits by a 16-bit shift (exact).
+__device__ __forceinline__ float lora_f32(float v) { return v; }
+__device__ __forceinline__ float lora_f32(uint16_t v) { return __uint_as_float((uint32_t)v << 16); }
+
+// 16 bytes of the adapter (N = 4 f32 or 8 bf16 elements from p, 16-byte aligned) widened into v.
+template <typename T>
+struct LoraChunk;
+template <>
+struct LoraChunk<float> {
+  static constexpr int N = 4;
+  static __device__ __forceinline__ void load(float* v, const float* p) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+  }
+};
+template <>
+struct LoraChunk<uint16_t> {
+  static constexpr int N = 8;
+  static __device__ __forceinline__ void load(float* v, const uint16_t* p) {
+    const uint4 a = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint32_t w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      v[2 * i] = __uint_as_float(w[i] << 16);  // element 2i: the low half (little-endian)
+      v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void lora_xa(float* __restrict__ xa, const float* __restrict__ x,
+                                        const T* __restrict__ a, int m, int rank, int64_t k) {
+  constexpr int N = LoraChunk<T>::N;
   __shared__ float part[8][GEMV_MAX_M];
   const int c = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float acc[GEMV_MAX_M];
 #pragma unroll
   for (int i = 0; i < GEMV_MAX_M; i++) acc[i] = 0.0f;
-  const float4* ar = reinterpret_cast<const float4*>(a + (int64_t)c * k);
-  for (int64_t j = threadIdx.x; j < k / 4; j += blockDim.x) {
-    const float4 av = __ldg(ar + j);
+  const T* ar = a + (int64_t)c * k;
+  for (int64_t j = threadIdx.x; j < k / N; j += blockDim.x) {
+    float av[N];
+    LoraChunk<T>::load(av, ar + j * N);
 #pragma unroll
     for (int i = 0; i < GEMV_MAX_M; i++) {
       if (i >= m) break;
-      const float4 xv = __ldg(reinterpret_cast<const float4*>(x + (int64_t)i * k) + j);
-      acc[i] += xv.x * av.x + xv.y * av.y + xv.z * av.z + xv.w * av.w;
+      const float4* xp = reinterpret_cast<const float4*>(x + (int64_t)i * k + j * N);
+      float s = 0.0f;
+#pragma unroll
+      for (int q = 0; q < N / 4; q++) {
+        const float4 xv = __ldg(xp + q);
+        s += xv.x * av[4 * q] + xv.y * av[4 * q + 1] + xv.z * av[4 * q + 2] + xv.w * av[4 * q + 3];
+      }
+      acc[i] += s;
     }
   }
 #pragma unroll
@@ -246,12 +293,25 @@ extern "C" __global__ void __launch_bounds__(256)
   }
 }
 
-extern "C" __global__ void __launch_bounds__(128) nf4_gemv_lora_f32_k32(
+extern "C" __global__ void __launch_bounds__(256)
+    lora_xa_f32(float* __restrict__ xa, const float* __restrict__ x, const float* __restrict__ a,
+                int m, int rank, int64_t k) {
+  lora_xa(xa, x, a, m, rank, k);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    lora_xa_bf16(float* __restrict__ xa, const float* __restrict__ x,
+                 const uint16_t* __restrict__ a, int m, int rank, int64_t k) {
+  lora_xa(xa, x, a, m, rank, k);
+}
+
+template <typename T>
+__device__ __forceinline__ void nf4_gemv_lora_k32(
     float* __restrict__ y, const float* __restrict__ x, const uint8_t* __restrict__ packed, int dq,
     const float* __restrict__ absmax, const uint8_t* __restrict__ q,
     const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, float offset,
     int nested_blocksize, int blocksize_log2, int m, int64_t rows_out, int64_t k, int accumulate,
-    const float* __restrict__ xa, const float* __restrict__ lb, float scale, int rank) {
+    const float* __restrict__ xa, const T* __restrict__ lb, float scale, int rank) {
   NF4_SHARED_LUT(lut)
   const int lane = threadIdx.x & 31;
   const int64_t o0 = ((int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * GEMV_ROWS;
@@ -261,16 +321,38 @@ extern "C" __global__ void __launch_bounds__(128) nf4_gemv_lora_f32_k32(
 #pragma unroll
   for (int r = 0; r < GEMV_ROWS; r++) {
     if (o0 + r >= rows_out) break;
-    const float* br = lb + (o0 + r) * rank;
+    const T* br = lb + (o0 + r) * rank;
 #pragma unroll
     for (int i = 0; i < GEMV_MAX_M; i++) {
       if (i >= m) break;
       float t = 0.0f;
-      for (int c = lane; c < rank; c += 32) t += xa[(int64_t)i * rank + c] * br[c];
+      for (int c = lane; c < rank; c += 32) t += xa[(int64_t)i * rank + c] * lora_f32(br[c]);
       acc[r][i] = scale * t;
     }
   }
   nf4_gemv_k32_acc(acc, lut, x, packed, dq, absmax, q, nested_absmax, nested_code, offset,
                    nested_blocksize, blocksize_log2, m, o0, rows_out, k, lane);
   gemv_store(acc, y, m, o0, rows_out, lane, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(128) nf4_gemv_lora_f32_k32(
+    float* __restrict__ y, const float* __restrict__ x, const uint8_t* __restrict__ packed, int dq,
+    const float* __restrict__ absmax, const uint8_t* __restrict__ q,
+    const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, float offset,
+    int nested_blocksize, int blocksize_log2, int m, int64_t rows_out, int64_t k, int accumulate,
+    const float* __restrict__ xa, const float* __restrict__ lb, float scale, int rank) {
+  nf4_gemv_lora_k32(y, x, packed, dq, absmax, q, nested_absmax, nested_code, offset,
+                    nested_blocksize, blocksize_log2, m, rows_out, k, accumulate, xa, lb, scale,
+                    rank);
+}
+
+extern "C" __global__ void __launch_bounds__(128) nf4_gemv_lora_bf16_k32(
+    float* __restrict__ y, const float* __restrict__ x, const uint8_t* __restrict__ packed, int dq,
+    const float* __restrict__ absmax, const uint8_t* __restrict__ q,
+    const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, float offset,
+    int nested_blocksize, int blocksize_log2, int m, int64_t rows_out, int64_t k, int accumulate,
+    const float* __restrict__ xa, const uint16_t* __restrict__ lb, float scale, int rank) {
+  nf4_gemv_lora_k32(y, x, packed, dq, absmax, q, nested_absmax, nested_code, offset,
+                    nested_blocksize, blocksize_log2, m, rows_out, k, accumulate, xa, lb, scale,
+                    rank);
 }

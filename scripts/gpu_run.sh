@@ -248,7 +248,8 @@ PY
 fi
 if named decode; then
   # Llama-2-7B-shaped NF4 decode, batch 1: qlora (benches/cuda.rs decode group, QLORA_BENCH=decode:
-  # tokens/s at 128 / 2,048 / 4,096 context with and without an r 64 adapter, and without CUDA
+  # tokens/s at 128 / 2,048 / 4,096 context without and with an r 64 adapter (adapter_r64: its
+  # bf16 copies, as generate reads it; adapter_r64_f32: the unfrozen f32 one), and without CUDA
   # graphs (base_no_graph: every kernel launched from the host), fraction of the
   # bandwidth limit, time to first token of 512 tokens) then transformers + bitsandbytes 4-bit
   # generate (scripts/bench_decode_ref.py, same shapes), one after the other on the same GPU;
@@ -281,7 +282,7 @@ f = lambda v, s="{:.1f}": "-" if v is None else s.format(v)
 print(f"\n## 7B NF4 decode, batch 1, on {dev}\n")
 print("| case | qlora tokens/s | qlora % of bandwidth limit | transformers+bnb tokens/s | ratio |")
 print("|---|---:|---:|---:|---:|")
-for tag in ("base", "base_no_graph", "adapter_r64"):
+for tag in ("base", "base_no_graph", "adapter_r64", "adapter_r64_f32"):
     for ctx in (128, 2048, 4096):
         o, r = ours.get(f"{tag}/{ctx}", {}), ref.get(f"{tag}/{ctx}", {})
         a, b = o.get("tokens_per_s"), r.get("tokens_per_s")
@@ -304,6 +305,9 @@ if n128 and b128:
 a128 = ours.get("adapter_r64/128", {}).get("tokens_per_s")
 if a128 and b128:
     print(f"adapter cost at 128 context: {100 * (b128 / a128 - 1):.1f}% of the base decode time (target < 10%)")
+f128 = ours.get("adapter_r64_f32/128", {}).get("tokens_per_s")
+if f128 and b128:
+    print(f"(the same adapter read in f32, unfrozen: {100 * (b128 / f128 - 1):.1f}%)")
 PY
   verdict decode "qlora exit $ours, reference exit $ref, $(grep -o 'targets (H100).*' "$out/decode.md")"
   rm -rf "$site"

@@ -417,7 +417,11 @@ fn gen<B: Backend>(b: B, a: &GenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     sampling.validate()?;
-    let loaded = load(&a.model, b)?;
+    let mut loaded = load(&a.model, b)?;
+    // Generation never changes the adapter: the backend may read its own copies (bf16 on CUDA,
+    // half the bytes of a decode step's adapter reads). Evaluation runs prefill only, which
+    // reads the f32 adapter, so it makes none.
+    loaded.model.freeze_adapter()?;
     let tok = &loaded.tokenizer;
     let prompt = if a.chat {
         let mut msgs = Vec::new();

@@ -341,3 +341,35 @@ fn packed_step_equals_one_sequence_at_a_time() {
         );
     }
 }
+
+/// `Llama::freeze_adapter` (what generate, chat and eval call after attaching an adapter) on the
+/// CPU backend, the spec, makes no copies: logits and generated tokens stay bit-identical.
+#[test]
+fn frozen_adapter_is_bit_identical_on_the_cpu() {
+    let (mut m, _, _) = peft_model();
+    let run = |m: &Llama<CpuBackend>| {
+        let ids = &golden_prompts()[0];
+        let mut cache = m.new_cache(ids.len()).unwrap();
+        let logits = m.forward(ids, &mut cache, Logits::All).unwrap();
+        let sampling = qlora::generate::Sampling {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 0.95,
+            seed: 7,
+        };
+        let gen = qlora::generate::generate(m, ids, 8, &sampling, &[], |_| Ok(())).unwrap();
+        (logits, gen.ids)
+    };
+    let before = run(&m);
+    m.freeze_adapter().unwrap();
+    let params = &m.lora.as_ref().unwrap().params;
+    assert!(params.modules().iter().all(|(_, l)| l.frozen.is_none()));
+    let after = run(&m);
+    assert_eq!(before.0.len(), after.0.len());
+    assert!(before
+        .0
+        .iter()
+        .zip(&after.0)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert_eq!(before.1, after.1);
+}

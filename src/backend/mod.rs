@@ -260,6 +260,23 @@ pub trait Backend: Send + Sync {
         matmul_lora_unfused(self, out, x, w, lora, rows, add)
     }
 
+    /// An inference copy of a LoRA matrix `m` `[rows, cols]` of an adapter that will not change
+    /// again (generate, chat, eval: see `Llama::freeze_adapter`), in the form the backend's
+    /// [`Backend::matmul_lora`] reads fastest; it arrives there as [`LoraTerm::frozen`]. The
+    /// f32 buffer stays the truth (training updates it in place and never asks for copies).
+    /// `Ok(None)`: no copy, `matmul_lora` reads the f32 matrices (the default, and the CPU's
+    /// behaviour: it is the spec). CUDA makes a bf16 copy (round to nearest even), half the bytes
+    /// the decode GEMV reads.
+    fn lora_inference_copy(
+        &self,
+        m: &Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Self::Linear>> {
+        let _ = (m, rows, cols);
+        Ok(None)
+    }
+
     /// In-place rotary embedding, transformers' rotate-half convention. `x` is `[rows, heads, head_dim]`
     /// with `rows = positions.len()`; for pair `i < head_dim/2` at position `p`, with
     /// `θ = p · inv_freq[i]` (f32 product): `(x_i, x_{i+d/2}) ← (x_i cosθ − x_{i+d/2} sinθ, x_{i+d/2} cosθ + x_i sinθ)`.
@@ -350,6 +367,11 @@ pub trait Backend: Send + Sync {
         std::ptr::from_ref(buf) as usize
     }
 
+    /// [`Backend::buf_addr`] for a projection weight (the adapter's inference copies).
+    fn linear_addr(&self, w: &Self::Linear) -> usize {
+        std::ptr::from_ref(w) as usize
+    }
+
     /// Issues `body`, the ops of one decode step (`step.token` at `step.pos`). The default runs
     /// it. A device backend may record the ops of a cache's step once and replay the recording
     /// at that cache's later steps (CUDA: one graph launch per token, `cuda/step.rs`), so `body`
@@ -381,6 +403,10 @@ pub struct LoraTerm<'a, B: Backend + ?Sized> {
     pub b: &'a B::Buf,
     pub scale: f32,
     pub rank: usize,
+    /// The [`Backend::lora_inference_copy`] of `A` and `B` when the adapter is frozen (`None`
+    /// while training, or where the backend makes none). A backend may read these instead of
+    /// `a`, `b`; the unfused default ([`matmul_lora_unfused`]) ignores them.
+    pub frozen: Option<(&'a B::Linear, &'a B::Linear)>,
 }
 
 /// [`Backend::matmul_lora`] as separate ops: the projection (with its residual add when `add`),

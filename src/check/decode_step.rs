@@ -95,9 +95,10 @@ fn worst(got: &[Vec<f32>], want: &[Vec<f32>]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// Rows for one model: graph, eager and forward runs on `gpu`, the CPU spec run on `cpu`.
+/// Rows for one model: graph, eager and forward runs on `gpu`, and the CPU spec run on `cpu`
+/// when given.
 fn compare(
-    cpu: &Llama<CpuBackend>,
+    cpu: Option<&Llama<CpuBackend>>,
     gpu: &Llama<CudaBackend>,
     ids: &[u32],
     tag: &str,
@@ -111,8 +112,7 @@ fn compare(
     let eager = steps(gpu, ids, Mode::Eager)?;
     be.set_step_graphs(true);
     let forward = steps(gpu, ids, Mode::Forward)?;
-    let spec = steps(cpu, ids, Mode::Forward)?;
-    Ok(vec![
+    let mut rows = vec![
         CheckRow::new(
             format!("decode graph vs eager steps {tag}"),
             worst(&graph, &eager),
@@ -131,15 +131,20 @@ fn compare(
             (replays as f64 - (STEPS - 1) as f64).abs(),
             0.0,
         ),
-        CheckRow::new(
+    ];
+    if let Some(cpu) = cpu {
+        let spec = steps(cpu, ids, Mode::Forward)?;
+        rows.push(CheckRow::new(
             format!("decode graph vs CPU {tag}"),
             worst(&graph, &spec),
             CPU_BOUND,
-        ),
-    ])
+        ));
+    }
+    Ok(rows)
 }
 
-/// Both models, with the adapter and after detaching it.
+/// Both models: with the adapter in f32, with its bf16 inference copies (`freeze_adapter`, as
+/// generate runs it; against the CPU in check/lora_decode.rs), and without it.
 pub fn run(be: &CudaBackend) -> Result<Vec<CheckRow>> {
     let mut rows = Vec::new();
     for (json, tag) in [(D64, "D64 GQA2"), (D16, "D16 GQA2")] {
@@ -150,38 +155,66 @@ pub fn run(be: &CudaBackend) -> Result<Vec<CheckRow>> {
         cpu.lora = Some(Lora::new(&cpu.backend, &lc, &w, &cfg)?);
         gpu.lora = Some(Lora::new(&gpu.backend, &lc, &w, &cfg)?);
         let ids = test_ids(PROMPT + STEPS, cfg.vocab_size, 3);
-        rows.extend(compare(&cpu, &gpu, &ids, &format!("{tag} r8 adapter"))?);
+        rows.extend(compare(
+            Some(&cpu),
+            &gpu,
+            &ids,
+            &format!("{tag} r8 adapter"),
+        )?);
+        gpu.freeze_adapter()?;
+        rows.extend(compare(
+            None,
+            &gpu,
+            &ids,
+            &format!("{tag} r8 bf16 adapter"),
+        )?);
         (cpu.lora, gpu.lora) = (None, None);
-        rows.extend(compare(&cpu, &gpu, &ids, &format!("{tag} no adapter"))?);
+        rows.extend(compare(
+            Some(&cpu),
+            &gpu,
+            &ids,
+            &format!("{tag} no adapter"),
+        )?);
     }
-    rows.push(adapter_swap(be)?);
+    rows.extend(adapter_swap(be)?);
     Ok(rows)
 }
 
-/// Detaching the adapter between two steps of one cache: the next step must not replay the
-/// recording made with the adapter (its logits equal a one-token forward without it).
-fn adapter_swap(be: &CudaBackend) -> Result<CheckRow> {
+/// Changing the adapter between two steps of one cache — freezing it (bf16 copies: other
+/// kernels), then detaching it: the next step must not replay the recording made before (its
+/// logits equal a one-token forward with the adapter as it is now).
+fn adapter_swap(be: &CudaBackend) -> Result<Vec<CheckRow>> {
     let cfg = ModelConfig::from_json_str(D64).map_err(crate::Error::InvalidArg)?;
     let mut gpu = Llama::random_nf4(CudaBackend::new(be.dev.ordinal)?, &cfg, 5)?;
     let (lc, w) = adapter(&cfg)?;
     gpu.lora = Some(Lora::new(&gpu.backend, &lc, &w, &cfg)?);
-    let ids = test_ids(PROMPT + 8, cfg.vocab_size, 3);
+    let ids = test_ids(PROMPT + 16, cfg.vocab_size, 3);
     let (mut a, mut b) = (gpu.new_cache(CAP)?, gpu.new_cache(CAP)?);
     gpu.forward(&ids[..PROMPT], &mut a, Logits::Last)?;
     gpu.forward(&ids[..PROMPT], &mut b, Logits::Last)?;
-    for &id in &ids[PROMPT..PROMPT + 6] {
-        gpu.decode(id, &mut a)?;
-        gpu.forward(&[id], &mut b, Logits::Last)?;
+    let mut rows = Vec::new();
+    for (i, &id) in ids[PROMPT..].iter().enumerate() {
+        let change = match i {
+            6 => Some("freezing"),
+            12 => Some("detaching"),
+            _ => None,
+        };
+        match change {
+            Some("freezing") => gpu.freeze_adapter()?,
+            Some(_) => gpu.lora = None,
+            None => {}
+        }
+        let got = gpu.backend.download(gpu.decode(id, &mut a)?)?;
+        let want = gpu
+            .backend
+            .download(&gpu.forward(&[id], &mut b, Logits::Last)?)?;
+        if let Some(what) = change {
+            rows.push(CheckRow::new(
+                format!("decode step after {what} the adapter (no stale graph)"),
+                max_rel_err(&got, &want),
+                0.0,
+            ));
+        }
     }
-    gpu.lora = None;
-    let id = ids[PROMPT + 6];
-    let got = gpu.backend.download(gpu.decode(id, &mut a)?)?;
-    let want = gpu
-        .backend
-        .download(&gpu.forward(&[id], &mut b, Logits::Last)?)?;
-    Ok(CheckRow::new(
-        "decode step after detaching the adapter (no stale graph)",
-        max_rel_err(&got, &want),
-        0.0,
-    ))
+    Ok(rows)
 }

@@ -249,7 +249,8 @@ impl<B: Backend> Llama<B> {
     }
 
     /// A hash of what the attached adapter makes a decode step issue: each adapted module's
-    /// buffers (addresses and lengths), the rank and the scale; 0 without an adapter.
+    /// buffers and inference copies (addresses and shapes), the rank and the scale; 0 without
+    /// an adapter.
     fn adapter_signature(&self) -> u64 {
         use std::hash::{Hash, Hasher};
         let Some(lora) = &self.lora else { return 0 };
@@ -262,6 +263,10 @@ impl<B: Backend> Llama<B> {
                 let b = &self.backend;
                 (i, b.buf_addr(&m.a), b.buf_addr(&m.b)).hash(&mut h);
                 (m.in_features, m.out_features).hash(&mut h);
+                let frozen = m.frozen.as_ref();
+                frozen
+                    .map(|(fa, fb)| (b.linear_addr(fa), b.linear_addr(fb)))
+                    .hash(&mut h);
             }
         }
         h.finish() | 1

@@ -592,10 +592,23 @@ impl<B: Backend> Llama<B> {
                 b: &ad.b,
                 scale: lora.scale,
                 rank: lora.params.rank,
+                frozen: ad.frozen.as_ref().map(|(a, b)| (a, b)),
             })
         });
         let w = self.base_weight(layer, target);
         self.backend.matmul_lora(out, x, w, lora, rows, add)
+    }
+
+    /// Gives the attached adapter (if any) the backend's inference copies of its matrices
+    /// ([`Backend::lora_inference_copy`]: bf16 on CUDA, none on the CPU), which the forward pass
+    /// then reads. Only for an adapter that will not change again (generate and chat);
+    /// training never calls it, and its optimizer step drops any copies
+    /// ([`super::lora::LoraSet::modules_mut`]).
+    pub fn freeze_adapter(&mut self) -> Result<()> {
+        match &mut self.lora {
+            Some(lora) => lora.params.freeze(&self.backend),
+            None => Ok(()),
+        }
     }
 }
 

@@ -27,6 +27,11 @@ pub struct LoraLinear<B: Backend> {
     pub b: B::Buf,
     pub in_features: usize,
     pub out_features: usize,
+    /// The backend's inference copies of `a` and `b` ([`Backend::lora_inference_copy`]), made
+    /// by [`LoraSet::freeze`] for an adapter that will not change again; `None` while training.
+    /// Mutable access through [`LoraSet::modules_mut`] or [`LoraSet::get_mut`] drops them, so a
+    /// copy never outlives an update of its f32 matrices.
+    pub frozen: Option<(B::Linear, B::Linear)>,
 }
 
 impl<B: Backend> LoraLinear<B> {
@@ -62,6 +67,7 @@ impl<B: Backend> LoraSet<B> {
                 b: b.upload(&pair.b)?,
                 in_features: pair.in_features,
                 out_features: pair.out_features,
+                frozen: None,
             };
             let slot = set.slot_mut(m).ok_or_else(|| {
                 Error::InvalidArg(format!(
@@ -81,6 +87,7 @@ impl<B: Backend> LoraSet<B> {
                 b: b.zeros(l.out_features * self.rank)?,
                 in_features: l.in_features,
                 out_features: l.out_features,
+                frozen: None,
             })
         };
         let mut layers = Vec::with_capacity(self.layers.len());
@@ -115,17 +122,33 @@ impl<B: Backend> LoraSet<B> {
         }
     }
 
-    /// Mutable access, as [`LoraSet::get`].
+    /// Mutable access, as [`LoraSet::get`]; drops the module's inference copies.
     pub fn get_mut(
         &mut self,
         layer: Option<usize>,
         target: LoraTarget,
     ) -> Option<&mut LoraLinear<B>> {
-        match (layer, target_index(target)) {
+        let lin = match (layer, target_index(target)) {
             (Some(l), Some(i)) => self.layers.get_mut(l).and_then(|row| row[i].as_mut()),
             (None, None) => self.lm_head.as_mut(),
             _ => None,
+        }?;
+        lin.frozen = None;
+        Some(lin)
+    }
+
+    /// Makes every module's inference copies ([`LoraLinear::frozen`]) from its current
+    /// matrices. For an adapter that will not change again (generation, evaluation): training
+    /// reaches the matrices through [`LoraSet::modules_mut`], which drops the copies.
+    pub fn freeze(&mut self, be: &B) -> Result<()> {
+        let rank = self.rank;
+        let all = self.layers.iter_mut().flatten().flatten();
+        for lin in all.chain(self.lm_head.as_mut()) {
+            let a = be.lora_inference_copy(&lin.a, rank, lin.in_features)?;
+            let b = be.lora_inference_copy(&lin.b, lin.out_features, rank)?;
+            lin.frozen = a.zip(b);
         }
+        Ok(())
     }
 
     /// Every adapted module with its matrices, in [`LoraModule`] order.
@@ -147,7 +170,8 @@ impl<B: Backend> LoraSet<B> {
         out
     }
 
-    /// Mutable version of [`LoraSet::modules`].
+    /// Mutable version of [`LoraSet::modules`]; drops every module's inference copies (the
+    /// caller may change the matrices: the optimizer step does).
     pub fn modules_mut(&mut self) -> Vec<(LoraModule, &mut LoraLinear<B>)> {
         let mut out: Vec<_> = self
             .layers
@@ -163,6 +187,9 @@ impl<B: Backend> LoraSet<B> {
             out.push((LoraModule::lm_head(), h));
         }
         out.sort_by_key(|(m, _)| *m);
+        for (_, lin) in &mut out {
+            lin.frozen = None;
+        }
         out
     }
 
@@ -205,5 +232,80 @@ impl<B: Backend> Lora<B> {
             scale: cfg.scaling(),
             dropout: cfg.lora_dropout,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::HostLinear;
+
+    /// Two modules of a 2-layer model, rank 2, in 4 → out 3.
+    fn set(b: &CpuBackend) -> LoraSet<CpuBackend> {
+        let pair = |v: f32| LoraPair {
+            a: vec![v; 2 * 4],
+            b: vec![v; 3 * 2],
+            in_features: 4,
+            out_features: 3,
+        };
+        let modules = [
+            (LoraModule::layer(1, LoraTarget::VProj), pair(0.5)),
+            (LoraModule::lm_head(), pair(-1.0)),
+        ];
+        let w = LoraWeights {
+            r: 2,
+            modules: modules.into_iter().collect(),
+        };
+        LoraSet::upload(b, &w, 2).unwrap()
+    }
+
+    /// Stands in for a device's copies (the CPU makes none).
+    fn fake_copies(b: &CpuBackend, set: &mut LoraSet<CpuBackend>) {
+        let dense = || HostLinear::Dense {
+            rows: 1,
+            cols: 1,
+            data: vec![0.0],
+        };
+        let all = set.layers.iter_mut().flatten().flatten();
+        for lin in all.chain(set.lm_head.as_mut()) {
+            lin.frozen = Some((b.linear(dense()).unwrap(), b.linear(dense()).unwrap()));
+        }
+    }
+
+    fn copies(set: &LoraSet<CpuBackend>) -> usize {
+        set.modules()
+            .iter()
+            .filter(|(_, l)| l.frozen.is_some())
+            .count()
+    }
+
+    /// The CPU backend is the spec: freezing makes no copies, the f32 matrices stay what
+    /// `matmul_lora` reads.
+    #[test]
+    fn cpu_freeze_makes_no_copies() {
+        let b = CpuBackend::new();
+        let mut s = set(&b);
+        s.freeze(&b).unwrap();
+        assert_eq!(copies(&s), 0);
+    }
+
+    /// Mutable access (the optimizer step's `modules_mut`, or `get_mut`) drops the inference
+    /// copies: a copy never outlives a change of its f32 matrices.
+    #[test]
+    fn mutable_access_drops_inference_copies() {
+        let b = CpuBackend::new();
+        let mut s = set(&b);
+        fake_copies(&b, &mut s);
+        assert_eq!(copies(&s), 2);
+        assert_eq!(s.modules_mut().len(), 2);
+        assert_eq!(copies(&s), 0);
+
+        fake_copies(&b, &mut s);
+        assert!(s.get_mut(Some(1), LoraTarget::VProj).is_some());
+        assert!(s.get(Some(1), LoraTarget::VProj).unwrap().frozen.is_none());
+        assert!(s.get(None, LoraTarget::LmHead).unwrap().frozen.is_some());
+        assert!(s.get_mut(Some(0), LoraTarget::VProj).is_none());
+        assert_eq!(copies(&s), 1);
     }
 }

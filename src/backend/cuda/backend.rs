@@ -390,6 +390,16 @@ impl Backend for CudaBackend {
         self.product(out, x, w, rows, true)
     }
 
+    fn lora_inference_copy(
+        &self,
+        m: &Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<CudaLinear>> {
+        let copy = DeviceHalf::bf16_of(&self.dev, m, rows, cols)?;
+        Ok(copy.map(CudaLinear::Half))
+    }
+
     fn matmul_lora(
         &self,
         out: &mut Self::Buf,
@@ -402,7 +412,13 @@ impl Backend for CudaBackend {
         match (w, &lora) {
             (CudaLinear::Nf4(t), Some(l)) if lora_decode::fused_supported(t, rows, l.rank) => {
                 let mut xa = self.lora_xa.lock().unwrap_or_else(|p| p.into_inner());
-                let term = (&**l.a, &**l.b, l.scale, l.rank);
+                let adapter = match l.frozen {
+                    Some((CudaLinear::Half(a), CudaLinear::Half(b))) if !a.f16 && !b.f16 => {
+                        lora_decode::Adapter::Bf16(&a.w, &b.w)
+                    }
+                    _ => lora_decode::Adapter::F32(l.a, l.b),
+                };
+                let term = (adapter, l.scale, l.rank);
                 lora_decode::nf4_lora_gemv(&self.dev, &mut xa, t, out, x, term, rows, add)
             }
             _ => crate::backend::matmul_lora_unfused(self, out, x, w, lora, rows, add),
@@ -511,6 +527,16 @@ impl Backend for CudaBackend {
     fn buf_addr(&self, buf: &Self::Buf) -> usize {
         use cudarc::driver::DevicePtr;
         buf.device_ptr(&self.dev.stream).0 as usize
+    }
+
+    fn linear_addr(&self, w: &CudaLinear) -> usize {
+        use cudarc::driver::DevicePtr;
+        let s = &self.dev.stream;
+        (match w {
+            CudaLinear::Dense { w, .. } => w.device_ptr(s).0,
+            CudaLinear::Half(h) => h.w.device_ptr(s).0,
+            CudaLinear::Nf4(t) => t.packed().device_ptr(s).0,
+        }) as usize
     }
 
     fn decode_step(&self, step: DecodeStep, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {

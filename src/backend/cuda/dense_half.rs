@@ -60,6 +60,30 @@ impl DeviceHalf {
         }))
     }
 
+    /// A bf16 copy of the device f32 matrix `x` `[rows, cols]` (each value rounded to nearest
+    /// even, on the device): the frozen-adapter copies of `Backend::lora_inference_copy`. Unlike
+    /// [`DeviceHalf::lossless`], `cols` need not be a multiple of 8 ([`DeviceHalf::gemv`]
+    /// refuses such a weight). `None` for an empty matrix.
+    pub fn bf16_of(
+        dev: &CudaDevice,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Self>> {
+        let n = rows * cols;
+        if n == 0 {
+            return Ok(None);
+        }
+        let mut w = dev.zeros::<u16>(n)?;
+        to_half(dev, &mut w, x, n, false)?;
+        Ok(Some(DeviceHalf {
+            rows,
+            cols,
+            f16: false,
+            w,
+        }))
+    }
+
     /// Device bytes of the weight.
     pub fn nbytes(&self) -> usize {
         2 * self.w.len()
@@ -79,6 +103,12 @@ impl DeviceHalf {
             )));
         }
         self.check(y.len(), x.len(), m)?;
+        if self.cols % 8 != 0 {
+            return Err(Error::Backend(format!(
+                "16-bit gemv needs in_features % 8 == 0 (16-byte loads), got {}",
+                self.cols
+            )));
+        }
         if m == 0 || self.rows == 0 {
             return Ok(()); // nothing to compute, as on the CPU
         }

@@ -37,6 +37,11 @@ pub enum Scales<'a> {
 }
 
 impl DeviceNf4 {
+    /// The packed codes (their address identifies the weight, `Backend::linear_addr`).
+    pub(super) fn packed(&self) -> &DevBuf<u8> {
+        &self.packed
+    }
+
     /// Uploads a 2-D NF4 tensor (double-quantized scales stay in their 8-bit form).
     pub fn upload(dev: &CudaDevice, t: &Nf4Tensor) -> Result<Self> {
         t.validate()?;
