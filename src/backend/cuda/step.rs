@@ -22,6 +22,10 @@
 //! replayed steps compute the same bits. If a capture fails (a driver that refuses it, an op
 //! that would synchronise), graphs are turned off for the backend's life with one warning and
 //! steps run eagerly in step mode; `QLORA_CUDA_GRAPHS=0` turns them off from the start.
+//!
+//! Step mode belongs to the backend, not to a thread: while a step's ops are issued, no other
+//! thread may issue ops on the same backend (they would read the step's words). qlora decodes
+//! from one thread, and the backend's single stream serialises the device work anyway.
 
 use super::backend::CudaBackend;
 use super::ops::DevU32;
