@@ -66,7 +66,7 @@ if want sanitize; then
     # kernels that share memory between threads (tiles, reductions).
     timeout 150 "$cs" --tool memcheck --error-exitcode 99 ./.gpu/cuda_ops --test-threads=1 check_ zero_row 2>&1 | tail -n 40 > "$out/memcheck.log"
     m=${PIPESTATUS[0]}
-    timeout 100 "$cs" --tool racecheck --error-exitcode 99 ./.gpu/cuda_ops --test-threads=1 check_flash check_nf4 check_training_ops check_adamw check_sample 2>&1 | tail -n 40 > "$out/racecheck.log"
+    timeout 100 "$cs" --tool racecheck --error-exitcode 99 ./.gpu/cuda_ops --test-threads=1 check_flash check_nf4 check_training_ops check_adamw check_sample check_decode_attention 2>&1 | tail -n 40 > "$out/racecheck.log"
     r=${PIPESTATUS[0]}
     verdict sanitize "memcheck exit $m, racecheck exit $r ($([[ $m == 0 && $r == 0 ]] && echo ok || echo FAIL))"
   fi
