@@ -34,10 +34,8 @@
 //!    norm is not finite.
 //! 5. The norm back to the host (4 bytes); the step counts advance when it is finite.
 
-use super::adamw::{
-    check_step_buffers, launch_norm, managed_supported, param_grad_ptrs, read_norm, Managed,
-    StateMem, CHUNK,
-};
+use super::adamw::{check_step_buffers, launch_norm, param_grad_ptrs, read_norm, CHUNK};
+use super::managed::{managed_supported, Managed, StateMem};
 use super::runtime::{CudaDevice, DevBuf};
 use crate::error::{Error, Result};
 use crate::train::optim8::{

@@ -44,6 +44,8 @@ pub mod lora;
 #[cfg(feature = "cuda")]
 pub mod lora_decode;
 #[cfg(feature = "cuda")]
+pub mod managed;
+#[cfg(feature = "cuda")]
 pub mod nf4;
 #[cfg(feature = "cuda")]
 pub mod nf4_gemm;
