@@ -3,6 +3,7 @@
 mod forward;
 mod llama;
 pub mod lora;
+mod source;
 pub mod train;
 
 pub(crate) use forward::KEEP_SCRATCH_ROWS;
