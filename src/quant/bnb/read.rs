@@ -32,15 +32,51 @@ pub fn load_prequantized(
         path: ckpt.source().to_path_buf(),
         name: name.to_string(),
     })?;
-    let bad = |info: &TensorInfo, msg: String| Error::BadTensor {
+    let (qs_info, qs) = read_quant_state(ckpt, name, weight, expected_shape)?;
+    let n: usize = expected_shape.iter().product();
+    if n == 0 {
+        return Err(bad(qs_info, format!("empty shape {expected_shape:?}")));
+    }
+    let (w_info, packed) = read_packed(ckpt, name, n, expected_shape)?;
+    let (qm_info, qm_bytes) = ckpt.bytes(&format!("{name}.quant_map"))?;
+    let qm = read_f32(qm_info, qm_bytes, 16)?;
+    if qm
+        .iter()
+        .zip(NF4_TABLE.iter())
+        .any(|(a, b)| a.to_bits() != b.to_bits())
+    {
+        return Err(bad(
+            qm_info,
+            format!("quant_map {qm:?} is not bitsandbytes' NF4 code {NF4_TABLE:?}"),
+        ));
+    }
+    let absmax = read_absmax(ckpt, name, (qs_info, &qs), n.div_ceil(qs.blocksize))?;
+    let t = Nf4Tensor {
+        shape: expected_shape.to_vec(),
+        blocksize: qs.blocksize,
+        packed: packed.to_vec(),
+        absmax,
+    };
+    t.validate().map_err(|e| bad(w_info, e.to_string()))?;
+    Ok(t)
+}
+
+/// [`Error::BadTensor`] for `info`'s tensor.
+fn bad(info: &TensorInfo, msg: String) -> Error {
+    Error::BadTensor {
         path: info.file.clone(),
         name: info.name.clone(),
         msg,
-    };
-    let part =
-        |suffix: &str| -> Result<(&TensorInfo, &[u8])> { ckpt.bytes(&format!("{name}.{suffix}")) };
+    }
+}
 
-    // quant_state
+/// The quant_state of weight `name` (fp4 refused), its shape checked against `expected_shape`.
+fn read_quant_state<'c>(
+    ckpt: &'c Checkpoint,
+    name: &str,
+    weight: &TensorInfo,
+    expected_shape: &[usize],
+) -> Result<(&'c TensorInfo, QuantState)> {
     let fp4 = format!("{name}.{QUANT_STATE_FP4}");
     if let Some(info) = ckpt.get(&fp4) {
         return Err(Error::Unsupported(format!(
@@ -75,13 +111,16 @@ pub fn load_prequantized(
             ),
         ));
     }
-    let n: usize = expected_shape.iter().product();
-    if n == 0 {
-        return Err(bad(qs_info, format!("empty shape {expected_shape:?}")));
-    }
-    let nblocks = n.div_ceil(qs.blocksize);
+    Ok((qs_info, qs))
+}
 
-    // packed codes
+/// The packed 4-bit codes of weight `name`: U8, `ceil(n / 2)` bytes.
+fn read_packed<'c>(
+    ckpt: &'c Checkpoint,
+    name: &str,
+    n: usize,
+    expected_shape: &[usize],
+) -> Result<(&'c TensorInfo, &'c [u8])> {
     let (w_info, w_bytes) = ckpt.bytes(name)?;
     if w_info.dtype != DType::U8 {
         return Err(bad(
@@ -103,97 +142,80 @@ pub fn load_prequantized(
             ),
         ));
     }
+    Ok((w_info, w_bytes))
+}
 
-    // quant_map
-    let (qm_info, qm_bytes) = part("quant_map")?;
-    let qm = read_f32(qm_info, qm_bytes, 16)?;
-    if qm
-        .iter()
-        .zip(NF4_TABLE.iter())
-        .any(|(a, b)| a.to_bits() != b.to_bits())
-    {
-        return Err(bad(
-            qm_info,
-            format!("quant_map {qm:?} is not bitsandbytes' NF4 code {NF4_TABLE:?}"),
-        ));
-    }
-
-    // absmax
+/// The `nblocks` absmax of weight `name`: F32, or with double quant (the quant_state's nested
+/// fields) U8 codes with the nested absmax and quant_map; the nested tensors must be present
+/// exactly when the quant_state has nested fields.
+fn read_absmax(
+    ckpt: &Checkpoint,
+    name: &str,
+    (qs_info, qs): (&TensorInfo, &QuantState),
+    nblocks: usize,
+) -> Result<Absmax> {
+    let part = |suffix: &str| ckpt.bytes(&format!("{name}.{suffix}"));
     let (am_info, am_bytes) = part("absmax")?;
     let nested_present = ckpt.contains(&format!("{name}.nested_absmax"))
         || ckpt.contains(&format!("{name}.nested_quant_map"));
-    let absmax = match qs.nested {
-        None => {
-            if nested_present {
-                return Err(bad(
-                    qs_info,
-                    "quant_state has no nested_* fields but nested_absmax / nested_quant_map tensors are present".into(),
-                ));
-            }
-            if am_info.dtype != DType::F32 {
-                return Err(bad(
-                    am_info,
-                    format!(
-                        "dtype {}, expected F32 (no double quant in quant_state)",
-                        am_info.dtype
-                    ),
-                ));
-            }
-            let a = read_f32(am_info, am_bytes, nblocks).map_err(|e| {
-                with_context(
-                    e,
-                    &format!(
-                        "{nblocks} blocks of {} for shape {expected_shape:?}",
-                        qs.blocksize
-                    ),
-                )
-            })?;
-            check_finite(am_info, &a)?;
-            Absmax::F32(a)
-        }
-        Some((nested_blocksize, offset)) => {
-            if am_info.dtype != DType::U8 {
-                return Err(bad(
-                    am_info,
-                    format!(
-                        "dtype {}, expected U8 (double quant: 8-bit codes of the absmax)",
-                        am_info.dtype
-                    ),
-                ));
-            }
-            if am_bytes.len() != nblocks {
-                return Err(bad(
-                    am_info,
-                    format!(
-                        "expected {nblocks} absmax codes ({nblocks} blocks of {} for shape {expected_shape:?}), found {}",
-                        qs.blocksize,
-                        am_bytes.len()
-                    ),
-                ));
-            }
-            let (na_info, na_bytes) = part("nested_absmax")?;
-            let nested_absmax = read_f32(na_info, na_bytes, nblocks.div_ceil(nested_blocksize))?;
-            check_finite(na_info, &nested_absmax)?;
-            let (nc_info, nc_bytes) = part("nested_quant_map")?;
-            let nested_code = read_f32(nc_info, nc_bytes, 256)?;
-            check_finite(nc_info, &nested_code)?;
-            Absmax::Double {
-                q: am_bytes.to_vec(),
-                offset,
-                nested_absmax,
-                nested_code,
-                nested_blocksize,
-            }
-        }
+    let shape = || {
+        format!(
+            "{nblocks} blocks of {} for shape {:?}",
+            qs.blocksize, qs.shape
+        )
     };
-    let t = Nf4Tensor {
-        shape: expected_shape.to_vec(),
-        blocksize: qs.blocksize,
-        packed: w_bytes.to_vec(),
-        absmax,
+    let Some((nested_blocksize, offset)) = qs.nested else {
+        if nested_present {
+            return Err(bad(
+                qs_info,
+                "quant_state has no nested_* fields but nested_absmax / nested_quant_map tensors are present".into(),
+            ));
+        }
+        if am_info.dtype != DType::F32 {
+            return Err(bad(
+                am_info,
+                format!(
+                    "dtype {}, expected F32 (no double quant in quant_state)",
+                    am_info.dtype
+                ),
+            ));
+        }
+        let a = read_f32(am_info, am_bytes, nblocks).map_err(|e| with_context(e, &shape()))?;
+        check_finite(am_info, &a)?;
+        return Ok(Absmax::F32(a));
     };
-    t.validate().map_err(|e| bad(w_info, e.to_string()))?;
-    Ok(t)
+    if am_info.dtype != DType::U8 {
+        return Err(bad(
+            am_info,
+            format!(
+                "dtype {}, expected U8 (double quant: 8-bit codes of the absmax)",
+                am_info.dtype
+            ),
+        ));
+    }
+    if am_bytes.len() != nblocks {
+        return Err(bad(
+            am_info,
+            format!(
+                "expected {nblocks} absmax codes ({}), found {}",
+                shape(),
+                am_bytes.len()
+            ),
+        ));
+    }
+    let (na_info, na_bytes) = part("nested_absmax")?;
+    let nested_absmax = read_f32(na_info, na_bytes, nblocks.div_ceil(nested_blocksize))?;
+    check_finite(na_info, &nested_absmax)?;
+    let (nc_info, nc_bytes) = part("nested_quant_map")?;
+    let nested_code = read_f32(nc_info, nc_bytes, 256)?;
+    check_finite(nc_info, &nested_code)?;
+    Ok(Absmax::Double {
+        q: am_bytes.to_vec(),
+        offset,
+        nested_absmax,
+        nested_code,
+        nested_blocksize,
+    })
 }
 
 fn with_context(e: Error, ctx: &str) -> Error {
