@@ -228,44 +228,10 @@ pub fn quantize_checkpoint_with(
     if opts.max_shard_bytes == 0 {
         return Err(Error::InvalidArg("max_shard_bytes must be positive".into()));
     }
-
-    // Source config.
-    let config_path = src.join("config.json");
-    if !config_path.is_file() {
-        return Err(Error::NotFound(format!(
-            "{}: no config.json in the source model folder {}",
-            config_path.display(),
-            src.display()
-        )));
-    }
-    let text = fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-    let mut config: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::bad_file(&config_path, format!("malformed JSON: {e}")))?;
-    if !config.is_object() {
-        return Err(Error::bad_file(
-            &config_path,
-            "config.json is not a JSON object",
-        ));
-    }
-    if !matches!(config.get("quantization_config"), None | Some(Value::Null)) {
-        return Err(Error::Unsupported(format!(
-            "{}: the source is already quantized (it has a quantization_config); quantize an unquantized (f32/f16/bf16) checkpoint",
-            config_path.display()
-        )));
-    }
-
-    // Output folder.
+    let mut config = read_source_config(src)?;
     check_output(out, opts.overwrite)?;
-
     let ckpt = Checkpoint::open(src)?;
-    let compute_dtype = ["dtype", "torch_dtype"]
-        .iter()
-        .filter_map(|k| config.get(*k).and_then(Value::as_str))
-        .find_map(|s| match s.strip_prefix("torch.").unwrap_or(s) {
-            d @ ("float32" | "float16" | "bfloat16") => Some(d.to_string()),
-            _ => None,
-        })
-        .unwrap_or_else(|| "float32".into());
+    let compute_dtype = compute_dtype(&config);
 
     // Quantize (in name order) and plan the output, grouped per source tensor.
     let infos: Vec<TensorInfo> = ckpt
@@ -285,64 +251,10 @@ pub fn quantize_checkpoint_with(
             .unwrap_or(0);
         bytes_in += nbytes as u64;
         if is_quantized_linear(&info.name) {
-            let original = match info.dtype {
-                DType::F32 => "float32",
-                DType::F16 => "float16",
-                DType::BF16 => "bfloat16",
-                d => {
-                    return Err(Error::BadTensor {
-                        path: info.file.clone(),
-                        name: info.name.clone(),
-                        msg: format!(
-                            "dtype {d}: only F32, F16 or BF16 linear weights can be quantized"
-                        ),
-                    })
-                }
-            };
-            if info.shape.len() != 2 {
-                return Err(Error::BadTensor {
-                    path: info.file.clone(),
-                    name: info.name.clone(),
-                    msg: format!("shape {:?}: a linear weight must be 2-D", info.shape),
-                });
-            }
-            let w = ckpt.load_f32(&info.name, &info.shape)?;
-            ckpt.release(&info.name);
-            let t =
-                quantize_nf4(&w, &info.shape, opts.blocksize, opts.double_quant).map_err(|e| {
-                    Error::BadTensor {
-                        path: info.file.clone(),
-                        name: info.name.clone(),
-                        msg: e.to_string(),
-                    }
-                })?;
-            drop(w);
-            groups.push(
-                bnb_entries(&info.name, &t, original)
-                    .into_iter()
-                    .map(|(name, dtype, shape, bytes)| OutTensor {
-                        name,
-                        dtype,
-                        shape,
-                        len: bytes.len(),
-                        data: Data::Owned(bytes),
-                    })
-                    .collect(),
-            );
+            groups.push(quantized_group(&ckpt, info, opts)?);
             quantized += 1;
         } else {
-            let dtype = to_safetensors_dtype(info.dtype).ok_or_else(|| Error::BadTensor {
-                path: info.file.clone(),
-                name: info.name.clone(),
-                msg: "dtype not supported for copying".into(),
-            })?;
-            groups.push(vec![OutTensor {
-                name: info.name.clone(),
-                dtype,
-                shape: info.shape.clone(),
-                len: nbytes,
-                data: Data::Source(info.name.clone()),
-            }]);
+            groups.push(vec![copied_tensor(info, nbytes)?]);
         }
         progress(i + 1, total);
     }
@@ -352,27 +264,126 @@ pub fn quantize_checkpoint_with(
         "quantization_config".into(),
         quantization_config_json(opts.double_quant, &compute_dtype),
     );
-    let result = write_model_folder(
+    let no_producer = &mut |t: &OutTensor| {
+        Err(Error::InvalidArg(format!(
+            "no producer for tensor {}",
+            t.name
+        )))
+    };
+    let bytes_out = write_model_folder(
         src,
         out,
         groups,
         &config,
         opts.max_shard_bytes,
         &ckpt,
-        &mut |t| {
-            Err(Error::InvalidArg(format!(
-                "no producer for tensor {}",
-                t.name
-            )))
-        },
-    );
-    match result {
-        Ok(bytes_out) => Ok(QuantizeReport {
-            tensors_quantized: quantized,
-            bytes_in,
-            bytes_out,
-            seconds: start.elapsed().as_secs_f64(),
-        }),
-        Err(e) => Err(e),
+        no_producer,
+    )?;
+    Ok(QuantizeReport {
+        tensors_quantized: quantized,
+        bytes_in,
+        bytes_out,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// The source's `config.json`: a JSON object without a `quantization_config`.
+fn read_source_config(src: &Path) -> Result<Value> {
+    let config_path = src.join("config.json");
+    if !config_path.is_file() {
+        return Err(Error::NotFound(format!(
+            "{}: no config.json in the source model folder {}",
+            config_path.display(),
+            src.display()
+        )));
     }
+    let text = fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let config: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::bad_file(&config_path, format!("malformed JSON: {e}")))?;
+    if !config.is_object() {
+        return Err(Error::bad_file(
+            &config_path,
+            "config.json is not a JSON object",
+        ));
+    }
+    if !matches!(config.get("quantization_config"), None | Some(Value::Null)) {
+        return Err(Error::Unsupported(format!(
+            "{}: the source is already quantized (it has a quantization_config); quantize an unquantized (f32/f16/bf16) checkpoint",
+            config_path.display()
+        )));
+    }
+    Ok(config)
+}
+
+/// The model's compute dtype (`dtype` or `torch_dtype`; float32 when neither is a float type).
+fn compute_dtype(config: &Value) -> String {
+    ["dtype", "torch_dtype"]
+        .iter()
+        .filter_map(|k| config.get(*k).and_then(Value::as_str))
+        .find_map(|s| match s.strip_prefix("torch.").unwrap_or(s) {
+            d @ ("float32" | "float16" | "bfloat16") => Some(d.to_string()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "float32".into())
+}
+
+/// The bitsandbytes tensors of linear weight `info`, quantized to NF4 (its f32 copy dropped
+/// before the next one is read).
+fn quantized_group(
+    ckpt: &Checkpoint,
+    info: &TensorInfo,
+    opts: &QuantizeOptions,
+) -> Result<Vec<OutTensor>> {
+    let bad = |msg: String| Error::BadTensor {
+        path: info.file.clone(),
+        name: info.name.clone(),
+        msg,
+    };
+    let original = match info.dtype {
+        DType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        d => {
+            return Err(bad(format!(
+                "dtype {d}: only F32, F16 or BF16 linear weights can be quantized"
+            )))
+        }
+    };
+    if info.shape.len() != 2 {
+        return Err(bad(format!(
+            "shape {:?}: a linear weight must be 2-D",
+            info.shape
+        )));
+    }
+    let w = ckpt.load_f32(&info.name, &info.shape)?;
+    ckpt.release(&info.name);
+    let t = quantize_nf4(&w, &info.shape, opts.blocksize, opts.double_quant)
+        .map_err(|e| bad(e.to_string()))?;
+    drop(w);
+    Ok(bnb_entries(&info.name, &t, original)
+        .into_iter()
+        .map(|(name, dtype, shape, bytes)| OutTensor {
+            name,
+            dtype,
+            shape,
+            len: bytes.len(),
+            data: Data::Owned(bytes),
+        })
+        .collect())
+}
+
+/// Tensor `info` (`nbytes`) copied from the source as it is.
+fn copied_tensor(info: &TensorInfo, nbytes: usize) -> Result<OutTensor> {
+    let dtype = to_safetensors_dtype(info.dtype).ok_or_else(|| Error::BadTensor {
+        path: info.file.clone(),
+        name: info.name.clone(),
+        msg: "dtype not supported for copying".into(),
+    })?;
+    Ok(OutTensor {
+        name: info.name.clone(),
+        dtype,
+        shape: info.shape.clone(),
+        len: nbytes,
+        data: Data::Source(info.name.clone()),
+    })
 }
