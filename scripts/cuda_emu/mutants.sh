@@ -51,6 +51,10 @@ mutants=(
   "dec-devplan-combine|decode_attention.cu|s/if (n_splits == 1) return;  \/\/ normalised/if (n_splits == 0) return;  \/\/ normalised/|decode_attention|combine overwrites a one-split result"
   "dec-kvwrite-pos|decode_attention.cu|s/if (pos_dev) off = (int64_t)\*pos_dev \* stride;/if (pos_dev) off = (int64_t)*pos_dev;/|decode_attention|cache write at the word's value, not its row"
   "sample-top-k|sample.cu|s/if (top_k > 0 \&\& top_k < vocab) {/if (top_k > 1 \&\& top_k < vocab) {/|sample|k = 1 ignored"
+  "dn-f16-pairs|dense_half.cu|s/v\[2 \* i\] = f.x;/v[2 * i] = f.y;/|dense_nf4|f16 weight pairs widened in swapped order"
+  "dn-row-guard|dense_half.cu|s/o < n ? __ldg/true ? __ldg/|dense_nf4|16-bit GEMV loads weight rows past n"
+  "dn-dequant-tail|nf4.cu|s/GRID_STRIDE(t, n % 8) {/GRID_STRIDE(t, n % 8 \/ 2) {/|dense_nf4|dequantization leaves half the last run of 8 unwritten"
+  "dn-gemv-acc|nf4.cu|s/\*dst = v + (accumulate ? \*dst : 0.0f);/*dst = v;/|dense_nf4|generic NF4 GEMV drops the fused residual add"
 )
 
 missed=0

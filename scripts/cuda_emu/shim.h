@@ -42,8 +42,9 @@
 //
 // Not emulated (a kernel using them does not compile or aborts): multi-dimensional blocks,
 // partial warps, shuffles with a partial mask, __ballot_sync and other vote/match intrinsics,
-// cooperative groups, f16 arithmetic (only `__half` storage and its exact widening are), textures, async copies (cp.async), clusters. A shim is
-// included in one translation unit per program (it defines the emu_switch symbol).
+// cooperative groups, f16 arithmetic (only `__half`/`__half2` storage and the conversions are),
+// textures, async copies (cp.async), clusters. A shim is included in one translation unit per
+// program (it defines the emu_switch symbol).
 #pragma once
 
 #include <pthread.h>
@@ -149,7 +150,8 @@ inline float bf16_float(uint16_t b) { return bits_f32((uint32_t)b << 16); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {emu::bf16_bits(f)}; }
 inline __nv_bfloat16 __float2bfloat16(float f) { return {emu::bf16_bits(f)}; }
 inline float __bfloat162float(__nv_bfloat16 b) { return emu::bf16_float(b.bits); }
-// f16 (cuda_fp16.h): storage and the exact widening to f32 (normal, subnormal, ±0, ±inf, NaN).
+// f16 (cuda_fp16.h): storage (__half, __half2), the exact widening to f32 (normal, subnormal,
+// ±0, ±inf, NaN) and the rounding conversion __float2half_rn.
 struct __align__(2) __half {
   uint16_t bits;
 };
@@ -162,6 +164,25 @@ inline float __half2float(__half h) {
   const float mag = std::ldexp((float)m, -24);  // subnormal or zero: m·2⁻²⁴, exact
   return sign ? -mag : mag;
 }
+// f32 → f16, round to nearest even (cvt.rn.f16.f32), by arithmetic rather than bit surgery: the
+// magnitude scaled to an 11-bit (normal) or 2⁻²⁴-unit (subnormal) integer, rounded by
+// nearbyint in the default mode (ties to even), the carry of 2047.5 → 2048 running into the
+// exponent; at least 65520 (the tie between 65504 and 2¹⁶) is inf. A NaN gives 0x7fff (the
+// drivers check only that the result is a NaN).
+inline __half __float2half_rn(float f) {
+  const uint16_t sign = std::signbit(f) ? 0x8000u : 0u;
+  if (std::isnan(f)) return {0x7fffu};
+  const double a = std::fabs((double)f);
+  if (a < 0x1p-14) return {(uint16_t)(sign | (uint16_t)std::nearbyint(a * 0x1p24))};
+  if (std::isinf(f) || a >= 65520.0) return {(uint16_t)(sign | 0x7c00u)};
+  const int e = std::ilogb(a);                                   // -14 .. 15
+  const unsigned r = (unsigned)std::nearbyint(std::ldexp(a, 10 - e));  // 1024 .. 2048
+  return {(uint16_t)(sign | (((unsigned)(e + 15) << 10) + (r - 1024u)))};
+}
+struct __align__(4) __half2 {
+  __half x, y;  // x in the low 16 bits
+};
+inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
 inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
   return {{emu::bf16_bits(lo)}, {emu::bf16_bits(hi)}};
 }
