@@ -51,6 +51,10 @@ mutants=(
   "dec-devplan-combine|decode_attention.cu|s/if (n_splits == 1) return;  \/\/ normalised/if (n_splits == 0) return;  \/\/ normalised/|decode_attention|combine overwrites a one-split result"
   "dec-kvwrite-pos|decode_attention.cu|s/if (pos_dev) off = (int64_t)\*pos_dev \* stride;/if (pos_dev) off = (int64_t)*pos_dev;/|decode_attention|cache write at the word's value, not its row"
   "sample-top-k|sample.cu|s/if (top_k > 0 \&\& top_k < vocab) {/if (top_k > 1 \&\& top_k < vocab) {/|sample|k = 1 ignored"
+  "ew-grid-stride|common.cuh|s/i += (int64_t)gridDim.x \* blockDim.x/i += (int64_t)blockDim.x/|elementwise|grid-stride loop steps one block, not the grid (elements visited again)"
+  "ew-rope-sign|rope.cu|s/const float s = (float)sd \* sign, c = (float)cd;/const float s = (float)sd, c = (float)cd;/|elementwise|RoPE ignores sign: the backward rotates forward"
+  "ew-dropout-p0|dropout.cu|s/(uint32_t)(z >> 40) < threshold/(uint32_t)(z >> 40) <= threshold/|elementwise|mask drops k = threshold (p = 0 drops hash 0)"
+  "ew-lora-fma|lora.cu|s/__fmaf_rn(keep\[i\], ga\[i\], dx\[i\])/__fadd_rn(__fmul_rn(keep[i], ga[i]), dx[i])/|elementwise|dx += keep·ga rounded twice instead of one fma"
 )
 
 missed=0
