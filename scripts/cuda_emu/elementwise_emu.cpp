@@ -164,6 +164,24 @@ void conversion_case(size_t n, unsigned cap, uint64_t seed) {
            (double)mismatches(wide.get(), want_rt, true), 0);
 }
 
+// A sweep of the f32 bit space: pattern i · 16411 (mod 2³²), every sign, exponent and rounding
+// position, subnormals and NaNs included.
+void conversion_sweep_case(size_t n) {
+  vector<float> x(n);
+  vector<uint16_t> want(n);
+  for (size_t i = 0; i < n; i++) {
+    x[i] = emu::bits_f32((uint32_t)(i * 16411u));
+    want[i] = ref_bf16(x[i]);
+  }
+  Buf<float> gx(x);
+  Buf<__nv_bfloat16> out(n, {kMarker16});
+  const dim3 g = grid(n);
+  emu::launch("f32_to_bf16", g, kThreads, 0, [&] { f32_to_bf16(out, gx, (int64_t)n); });
+  drv::row(drv::fmt("f32_to_bf16 sweep of %zu f32 patterns grid %u (mismatches; NaN as NaN)", n,
+                    g.x),
+           (double)mismatches(u16(out.get()), want, true), 0);
+}
+
 // Every bf16 pattern widened (NaN payloads kept: the spec is the shift), on the launcher's
 // grid and a clamped one.
 void widen_all_case() {
@@ -442,6 +460,7 @@ int main() {
   conversion_case(2100, kMaxBlocks, 10);
   conversion_case(20011, kMaxBlocks, 20);
   conversion_case(20011, kStride, 30);
+  conversion_sweep_case(262144);
   widen_all_case();
   add_case(1, kMaxBlocks, 40);
   add_case(10007, kMaxBlocks, 50);
@@ -464,17 +483,20 @@ int main() {
   rope_case(6, 3, 64, 10000.0, kMaxBlocks, 180);
   rope_case(5, 5, 128, 500000.0, kMaxBlocks, 190);
   rope_case(9, 7, 128, 10000.0, kStride, 200);
-  // Cross-entropy: vocab 1 (loss exactly 0), under a block, odd, Llama's 32000.
+  rope_case(16, 32, 128, 500000.0, kMaxBlocks, 205);  // a Llama 3 8B query block
+  // Cross-entropy: vocab 1 (loss exactly 0), under a block, odd, Llama 2's 32000, Llama 3's
+  // 128256.
   cross_entropy_case(1, 1, 210);
   cross_entropy_case(4, 100, 220);
   cross_entropy_case(7, 1001, 230);
   cross_entropy_case(9, 32000, 240);
+  cross_entropy_case(3, 128256, 250);
   // Dropout: src/check/ops.rs's cases, p at the edges (0, the smallest subnormal, 2⁻²⁴, the
   // largest f32 below 1), seeds 0 and u64::MAX, an offset past 2⁴⁰, lengths 257 (a partial
   // second block) to 20011, a grid-stride mask.
   const uint64_t seed = 0x5EED0000D0D00001ull;
-  dropout_case(0.1f, seed, 0, 20011, kMaxBlocks);
-  dropout_case(0.1f, seed, 12345, 20011, kMaxBlocks);
+  dropout_case(0.1f, seed, 0, 100003, kMaxBlocks);
+  dropout_case(0.1f, seed, 12345, 100003, kMaxBlocks);
   dropout_case(0.5f, seed, 0, 20011, kStride);
   // Seed 0 at offset 0: element 0 hashes to z = 0 (k = 0), dropped for every p > 0, kept at p = 0.
   dropout_case(0.0f, seed, 7, 1001, kMaxBlocks);
