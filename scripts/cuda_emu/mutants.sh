@@ -55,6 +55,10 @@ mutants=(
   "dn-row-guard|dense_half.cu|s/o < n ? __ldg/true ? __ldg/|dense_nf4|16-bit GEMV loads weight rows past n"
   "dn-dequant-tail|nf4.cu|s/GRID_STRIDE(t, n % 8) {/GRID_STRIDE(t, n % 8 \/ 2) {/|dense_nf4|dequantization leaves half the last run of 8 unwritten"
   "dn-gemv-acc|nf4.cu|s/\*dst = v + (accumulate ? \*dst : 0.0f);/*dst = v;/|dense_nf4|generic NF4 GEMV drops the fused residual add"
+  "ew-grid-stride|common.cuh|s/i += (int64_t)gridDim.x \* blockDim.x/i += (int64_t)blockDim.x/|elementwise|grid-stride loop steps one block, not the grid (elements visited again)"
+  "ew-rope-sign|rope.cu|s/const float s = (float)sd \* sign, c = (float)cd;/const float s = (float)sd, c = (float)cd;/|elementwise|RoPE ignores sign: the backward rotates forward"
+  "ew-dropout-p0|dropout.cu|s/(uint32_t)(z >> 40) < threshold/(uint32_t)(z >> 40) <= threshold/|elementwise|mask drops k = threshold (p = 0 drops hash 0)"
+  "ew-lora-fma|lora.cu|s/__fmaf_rn(keep\[i\], ga\[i\], dx\[i\])/__fadd_rn(__fmul_rn(keep[i], ga[i]), dx[i])/|elementwise|dx += keep·ga rounded twice instead of one fma"
 )
 
 missed=0

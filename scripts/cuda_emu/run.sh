@@ -10,7 +10,7 @@
 #
 #   bash scripts/cuda_emu/run.sh [family ...]    families: flash_attention nf4_gemm_dx nf4_gemm misc adamw8
 #                                                 nf4_quantize sample decode_attention lora_decode
-#                                                 dense_nf4
+#                                                 dense_nf4 elementwise
 #
 # Environment: CXX (default g++); EMU_ASAN=0 builds without AddressSanitizer and UBSan (faster,
 # checks less); EMU_CXXFLAGS adds compiler flags (e.g. -DEMU_UCONTEXT); EMU_SEED (scheduling and
@@ -30,7 +30,7 @@ root=$(cd "$here/../.." && pwd)
 kernels=${EMU_KERNELS:-$root/kernels}
 CXX=${CXX:-g++}
 families=("$@")
-[ ${#families[@]} -gt 0 ] || families=(flash_attention nf4_gemm_dx nf4_gemm misc adamw8 nf4_quantize sample decode_attention lora_decode dense_nf4)
+[ ${#families[@]} -gt 0 ] || families=(flash_attention nf4_gemm_dx nf4_gemm misc adamw8 nf4_quantize sample decode_attention lora_decode dense_nf4 elementwise)
 
 build=$(mktemp -d "${TMPDIR:-/tmp}/cuda_emu.XXXXXX")
 if [ "${EMU_KEEP:-0}" = 1 ]; then echo "build folder: $build"; else trap 'rm -rf "$build"' EXIT; fi
