@@ -4,8 +4,8 @@
 # any kernel trips an emulator check (deadlock, collective mismatch, misaligned or non-shared
 # ldmatrix address, shared memory over the limit, ...) or AddressSanitizer / UBSan reports an
 # out-of-bounds access, a misaligned vector access or an overflow. Needs only bash, sed and
-# g++ >= 12 with its libasan/libubsan (Debian's g++-12 has them); no nvcc, no GPU. About 25 s on
-# two cores (most of it the flash-attention cases). The emulator itself is described in shim.h,
+# g++ >= 12 with its libasan/libubsan (Debian's g++-12 has them); no nvcc, no GPU. About 60 s on
+# two cores (most of it building, then the flash-attention cases). The emulator itself is described in shim.h,
 # the tensor-core instructions in mma.cuh, the cases in the drivers (*_emu.cpp).
 #
 #   bash scripts/cuda_emu/run.sh [family ...]    families: flash_attention nf4_gemm_dx nf4_gemm misc adamw8
