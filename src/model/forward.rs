@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Per-layer key/value cache, `[cap, kv_heads, head_dim]` per layer (batch 1), in the backend's
 /// cache precision ([`Backend::Kv`]: f32 on the CPU, bf16 on CUDA).
 pub struct KvCache<B: Backend> {
-    pub k: Vec<B::Kv>,
-    pub v: Vec<B::Kv>,
-    pub cap: usize,
+    k: Vec<B::Kv>,
+    v: Vec<B::Kv>,
+    cap: usize,
     /// Number of positions already filled.
     pub len: usize,
     /// Activation buffers kept between short forward passes (≤ [`KEEP_SCRATCH_ROWS`] tokens).
@@ -30,6 +30,14 @@ pub struct KvCache<B: Backend> {
     id: u64,
     /// The adapter signature of the last decode step.
     adapter: u64,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Positions the cache holds (its buffers, like its id, never change: a recorded decode
+    /// step reads them where it recorded them).
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
 }
 
 /// A decode step's activations and logits `[vocab]`.

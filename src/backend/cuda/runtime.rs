@@ -15,7 +15,7 @@ use cudarc::driver::ValidAsZeroBits;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr};
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Live and peak bytes of one device's buffers.
@@ -98,6 +98,10 @@ pub struct CudaDevice {
     /// Counts the reallocations of [`CudaDevice::grown`] scratch buffers: a captured CUDA graph
     /// holds their addresses, so it is stale once this moves (`step.rs`).
     scratch_epoch: AtomicUsize,
+    /// Set while the stream is captured into a graph: [`CudaDevice::grown`] then refuses to
+    /// (re)allocate and sets `growth_refused` (a freed or graph-owned address would be kept).
+    capturing: AtomicBool,
+    growth_refused: AtomicBool,
 }
 
 fn drv(what: &str, e: impl std::fmt::Display) -> Error {
@@ -182,6 +186,8 @@ impl CudaDevice {
             functions: Default::default(),
             meter: Arc::new(Meter::default()),
             scratch_epoch: AtomicUsize::new(0),
+            capturing: AtomicBool::new(false),
+            growth_refused: AtomicBool::new(false),
         })
     }
 
@@ -282,7 +288,11 @@ impl CudaDevice {
                 .map_err(|e| drv("default memory pool", e))?;
             sys::cuMemPoolTrimTo(pool, 0)
                 .result()
-                .map_err(|e| drv("memory pool trim", e))
+                .map_err(|e| drv("memory pool trim", e))?;
+            // Graph allocations (a captured decode step's temporaries) have their own pool.
+            sys::cuDeviceGraphMemTrim(self.ctx.cu_device())
+                .result()
+                .map_err(|e| drv("graph memory trim", e))
         }
     }
 
@@ -293,6 +303,12 @@ impl CudaDevice {
         len: usize,
     ) -> Result<&'a mut DevBuf<T>> {
         if slot.as_ref().is_none_or(|b| b.len() < len) {
+            if self.capturing.load(Ordering::Relaxed) {
+                self.growth_refused.store(true, Ordering::Relaxed);
+                return Err(Error::Backend(
+                    "a scratch buffer would be (re)allocated during a CUDA graph capture".into(),
+                ));
+            }
             self.scratch_epoch.fetch_add(1, Ordering::Relaxed);
             *slot = None;
             *slot = Some(self.zeros::<T>(len)?);
@@ -304,6 +320,25 @@ impl CudaDevice {
     /// a destructor), after a failure that has been handled (an abandoned graph capture).
     pub fn clear_recorded_error(&self) {
         let _ = self.ctx.check_err();
+    }
+
+    /// The driver error cudarc recorded from a call that could not return it, if any (taken).
+    pub fn take_recorded_error(&self) -> Result<()> {
+        self.ctx
+            .check_err()
+            .map_err(|e| drv("earlier call (recorded)", e))
+    }
+
+    /// Marks the stream as captured (or not) for [`CudaDevice::grown`]; returns whether a
+    /// growth was refused since the last call that set it.
+    pub fn set_capturing(&self, on: bool) -> bool {
+        self.capturing.store(on, Ordering::Relaxed);
+        self.growth_refused.swap(false, Ordering::Relaxed)
+    }
+
+    /// Whether allocations are stream-ordered (`cuMemAllocAsync`), which a graph capture needs.
+    pub fn has_async_alloc(&self) -> bool {
+        self.ctx.has_async_alloc()
     }
 
     /// How many times a [`CudaDevice::grown`] buffer has been (re)allocated so far.
