@@ -238,9 +238,11 @@ impl Qc<'_> {
             "float32" | "float" => "float32",
             "float16" | "half" => "float16",
             "bfloat16" => "bfloat16",
-            other => return Err(self.unsupported(format!(
+            other => {
+                return Err(self.unsupported(format!(
                 "bnb_4bit_compute_dtype {other:?} is not supported (float32, float16 or bfloat16)"
-            ))),
+            )))
+            }
         };
         Ok(compute_dtype)
     }
