@@ -22,7 +22,7 @@ use crate::weights::write::{check_output, write_model_folder, Data, OutTensor};
 use crate::weights::{llama_tensor_names, Checkpoint, DType};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// transformers' default shard size for `save_pretrained` (5 GB).
 pub const MAX_SHARD_BYTES: u64 = 5_000_000_000;
@@ -103,25 +103,10 @@ pub fn module_of(name: &str) -> Option<LoraModule> {
 
 /// Merges as `opts` says; see the module docs.
 pub fn merge(opts: &MergeOptions) -> Result<MergeReport> {
-    if let Some(d) = opts.dtype {
-        if !matches!(d, DType::F16 | DType::BF16 | DType::F32) {
-            return Err(Error::InvalidArg(format!(
-                "--dtype {d}: use f16, bf16 or f32"
-            )));
-        }
-    }
+    check_dtype(opts.dtype)?;
     let cfg_path = opts.adapter.join(crate::lora::CONFIG_FILE);
     let lcfg = LoraConfig::from_file(&cfg_path)?;
-    let spec = match (&opts.model, &lcfg.base_model_name_or_path) {
-        (Some(m), _) => m.clone(),
-        (None, Some(b)) => b.clone(),
-        (None, None) => {
-            return Err(Error::bad_file(
-                &cfg_path,
-                "no base_model_name_or_path; pass --model",
-            ))
-        }
-    };
+    let spec = base_spec(opts, &lcfg, &cfg_path)?;
     let base = crate::hub::resolve_model(&spec)?;
     let model_cfg = crate::loader::read_config(&base)?;
     let (lcfg, weights) = load_adapter(&opts.adapter, &model_cfg)?;
@@ -130,82 +115,28 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport> {
     let ckpt = Checkpoint::open(&base)?;
 
     let config_path = base.join("config.json");
-    let mut config: Value = serde_json::from_str(
-        &std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?,
-    )
-    .map_err(|e| Error::bad_file(&config_path, e.to_string()))?;
+    let mut config = read_config_json(&config_path)?;
     let four_bit = !matches!(config.get("quantization_config"), None | Some(Value::Null));
     let names = llama_tensor_names(&model_cfg);
-    let dtype = opts.dtype.unwrap_or_else(|| {
-        let stored = ckpt.get("model.embed_tokens.weight").map(|i| i.dtype);
-        match stored {
-            Some(d @ (DType::F16 | DType::BF16 | DType::F32)) if !four_bit => d,
-            _ => DType::F16,
-        }
-    });
-    let st_dtype = crate::weights::write::to_safetensors_dtype(dtype).expect("float dtype");
+    let dtype = opts.dtype.unwrap_or_else(|| default_dtype(&ckpt, four_bit));
     let untie = model_cfg.tie_word_embeddings && weights.get(&LoraModule::lm_head()).is_some();
-    let mut out_names: Vec<(String, String, Vec<usize>)> = names
-        .iter()
-        .map(|(n, s)| (n.clone(), n.clone(), s.clone()))
-        .collect();
-    if untie {
-        let (_, shape) = names
-            .iter()
-            .find(|(n, _)| n == "model.embed_tokens.weight")
-            .expect("embedding is in every plan");
-        out_names.push((
-            "lm_head.weight".into(),
-            "model.embed_tokens.weight".into(),
-            shape.clone(),
-        ));
-    }
+    let out_names = output_names(&names, untie);
     // (output name → (source name, shape)), one group per tensor.
     let sources: BTreeMap<String, (String, Vec<usize>)> = out_names
         .iter()
         .map(|(o, s, sh)| (o.clone(), (s.clone(), sh.clone())))
         .collect();
-    let groups: Vec<Vec<OutTensor>> = out_names
-        .iter()
-        .map(|(name, _, shape)| {
-            vec![OutTensor {
-                name: name.clone(),
-                dtype: st_dtype,
-                shape: shape.clone(),
-                len: shape.iter().product::<usize>() * dtype.size_in_bytes().expect("float"),
-                data: Data::Produce,
-            }]
-        })
-        .collect();
+    let groups = output_groups(&out_names, dtype);
     let mut merged = 0usize;
     let mut produce = |t: &OutTensor| -> Result<Vec<u8>> {
         let (src, shape) = &sources[&t.name];
-        let mut w = if is_prequantized(&ckpt, src) {
-            crate::quant::dequantize_nf4(&load_prequantized(&ckpt, src, shape)?)
-        } else {
-            ckpt.load_f32(src, shape)?
-        };
-        ckpt.release(src);
-        let module = module_of(&t.name);
-        if let Some(pair) = module.as_ref().and_then(|m| weights.get(m)) {
-            add_lora(&mut w, pair, scale);
-            merged += 1;
-        }
+        let pair = module_of(&t.name).and_then(|m| weights.get(&m));
+        let w = merged_weight(&ckpt, src, shape, pair, scale)?;
+        merged += usize::from(pair.is_some());
         Ok(encode(&w, dtype))
     };
 
-    let obj = config
-        .as_object_mut()
-        .ok_or_else(|| Error::bad_file(&config_path, "config.json is not an object"))?;
-    obj.remove("quantization_config");
-    for key in ["torch_dtype", "dtype"] {
-        if obj.contains_key(key) || key == "torch_dtype" {
-            obj.insert(key.into(), Value::from(dtype_name(dtype)));
-        }
-    }
-    if untie {
-        obj.insert("tie_word_embeddings".into(), Value::Bool(false));
-    }
+    rewrite_config(&mut config, &config_path, dtype, untie)?;
     let bytes_out = write_model_folder(
         &base,
         &opts.output,
@@ -221,6 +152,124 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport> {
         merged_modules: merged,
         bytes_out,
     })
+}
+
+/// `Ok` when the requested output dtype (if any) is a float type we write.
+fn check_dtype(dtype: Option<DType>) -> Result<()> {
+    if let Some(d) = dtype {
+        if !matches!(d, DType::F16 | DType::BF16 | DType::F32) {
+            return Err(Error::InvalidArg(format!(
+                "--dtype {d}: use f16, bf16 or f32"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The base model to merge into: `--model`, else the adapter's `base_model_name_or_path`.
+fn base_spec(opts: &MergeOptions, lcfg: &LoraConfig, cfg_path: &Path) -> Result<String> {
+    let spec = match (&opts.model, &lcfg.base_model_name_or_path) {
+        (Some(m), _) => m.clone(),
+        (None, Some(b)) => b.clone(),
+        (None, None) => {
+            return Err(Error::bad_file(
+                cfg_path,
+                "no base_model_name_or_path; pass --model",
+            ))
+        }
+    };
+    Ok(spec)
+}
+
+/// The base model's config.json as JSON.
+fn read_config_json(config_path: &Path) -> Result<Value> {
+    serde_json::from_str(
+        &std::fs::read_to_string(config_path).map_err(|e| Error::io(config_path, e))?,
+    )
+    .map_err(|e| Error::bad_file(config_path, e.to_string()))
+}
+
+/// The output dtype without `--dtype`: the stored embedding's float dtype, else (or 4-bit) f16.
+fn default_dtype(ckpt: &Checkpoint, four_bit: bool) -> DType {
+    let stored = ckpt.get("model.embed_tokens.weight").map(|i| i.dtype);
+    match stored {
+        Some(d @ (DType::F16 | DType::BF16 | DType::F32)) if !four_bit => d,
+        _ => DType::F16,
+    }
+}
+
+/// (output name, source name, shape) of every output tensor; an untied head reads the embedding.
+fn output_names(names: &[(String, Vec<usize>)], untie: bool) -> Vec<(String, String, Vec<usize>)> {
+    let mut out_names: Vec<(String, String, Vec<usize>)> = names
+        .iter()
+        .map(|(n, s)| (n.clone(), n.clone(), s.clone()))
+        .collect();
+    if untie {
+        let (_, shape) = names
+            .iter()
+            .find(|(n, _)| n == "model.embed_tokens.weight")
+            .expect("embedding is in every plan");
+        out_names.push((
+            "lm_head.weight".into(),
+            "model.embed_tokens.weight".into(),
+            shape.clone(),
+        ));
+    }
+    out_names
+}
+
+/// One single-tensor output group per output tensor, each produced on demand in `dtype`.
+fn output_groups(out_names: &[(String, String, Vec<usize>)], dtype: DType) -> Vec<Vec<OutTensor>> {
+    let st_dtype = crate::weights::write::to_safetensors_dtype(dtype).expect("float dtype");
+    out_names
+        .iter()
+        .map(|(name, _, shape)| {
+            vec![OutTensor {
+                name: name.clone(),
+                dtype: st_dtype,
+                shape: shape.clone(),
+                len: shape.iter().product::<usize>() * dtype.size_in_bytes().expect("float"),
+                data: Data::Produce,
+            }]
+        })
+        .collect()
+}
+
+/// The f32 base tensor `src` (dequantized if 4-bit) plus `scale · B·A` when `pair` is given.
+fn merged_weight(
+    ckpt: &Checkpoint,
+    src: &str,
+    shape: &[usize],
+    pair: Option<&LoraPair>,
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let mut w = if is_prequantized(ckpt, src) {
+        crate::quant::dequantize_nf4(&load_prequantized(ckpt, src, shape)?)
+    } else {
+        ckpt.load_f32(src, shape)?
+    };
+    ckpt.release(src);
+    if let Some(pair) = pair {
+        add_lora(&mut w, pair, scale);
+    }
+    Ok(w)
+}
+
+/// `Ok` once config.json is rewritten: no quantization_config, the output dtype, maybe untied.
+fn rewrite_config(config: &mut Value, config_path: &Path, dtype: DType, untie: bool) -> Result<()> {
+    let obj = config
+        .as_object_mut()
+        .ok_or_else(|| Error::bad_file(config_path, "config.json is not an object"))?;
+    obj.remove("quantization_config");
+    for key in ["torch_dtype", "dtype"] {
+        if obj.contains_key(key) || key == "torch_dtype" {
+            obj.insert(key.into(), Value::from(dtype_name(dtype)));
+        }
+    }
+    if untie {
+        obj.insert("tie_word_embeddings".into(), Value::Bool(false));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

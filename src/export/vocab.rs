@@ -142,9 +142,45 @@ pub fn add_tokenizer(g: &mut GgufWriter, dir: &Path, cfg: &ModelConfig) -> Resul
     } else {
         Json::Null
     };
+    let (model, kind) = bpe_model(&tj, &tj_path)?;
+    let tokens = token_slots(&tj, model, &tj_path, cfg.vocab_size)?;
+    let merges: Vec<(String, String)> = model
+        .get("merges")
+        .and_then(Json::as_array)
+        .map(|m| m.iter().filter_map(merge_pair).collect())
+        .unwrap_or_default();
+
+    let id_of: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.as_ref().map(|(s, _, _)| (s.as_str(), i)))
+        .collect();
+    let unk = special_id(&tc, &id_of, "unk_token");
+
+    let (texts, types): (Vec<String>, Vec<i32>) = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| token_entry(i, t.as_ref(), unk, kind))
+        .unzip();
+
+    add_vocab(g, dir, kind, texts, types, &merges, &id_of);
+    for (name, id) in special_ids(&tc, &id_of, cfg, unk) {
+        if let Some(id) = id {
+            g.add(
+                &format!("tokenizer.ggml.{name}_token_id"),
+                Value::U32(id as u32),
+            );
+        }
+    }
+    add_config_flags(g, dir, &tc);
+    Ok(kind)
+}
+
+/// `tokenizer.json`'s `model` and its BPE kind (`llama` or `gpt2`); anything else is refused.
+fn bpe_model<'a>(tj: &'a Json, tj_path: &Path) -> Result<(&'a Json, &'static str)> {
     let model = tj
         .get("model")
-        .ok_or_else(|| Error::bad_file(&tj_path, "no `model`"))?;
+        .ok_or_else(|| Error::bad_file(tj_path, "no `model`"))?;
     let mtype = model.get("type").and_then(Json::as_str).unwrap_or("");
     if mtype != "BPE" {
         return Err(Error::Unsupported(format!(
@@ -167,18 +203,25 @@ pub fn add_tokenizer(g: &mut GgufWriter, dir: &Path, cfg: &ModelConfig) -> Resul
             tj_path.display()
         )));
     };
+    Ok((model, kind))
+}
 
-    // id → (text, added, special)
-    let n = cfg.vocab_size;
+/// id → (text, added, special) for ids `0..n` from `model.vocab` and `added_tokens` (None: no token).
+fn token_slots(
+    tj: &Json,
+    model: &Json,
+    tj_path: &Path,
+    n: usize,
+) -> Result<Vec<Option<(String, bool, bool)>>> {
     let mut tokens: Vec<Option<(String, bool, bool)>> = vec![None; n];
     let vocab = model
         .get("vocab")
         .and_then(Json::as_object)
-        .ok_or_else(|| Error::bad_file(&tj_path, "model.vocab is not an object"))?;
+        .ok_or_else(|| Error::bad_file(tj_path, "model.vocab is not an object"))?;
     let mut put = |id: u64, text: &str, added: bool, special: bool| -> Result<()> {
         let slot = tokens.get_mut(id as usize).ok_or_else(|| {
             Error::bad_file(
-                &tj_path,
+                tj_path,
                 format!("token {text:?} has id {id}, beyond the model's vocab_size {n}"),
             )
         })?;
@@ -188,7 +231,7 @@ pub fn add_tokenizer(g: &mut GgufWriter, dir: &Path, cfg: &ModelConfig) -> Resul
     for (text, id) in vocab {
         let id = id
             .as_u64()
-            .ok_or_else(|| Error::bad_file(&tj_path, format!("vocab id of {text:?}")))?;
+            .ok_or_else(|| Error::bad_file(tj_path, format!("vocab id of {text:?}")))?;
         put(id, text, false, false)?;
     }
     for t in tj
@@ -201,32 +244,71 @@ pub fn add_tokenizer(g: &mut GgufWriter, dir: &Path, cfg: &ModelConfig) -> Resul
             t.get("id").and_then(Json::as_u64),
             t.get("content").and_then(Json::as_str),
         ) else {
-            return Err(Error::bad_file(&tj_path, "added token without id/content"));
+            return Err(Error::bad_file(tj_path, "added token without id/content"));
         };
         let special = t.get("special").and_then(Json::as_bool).unwrap_or(false);
         put(id, text, true, special)?;
     }
-    let merges: Vec<(String, String)> = model
-        .get("merges")
-        .and_then(Json::as_array)
-        .map(|m| m.iter().filter_map(merge_pair).collect())
-        .unwrap_or_default();
+    Ok(tokens)
+}
 
-    let id_of: HashMap<&str, usize> = tokens
-        .iter()
-        .enumerate()
-        .filter_map(|(i, t)| t.as_ref().map(|(s, _, _)| (s.as_str(), i)))
-        .collect();
-    let special_id =
-        |key: &str| config_token(&tc, key).and_then(|s| id_of.get(s.as_str()).copied());
-    let unk = special_id("unk_token");
+/// The id of the special token `key` of `tokenizer_config.json`, if it is in the vocabulary.
+fn special_id(tc: &Json, id_of: &HashMap<&str, usize>, key: &str) -> Option<usize> {
+    config_token(tc, key).and_then(|s| id_of.get(s.as_str()).copied())
+}
 
-    let (texts, types): (Vec<String>, Vec<i32>) = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| token_entry(i, t.as_ref(), unk, kind))
-        .unzip();
+/// (name, id) of bos, eos, unknown, padding: `tokenizer_config.json`'s tokens, else `config.json`.
+fn special_ids(
+    tc: &Json,
+    id_of: &HashMap<&str, usize>,
+    cfg: &ModelConfig,
+    unk: Option<usize>,
+) -> [(&'static str, Option<usize>); 4] {
+    let special_id = |key: &str| special_id(tc, id_of, key);
+    [
+        (
+            "bos",
+            special_id("bos_token").or(cfg.bos_token_id.map(|x| x as usize)),
+        ),
+        (
+            "eos",
+            special_id("eos_token").or(cfg.eos_token_ids.first().map(|&x| x as usize)),
+        ),
+        ("unknown", unk),
+        ("padding", special_id("pad_token")),
+    ]
+}
 
+/// Per-token scores of a `llama` vocabulary: −1 − rank of the first merge making it, else 0.
+fn merge_scores(
+    merges: &[(String, String)],
+    id_of: &HashMap<&str, usize>,
+    types: &[i32],
+) -> Vec<f32> {
+    let n = types.len();
+    let mut scores = vec![0f32; n];
+    let mut seen = vec![false; n];
+    for (rank, (a, b)) in merges.iter().enumerate() {
+        if let Some(&id) = id_of.get(format!("{a}{b}").as_str()) {
+            if !seen[id] && types[id] == token_type::NORMAL {
+                seen[id] = true;
+                scores[id] = -(rank as f32) - 1.0;
+            }
+        }
+    }
+    scores
+}
+
+/// Adds model, pre-tokenizer, tokens, token types, and scores (`llama`) or merges (`gpt2`).
+fn add_vocab(
+    g: &mut GgufWriter,
+    dir: &Path,
+    kind: &'static str,
+    texts: Vec<String>,
+    types: Vec<i32>,
+    merges: &[(String, String)],
+    id_of: &HashMap<&str, usize>,
+) {
     g.add("tokenizer.ggml.model", Value::Str(kind.into()));
     let pre = if kind == "gpt2" {
         pre_tokenizer(dir)
@@ -235,16 +317,7 @@ pub fn add_tokenizer(g: &mut GgufWriter, dir: &Path, cfg: &ModelConfig) -> Resul
     };
     g.add("tokenizer.ggml.pre", Value::Str(pre.into()));
     if kind == "llama" {
-        let mut scores = vec![0f32; n];
-        let mut seen = vec![false; n];
-        for (rank, (a, b)) in merges.iter().enumerate() {
-            if let Some(&id) = id_of.get(format!("{a}{b}").as_str()) {
-                if !seen[id] && types[id] == token_type::NORMAL {
-                    seen[id] = true;
-                    scores[id] = -(rank as f32) - 1.0;
-                }
-            }
-        }
+        let scores = merge_scores(merges, id_of, &types);
         g.add("tokenizer.ggml.tokens", Value::Array(Array::Str(texts)));
         g.add("tokenizer.ggml.scores", Value::Array(Array::F32(scores)));
         g.add("tokenizer.ggml.token_type", Value::Array(Array::I32(types)));
@@ -256,27 +329,10 @@ pub fn add_tokenizer(g: &mut GgufWriter, dir: &Path, cfg: &ModelConfig) -> Resul
             g.add("tokenizer.ggml.merges", Value::Array(Array::Str(m)));
         }
     }
+}
 
-    let ids = [
-        (
-            "bos",
-            special_id("bos_token").or(cfg.bos_token_id.map(|x| x as usize)),
-        ),
-        (
-            "eos",
-            special_id("eos_token").or(cfg.eos_token_ids.first().map(|&x| x as usize)),
-        ),
-        ("unknown", unk),
-        ("padding", special_id("pad_token")),
-    ];
-    for (name, id) in ids {
-        if let Some(id) = id {
-            g.add(
-                &format!("tokenizer.ggml.{name}_token_id"),
-                Value::U32(id as u32),
-            );
-        }
-    }
+/// Adds `tokenizer_config.json`'s add-bos/eos/space-prefix flags and the chat template, if present.
+fn add_config_flags(g: &mut GgufWriter, dir: &Path, tc: &Json) {
     for key in ["add_bos_token", "add_eos_token"] {
         if let Some(b) = tc.get(key).and_then(Json::as_bool) {
             g.add(&format!("tokenizer.ggml.{key}"), Value::Bool(b));
@@ -285,8 +341,7 @@ pub fn add_tokenizer(g: &mut GgufWriter, dir: &Path, cfg: &ModelConfig) -> Resul
     if let Some(b) = tc.get("add_prefix_space").and_then(Json::as_bool) {
         g.add("tokenizer.ggml.add_space_prefix", Value::Bool(b));
     }
-    if let Some(t) = chat_template(dir, &tc) {
+    if let Some(t) = chat_template(dir, tc) {
         g.add("tokenizer.chat_template", Value::Str(t));
     }
-    Ok(kind)
 }

@@ -284,6 +284,139 @@ fn get_f32(obj: &Map<String, Value>, key: &str, default: f32) -> std::result::Re
     }
 }
 
+/// `Ok` when `peft_type`, `task_type`, `bias` and the must-be-neutral fields describe plain LoRA.
+fn check_plain_lora(obj: &Map<String, Value>) -> std::result::Result<(), String> {
+    match obj.get("peft_type") {
+        Some(Value::String(s)) if s == "LORA" => {}
+        Some(other) => {
+            return Err(format!(
+                "field `peft_type`: {other} is not supported; only LoRA adapters (\"LORA\") are"
+            ))
+        }
+        None => return Err("missing field `peft_type` (expected \"LORA\")".into()),
+    }
+    match obj.get("task_type") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s == "CAUSAL_LM" => {}
+        Some(other) => {
+            return Err(format!(
+                "field `task_type`: {other} is not supported; expected \"CAUSAL_LM\""
+            ))
+        }
+    }
+    match obj.get("bias") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s == "none" => {}
+        Some(other) => {
+            return Err(format!(
+                "field `bias`: {other} is not supported; only \"none\" (no trained biases) is"
+            ))
+        }
+    }
+    for (key, why) in MUST_BE_NEUTRAL {
+        if let Some(val) = obj.get(*key) {
+            if !is_neutral(val) {
+                return Err(format!("field `{key}` = {val}: {why}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The rank `r` (PEFT's default 8 when absent or null).
+fn get_rank(obj: &Map<String, Value>) -> std::result::Result<usize, String> {
+    let r = match obj.get("r") {
+        None | Some(Value::Null) => 8, // PEFT's default
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(r) if r >= 1 => r as usize,
+            _ => return Err(format!("field `r`: expected a positive integer, got {n}")),
+        },
+        Some(other) => {
+            return Err(format!(
+                "field `r`: expected a positive integer, got {other}"
+            ))
+        }
+    };
+    Ok(r)
+}
+
+/// The (target, layer) entries of `target_modules` (layer None: every layer); never empty.
+fn target_entries(
+    obj: &Map<String, Value>,
+) -> std::result::Result<Vec<(LoraTarget, Option<usize>)>, String> {
+    // target_modules: a list of names / module paths, the string "all-linear", or null
+    // (PEFT then uses its default for Llama: q_proj, v_proj).
+    let mut entries: Vec<(LoraTarget, Option<usize>)> = Vec::new();
+    match obj.get("target_modules") {
+        None | Some(Value::Null) => {
+            entries.push((LoraTarget::QProj, None));
+            entries.push((LoraTarget::VProj, None));
+        }
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("all-linear") => {
+            entries.extend(LoraTarget::ALL_LINEAR.map(|t| (t, None)));
+        }
+        Some(Value::String(s)) => {
+            return Err(format!(
+                "field `target_modules`: the regular expression {s:?} is not supported; list the module names (or use \"all-linear\")"
+            ))
+        }
+        Some(Value::Array(a)) => {
+            for item in a {
+                let s = item.as_str().ok_or_else(|| {
+                    format!("field `target_modules`: expected strings, got {item}")
+                })?;
+                entries.push(parse_target_entry(s)?);
+            }
+        }
+        Some(other) => {
+            return Err(format!(
+                "field `target_modules`: expected a list of module names, got {other}"
+            ))
+        }
+    }
+    if entries.is_empty() {
+        return Err("field `target_modules`: empty list".into());
+    }
+    Ok(entries)
+}
+
+/// The adapted module names and their common layers (None: all); refuses per-module layer sets.
+fn target_plan(
+    entries: Vec<(LoraTarget, Option<usize>)>,
+) -> std::result::Result<(Vec<String>, Option<Vec<usize>>), String> {
+    // Per target: None = every layer; Some(set) = only those layers.
+    let mut per_target: BTreeMap<LoraTarget, Option<BTreeSet<usize>>> = BTreeMap::new();
+    for (t, layer) in entries {
+        let slot = per_target.entry(t).or_insert_with(|| Some(BTreeSet::new()));
+        match (layer, slot.as_mut()) {
+            (None, _) => *slot = None,
+            (Some(l), Some(set)) => {
+                set.insert(l);
+            }
+            (Some(_), None) => {}
+        }
+    }
+    let mut layer_sets: BTreeSet<Option<BTreeSet<usize>>> = BTreeSet::new();
+    for (t, set) in &per_target {
+        if *t != LoraTarget::LmHead {
+            layer_sets.insert(set.clone());
+        }
+    }
+    if layer_sets.len() > 1 {
+        return Err(
+            "field `target_modules`: different modules are adapted in different layers; this is not supported"
+                .into(),
+        );
+    }
+    let target_layers = layer_sets
+        .into_iter()
+        .next()
+        .flatten()
+        .map(|s| s.into_iter().collect());
+    let target_modules = per_target.keys().map(|t| t.name().to_string()).collect();
+    Ok((target_modules, target_layers))
+}
+
 impl LoraConfig {
     /// A config with PEFT's defaults for the rest (`lora_dropout` 0, no rsLoRA) for the given
     /// rank, alpha and targets (module names, or `["all-linear"]`).
@@ -407,52 +540,8 @@ impl LoraConfig {
         let obj = v
             .as_object()
             .ok_or_else(|| "expected a JSON object".to_string())?;
-        match obj.get("peft_type") {
-            Some(Value::String(s)) if s == "LORA" => {}
-            Some(other) => {
-                return Err(format!(
-                    "field `peft_type`: {other} is not supported; only LoRA adapters (\"LORA\") are"
-                ))
-            }
-            None => return Err("missing field `peft_type` (expected \"LORA\")".into()),
-        }
-        match obj.get("task_type") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) if s == "CAUSAL_LM" => {}
-            Some(other) => {
-                return Err(format!(
-                    "field `task_type`: {other} is not supported; expected \"CAUSAL_LM\""
-                ))
-            }
-        }
-        match obj.get("bias") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) if s == "none" => {}
-            Some(other) => {
-                return Err(format!(
-                    "field `bias`: {other} is not supported; only \"none\" (no trained biases) is"
-                ))
-            }
-        }
-        for (key, why) in MUST_BE_NEUTRAL {
-            if let Some(val) = obj.get(*key) {
-                if !is_neutral(val) {
-                    return Err(format!("field `{key}` = {val}: {why}"));
-                }
-            }
-        }
-        let r = match obj.get("r") {
-            None | Some(Value::Null) => 8, // PEFT's default
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(r) if r >= 1 => r as usize,
-                _ => return Err(format!("field `r`: expected a positive integer, got {n}")),
-            },
-            Some(other) => {
-                return Err(format!(
-                    "field `r`: expected a positive integer, got {other}"
-                ))
-            }
-        };
+        check_plain_lora(obj)?;
+        let r = get_rank(obj)?;
         let lora_alpha = get_f32(obj, "lora_alpha", 8.0)?;
         if !lora_alpha.is_finite() || lora_alpha <= 0.0 {
             return Err(format!(
@@ -470,74 +559,12 @@ impl LoraConfig {
             Some(Value::String(s)) => Some(s.clone()),
             _ => None,
         };
-
-        // target_modules: a list of names / module paths, the string "all-linear", or null
-        // (PEFT then uses its default for Llama: q_proj, v_proj).
-        let mut entries: Vec<(LoraTarget, Option<usize>)> = Vec::new();
-        match obj.get("target_modules") {
-            None | Some(Value::Null) => {
-                entries.push((LoraTarget::QProj, None));
-                entries.push((LoraTarget::VProj, None));
-            }
-            Some(Value::String(s)) if s.eq_ignore_ascii_case("all-linear") => {
-                entries.extend(LoraTarget::ALL_LINEAR.map(|t| (t, None)));
-            }
-            Some(Value::String(s)) => {
-                return Err(format!(
-                    "field `target_modules`: the regular expression {s:?} is not supported; list the module names (or use \"all-linear\")"
-                ))
-            }
-            Some(Value::Array(a)) => {
-                for item in a {
-                    let s = item.as_str().ok_or_else(|| {
-                        format!("field `target_modules`: expected strings, got {item}")
-                    })?;
-                    entries.push(parse_target_entry(s)?);
-                }
-            }
-            Some(other) => {
-                return Err(format!(
-                    "field `target_modules`: expected a list of module names, got {other}"
-                ))
-            }
-        }
-        if entries.is_empty() {
-            return Err("field `target_modules`: empty list".into());
-        }
-        // Per target: None = every layer; Some(set) = only those layers.
-        let mut per_target: BTreeMap<LoraTarget, Option<BTreeSet<usize>>> = BTreeMap::new();
-        for (t, layer) in entries {
-            let slot = per_target.entry(t).or_insert_with(|| Some(BTreeSet::new()));
-            match (layer, slot.as_mut()) {
-                (None, _) => *slot = None,
-                (Some(l), Some(set)) => {
-                    set.insert(l);
-                }
-                (Some(_), None) => {}
-            }
-        }
-        let mut layer_sets: BTreeSet<Option<BTreeSet<usize>>> = BTreeSet::new();
-        for (t, set) in &per_target {
-            if *t != LoraTarget::LmHead {
-                layer_sets.insert(set.clone());
-            }
-        }
-        if layer_sets.len() > 1 {
-            return Err(
-                "field `target_modules`: different modules are adapted in different layers; this is not supported"
-                    .into(),
-            );
-        }
-        let target_layers = layer_sets
-            .into_iter()
-            .next()
-            .flatten()
-            .map(|s| s.into_iter().collect());
+        let (target_modules, target_layers) = target_plan(target_entries(obj)?)?;
         let cfg = LoraConfig {
             r,
             lora_alpha,
             lora_dropout,
-            target_modules: per_target.keys().map(|t| t.name().to_string()).collect(),
+            target_modules,
             use_rslora,
             base_model_name_or_path,
             target_layers,

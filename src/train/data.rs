@@ -196,86 +196,14 @@ pub fn build_examples(
     opts: &SftOptions,
     source: &Path,
 ) -> Result<(Vec<Example>, DataStats)> {
-    let first = rows
-        .first()
-        .ok_or_else(|| dataset_err(source, None, "dataset is empty".into()))?;
-    let format = detect(first, opts).ok_or_else(|| {
-        let fields = match &first.value {
-            Value::Object(o) => o.keys().cloned().collect::<Vec<_>>().join(", "),
-            _ => String::new(),
-        };
-        row_err(
-            first,
-            1,
-            format!(
-                "no `{}` (text), `{}` (conversation) or `prompt` + `completion` field; fields: {fields}",
-                opts.text_field, opts.messages_field
-            ),
-        )
-    })?;
-    if format == Format::Text && opts.completion_only_loss {
-        return Err(dataset_err(
-            source,
-            None,
-            format!(
-                "--completion-only-loss needs conversations (`{}`) or prompt/completion rows, but the rows are plain text (`{}`)",
-                opts.messages_field, opts.text_field
-            ),
-        ));
-    }
-    let eos = tok.eos_id;
+    let format = rows_format(rows, opts, source)?;
     let mut stats = DataStats {
         rows: rows.len(),
         ..DataStats::default()
     };
     let mut out = Vec::with_capacity(rows.len());
     for (n, row) in rows.iter().enumerate().map(|(i, r)| (i + 1, r)) {
-        let mut no_assistant = false;
-        let mut ex = match format {
-            Format::Text => {
-                let mut ids = tok.encode(string_field(row, n, &opts.text_field)?)?;
-                if let Some(e) = eos {
-                    if ids.last() != Some(&e) && !ids.is_empty() {
-                        ids.push(e);
-                    }
-                }
-                let labels = ids.iter().map(|&i| i as i32).collect();
-                Example { ids, labels }
-            }
-            Format::Chat => {
-                let msgs = messages(row, n, &opts.messages_field)?;
-                no_assistant = !msgs.iter().any(|m| m.role == "assistant");
-                if msgs.is_empty() {
-                    Example {
-                        ids: vec![],
-                        labels: vec![],
-                    }
-                } else {
-                    chat_example(tok, &msgs, opts.completion_only_loss)
-                        .map_err(|e| row_err(row, n, e.to_string()))?
-                }
-            }
-            Format::PromptCompletion => {
-                let p = tok.encode(string_field(row, n, "prompt")?)?;
-                let c = tok.encode_raw(string_field(row, n, "completion")?, false)?;
-                let np = p.len();
-                let mut ids = p;
-                ids.extend(c);
-                ids.extend(eos);
-                let labels = ids
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &id)| {
-                        if opts.completion_only_loss && i < np {
-                            -100
-                        } else {
-                            id as i32
-                        }
-                    })
-                    .collect();
-                Example { ids, labels }
-            }
-        };
+        let (mut ex, no_assistant) = row_example(row, n, format, tok, opts)?;
         if ex.ids.len() > opts.max_seq_len {
             ex.ids.truncate(opts.max_seq_len);
             ex.labels.truncate(opts.max_seq_len);
@@ -305,6 +233,106 @@ pub fn build_examples(
         ));
     }
     Ok((out, stats))
+}
+
+/// The format of the dataset, detected on its first row and checked against the options.
+fn rows_format(rows: &[Row], opts: &SftOptions, source: &Path) -> Result<Format> {
+    let first = rows
+        .first()
+        .ok_or_else(|| dataset_err(source, None, "dataset is empty".into()))?;
+    let format = detect(first, opts).ok_or_else(|| {
+        let fields = match &first.value {
+            Value::Object(o) => o.keys().cloned().collect::<Vec<_>>().join(", "),
+            _ => String::new(),
+        };
+        row_err(
+            first,
+            1,
+            format!(
+                "no `{}` (text), `{}` (conversation) or `prompt` + `completion` field; fields: {fields}",
+                opts.text_field, opts.messages_field
+            ),
+        )
+    })?;
+    if format == Format::Text && opts.completion_only_loss {
+        return Err(dataset_err(
+            source,
+            None,
+            format!(
+                "--completion-only-loss needs conversations (`{}`) or prompt/completion rows, but the rows are plain text (`{}`)",
+                opts.messages_field, opts.text_field
+            ),
+        ));
+    }
+    Ok(format)
+}
+
+/// The untruncated example of row `n`, and whether it is a conversation with no assistant turn.
+fn row_example(
+    row: &Row,
+    n: usize,
+    format: Format,
+    tok: &Tokenizer,
+    opts: &SftOptions,
+) -> Result<(Example, bool)> {
+    let mut no_assistant = false;
+    let ex = match format {
+        Format::Text => text_example(tok, string_field(row, n, &opts.text_field)?)?,
+        Format::Chat => {
+            let msgs = messages(row, n, &opts.messages_field)?;
+            no_assistant = !msgs.iter().any(|m| m.role == "assistant");
+            if msgs.is_empty() {
+                Example {
+                    ids: vec![],
+                    labels: vec![],
+                }
+            } else {
+                chat_example(tok, &msgs, opts.completion_only_loss)
+                    .map_err(|e| row_err(row, n, e.to_string()))?
+            }
+        }
+        Format::PromptCompletion => prompt_completion_example(row, n, tok, opts)?,
+    };
+    Ok((ex, no_assistant))
+}
+
+/// A plain-text example: the tokens plus eos (if not already last), every token a target.
+fn text_example(tok: &Tokenizer, text: &str) -> Result<Example> {
+    let mut ids = tok.encode(text)?;
+    if let Some(e) = tok.eos_id {
+        if ids.last() != Some(&e) && !ids.is_empty() {
+            ids.push(e);
+        }
+    }
+    let labels = ids.iter().map(|&i| i as i32).collect();
+    Ok(Example { ids, labels })
+}
+
+/// A prompt + completion + eos example; the prompt is masked with `--completion-only-loss`.
+fn prompt_completion_example(
+    row: &Row,
+    n: usize,
+    tok: &Tokenizer,
+    opts: &SftOptions,
+) -> Result<Example> {
+    let p = tok.encode(string_field(row, n, "prompt")?)?;
+    let c = tok.encode_raw(string_field(row, n, "completion")?, false)?;
+    let np = p.len();
+    let mut ids = p;
+    ids.extend(c);
+    ids.extend(tok.eos_id);
+    let labels = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            if opts.completion_only_loss && i < np {
+                -100
+            } else {
+                id as i32
+            }
+        })
+        .collect();
+    Ok(Example { ids, labels })
 }
 
 /// Deterministic held-out split: `ceil(fraction · n)` examples (at least 1, at most `n − 1`),

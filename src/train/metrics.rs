@@ -148,14 +148,37 @@ fn fmt_tick(v: f64) -> String {
     }
 }
 
+/// Canvas size and plot-area margins of [`loss_curve_svg`], in SVG pixels.
+mod canvas {
+    pub const W: f64 = 720.0;
+    pub const H: f64 = 420.0;
+    pub const L: f64 = 70.0; // plot area margins
+    pub const R: f64 = 20.0;
+    pub const T: f64 = 40.0;
+    pub const B: f64 = 50.0;
+}
+
 /// A line chart of the training loss (and eval loss, if any) against the step, as SVG.
 pub fn loss_curve_svg(train: &[(usize, f64)], eval: &[(usize, f64)], title: &str) -> String {
-    const W: f64 = 720.0;
-    const H: f64 = 420.0;
-    const L: f64 = 70.0; // plot area margins
-    const R: f64 = 20.0;
-    const T: f64 = 40.0;
-    const B: f64 = 50.0;
+    let (x0, x1, y0, y1) = data_bounds(train, eval);
+    let xt = nice_ticks(x0, x1);
+    let yt = nice_ticks(y0, y1);
+    let sc = Scale {
+        xa: xt[0].min(x0),
+        xb: xt[xt.len() - 1].max(x1),
+        ya: yt[0].min(y0),
+        yb: yt[yt.len() - 1].max(y1),
+    };
+    let mut s = String::new();
+    svg_header(&mut s, title);
+    svg_axes(&mut s, &xt, &yt, &sc);
+    svg_series(&mut s, train, eval, &sc);
+    s.push_str("</svg>\n");
+    s
+}
+
+/// (x0, x1, y0, y1): the range of the finite points, or (0, 1, 0, 1) when there are none.
+fn data_bounds(train: &[(usize, f64)], eval: &[(usize, f64)]) -> (f64, f64, f64, f64) {
     let pts: Vec<(f64, f64)> = train
         .iter()
         .chain(eval)
@@ -169,13 +192,34 @@ pub fn loss_curve_svg(train: &[(usize, f64)], eval: &[(usize, f64)], title: &str
         y0 = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
         y1 = pts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     }
-    let xt = nice_ticks(x0, x1);
-    let yt = nice_ticks(y0, y1);
-    let (xa, xb) = (xt[0].min(x0), xt[xt.len() - 1].max(x1));
-    let (ya, yb) = (yt[0].min(y0), yt[yt.len() - 1].max(y1));
-    let sx = |x: f64| L + (x - xa) / (xb - xa).max(1e-12) * (W - L - R);
-    let sy = |y: f64| H - B - (y - ya) / (yb - ya).max(1e-12) * (H - T - B);
-    let mut s = String::new();
+    (x0, x1, y0, y1)
+}
+
+/// The data range shown on each axis ([xa, xb] × [ya, yb]), mapped onto the plot area.
+struct Scale {
+    xa: f64,
+    xb: f64,
+    ya: f64,
+    yb: f64,
+}
+
+impl Scale {
+    /// The SVG x coordinate of step `x`.
+    fn sx(&self, x: f64) -> f64 {
+        use canvas::{L, R, W};
+        L + (x - self.xa) / (self.xb - self.xa).max(1e-12) * (W - L - R)
+    }
+
+    /// The SVG y coordinate of loss `y`.
+    fn sy(&self, y: f64) -> f64 {
+        use canvas::{B, H, T};
+        H - B - (y - self.ya) / (self.yb - self.ya).max(1e-12) * (H - T - B)
+    }
+}
+
+/// Appends the `<svg>` opening, the white background and the title.
+fn svg_header(s: &mut String, title: &str) {
+    use canvas::{H, W};
     let _ = writeln!(
         s,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
@@ -187,8 +231,13 @@ pub fn loss_curve_svg(train: &[(usize, f64)], eval: &[(usize, f64)], title: &str
         W / 2.0,
         xml_escape(title)
     );
-    for &v in &yt {
-        let y = sy(v);
+}
+
+/// Appends the grid lines and tick labels at `xt` / `yt`, the plot frame and the axis names.
+fn svg_axes(s: &mut String, xt: &[f64], yt: &[f64], sc: &Scale) {
+    use canvas::{B, H, L, R, T, W};
+    for &v in yt {
+        let y = sc.sy(v);
         let _ = writeln!(
             s,
             r##"<line x1="{L}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
@@ -198,8 +247,8 @@ pub fn loss_curve_svg(train: &[(usize, f64)], eval: &[(usize, f64)], title: &str
             fmt_tick(v)
         );
     }
-    for &v in &xt {
-        let x = sx(v);
+    for &v in xt {
+        let x = sc.sx(v);
         let _ = writeln!(
             s,
             r##"<line x1="{x:.1}" y1="{T}" x2="{x:.1}" y2="{}" stroke="#eee"/><text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"##,
@@ -222,12 +271,17 @@ pub fn loss_curve_svg(train: &[(usize, f64)], eval: &[(usize, f64)], title: &str
         (T + H - B) / 2.0,
         (T + H - B) / 2.0
     );
+}
+
+/// Appends the train and eval polylines (eval points marked) with their legend entries.
+fn svg_series(s: &mut String, train: &[(usize, f64)], eval: &[(usize, f64)], sc: &Scale) {
+    use canvas::{R, T, W};
     let mut legend_y = T + 16.0;
     for (series, colour, name) in [(train, "#1f77b4", "train"), (eval, "#d62728", "eval")] {
         let p: Vec<String> = series
             .iter()
             .filter(|(_, y)| y.is_finite())
-            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x as f64), sy(y)))
+            .map(|&(x, y)| format!("{:.1},{:.1}", sc.sx(x as f64), sc.sy(y)))
             .collect();
         if p.is_empty() {
             continue;
@@ -253,8 +307,6 @@ pub fn loss_curve_svg(train: &[(usize, f64)], eval: &[(usize, f64)], title: &str
         );
         legend_y += 18.0;
     }
-    s.push_str("</svg>\n");
-    s
 }
 
 fn xml_escape(s: &str) -> String {

@@ -97,120 +97,178 @@ pub fn parse_quantization_config(config_json: &Value, path: &Path) -> Result<Opt
             ))
         }
     };
-    let bad = |msg: String| Error::bad_file(path, msg);
-    let unsupported = |msg: String| Error::Unsupported(format!("{}: {msg}", path.display()));
-    let get_str = |key: &str| -> Result<Option<String>> {
-        match qc.get(key) {
+    let qc = Qc { qc, path };
+    qc.check_bnb_4bit()?;
+    let quant_type = qc.nf4_quant_type()?;
+    qc.check_uint8_storage()?;
+    let compute_dtype = qc.compute_dtype()?;
+    let skip_modules = qc.skip_modules()?;
+    Ok(Some(BnbConfig {
+        quant_type,
+        double_quant: qc
+            .get_bool(&["bnb_4bit_use_double_quant"])?
+            .unwrap_or(false),
+        compute_dtype: compute_dtype.to_string(),
+        quant_storage: "uint8".into(),
+        skip_modules,
+    }))
+}
+
+/// A `quantization_config` object and the file it came from (for messages).
+struct Qc<'a> {
+    qc: &'a serde_json::Map<String, Value>,
+    path: &'a Path,
+}
+
+impl Qc<'_> {
+    /// A malformed-file error naming the file.
+    fn bad(&self, msg: String) -> Error {
+        Error::bad_file(self.path, msg)
+    }
+
+    /// An unsupported-checkpoint error naming the file.
+    fn unsupported(&self, msg: String) -> Error {
+        Error::Unsupported(format!("{}: {msg}", self.path.display()))
+    }
+
+    /// The string at `key`; `None` when absent or null.
+    fn get_str(&self, key: &str) -> Result<Option<String>> {
+        match self.qc.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(bad(format!(
+            Some(v) => Err(self.bad(format!(
                 "quantization_config.{key} must be a string, found {v}"
             ))),
         }
-    };
-    let get_bool = |keys: &[&str]| -> Result<Option<bool>> {
+    }
+
+    /// The boolean at the first of `keys` present and not null; `None` when there is none.
+    fn get_bool(&self, keys: &[&str]) -> Result<Option<bool>> {
         for key in keys {
-            match qc.get(*key) {
+            match self.qc.get(*key) {
                 None | Some(Value::Null) => continue,
                 Some(Value::Bool(b)) => return Ok(Some(*b)),
                 Some(v) => {
-                    return Err(bad(format!(
+                    return Err(self.bad(format!(
                         "quantization_config.{key} must be true or false, found {v}"
                     )))
                 }
             }
         }
         Ok(None)
-    };
+    }
 
-    let method = get_str("quant_method")?;
-    match method.as_deref() {
-        Some("bitsandbytes") => {}
-        None if qc.contains_key("load_in_4bit") || qc.contains_key("_load_in_4bit") => {}
-        Some(m) => {
-            return Err(unsupported(format!(
-                "quantization_config.quant_method is {m:?}; only bitsandbytes 4-bit (nf4) checkpoints are supported"
-            )))
+    /// `Ok` when the config is bitsandbytes with `load_in_4bit` (and not `load_in_8bit`).
+    fn check_bnb_4bit(&self) -> Result<()> {
+        let method = self.get_str("quant_method")?;
+        match method.as_deref() {
+            Some("bitsandbytes") => {}
+            None if self.qc.contains_key("load_in_4bit") || self.qc.contains_key("_load_in_4bit") => {}
+            Some(m) => {
+                return Err(self.unsupported(format!(
+                    "quantization_config.quant_method is {m:?}; only bitsandbytes 4-bit (nf4) checkpoints are supported"
+                )))
+            }
+            None => {
+                return Err(self.unsupported(
+                    "quantization_config has no quant_method; only bitsandbytes 4-bit (nf4) checkpoints are supported".into(),
+                ))
+            }
         }
-        None => {
-            return Err(unsupported(
-                "quantization_config has no quant_method; only bitsandbytes 4-bit (nf4) checkpoints are supported".into(),
-            ))
+        if self.get_bool(&["load_in_8bit", "_load_in_8bit"])? == Some(true) {
+            return Err(self.unsupported(
+                "bitsandbytes 8-bit (load_in_8bit) checkpoints are not supported; only 4-bit nf4"
+                    .into(),
+            ));
         }
-    }
-    if get_bool(&["load_in_8bit", "_load_in_8bit"])? == Some(true) {
-        return Err(unsupported(
-            "bitsandbytes 8-bit (load_in_8bit) checkpoints are not supported; only 4-bit nf4"
-                .into(),
-        ));
-    }
-    if get_bool(&["load_in_4bit", "_load_in_4bit"])? != Some(true) {
-        return Err(unsupported(
-            "quantization_config is bitsandbytes but not load_in_4bit; only 4-bit nf4 is supported"
-                .into(),
-        ));
-    }
-    // BitsAndBytesConfig's default quant type is fp4.
-    let quant_type = get_str("bnb_4bit_quant_type")?.unwrap_or_else(|| "fp4".into());
-    match quant_type.as_str() {
-        "nf4" => {}
-        "fp4" => {
-            return Err(unsupported(
-                "bnb_4bit_quant_type is \"fp4\": fp4 is not supported; only nf4".into(),
-            ))
+        if self.get_bool(&["load_in_4bit", "_load_in_4bit"])? != Some(true) {
+            return Err(self.unsupported(
+                "quantization_config is bitsandbytes but not load_in_4bit; only 4-bit nf4 is supported"
+                    .into(),
+            ));
         }
-        other => {
-            return Err(unsupported(format!(
-                "bnb_4bit_quant_type {other:?} is not supported; only nf4"
-            )))
+        Ok(())
+    }
+
+    /// `bnb_4bit_quant_type`, which must be `"nf4"`.
+    fn nf4_quant_type(&self) -> Result<String> {
+        // BitsAndBytesConfig's default quant type is fp4.
+        let quant_type = self
+            .get_str("bnb_4bit_quant_type")?
+            .unwrap_or_else(|| "fp4".into());
+        match quant_type.as_str() {
+            "nf4" => {}
+            "fp4" => {
+                return Err(self.unsupported(
+                    "bnb_4bit_quant_type is \"fp4\": fp4 is not supported; only nf4".into(),
+                ))
+            }
+            other => {
+                return Err(self.unsupported(format!(
+                    "bnb_4bit_quant_type {other:?} is not supported; only nf4"
+                )))
+            }
         }
+        Ok(quant_type)
     }
-    let quant_storage = get_str("bnb_4bit_quant_storage")?.unwrap_or_else(|| "uint8".into());
-    if quant_storage
-        .strip_prefix("torch.")
-        .unwrap_or(&quant_storage)
-        != "uint8"
-    {
-        return Err(unsupported(format!(
-            "bnb_4bit_quant_storage {quant_storage:?} is not supported; only uint8"
-        )));
+
+    /// `Ok` when `bnb_4bit_quant_storage` is `uint8` (or absent).
+    fn check_uint8_storage(&self) -> Result<()> {
+        let quant_storage = self
+            .get_str("bnb_4bit_quant_storage")?
+            .unwrap_or_else(|| "uint8".into());
+        if quant_storage
+            .strip_prefix("torch.")
+            .unwrap_or(&quant_storage)
+            != "uint8"
+        {
+            return Err(self.unsupported(format!(
+                "bnb_4bit_quant_storage {quant_storage:?} is not supported; only uint8"
+            )));
+        }
+        Ok(())
     }
-    let compute = get_str("bnb_4bit_compute_dtype")?.unwrap_or_else(|| "float32".into());
-    let compute_dtype = match compute.strip_prefix("torch.").unwrap_or(&compute) {
-        "float32" | "float" => "float32",
-        "float16" | "half" => "float16",
-        "bfloat16" => "bfloat16",
-        other => {
-            return Err(unsupported(format!(
+
+    /// `bnb_4bit_compute_dtype` as `float32`, `float16` or `bfloat16` (default `float32`).
+    fn compute_dtype(&self) -> Result<&'static str> {
+        let compute = self
+            .get_str("bnb_4bit_compute_dtype")?
+            .unwrap_or_else(|| "float32".into());
+        let compute_dtype = match compute.strip_prefix("torch.").unwrap_or(&compute) {
+            "float32" | "float" => "float32",
+            "float16" | "half" => "float16",
+            "bfloat16" => "bfloat16",
+            other => {
+                return Err(self.unsupported(format!(
                 "bnb_4bit_compute_dtype {other:?} is not supported (float32, float16 or bfloat16)"
             )))
-        }
-    };
-    let skip_modules = match qc.get("llm_int8_skip_modules") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| {
-                v.as_str().map(str::to_string).ok_or_else(|| {
-                    bad(format!(
-                        "quantization_config.llm_int8_skip_modules must hold strings, found {v}"
-                    ))
+            }
+        };
+        Ok(compute_dtype)
+    }
+
+    /// `llm_int8_skip_modules` (empty when absent or null).
+    fn skip_modules(&self) -> Result<Vec<String>> {
+        let skip_modules = match self.qc.get("llm_int8_skip_modules") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_str().map(str::to_string).ok_or_else(|| {
+                        self.bad(format!(
+                            "quantization_config.llm_int8_skip_modules must hold strings, found {v}"
+                        ))
+                    })
                 })
-            })
-            .collect::<Result<_>>()?,
-        Some(v) => {
-            return Err(bad(format!(
-                "quantization_config.llm_int8_skip_modules must be a list or null, found {v}"
-            )))
-        }
-    };
-    Ok(Some(BnbConfig {
-        quant_type,
-        double_quant: get_bool(&["bnb_4bit_use_double_quant"])?.unwrap_or(false),
-        compute_dtype: compute_dtype.to_string(),
-        quant_storage: "uint8".into(),
-        skip_modules,
-    }))
+                .collect::<Result<_>>()?,
+            Some(v) => {
+                return Err(self.bad(format!(
+                    "quantization_config.llm_int8_skip_modules must be a list or null, found {v}"
+                )))
+            }
+        };
+        Ok(skip_modules)
+    }
 }
 
 /// The `quantization_config` transformers writes for `BitsAndBytesConfig(load_in_4bit=True,
