@@ -19,7 +19,7 @@ use super::ops::{grid, launch_err, need, DevU32};
 use super::runtime::{CudaDevice, DevBuf};
 use crate::backend::cpu::decode_attention::{max_splits, split_plan, MAX_ROWS};
 use crate::backend::AttnShape;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 /// Split partials, reused across calls: `part_o` `[rows, n_splits, D]`, `part_ml` `[rows, n_splits, 2]`.
@@ -88,17 +88,7 @@ pub fn attention(
     s: AttnShape,
     pos_dev: DevU32<'_>,
 ) -> Result<()> {
-    if s.pos0 + s.q_len > s.cache_cap || s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
-        return Err(Error::Backend(format!(
-            "cuda attention: inconsistent shape {s:?}"
-        )));
-    }
-    let qn = s.batch * s.q_len * s.heads * s.head_dim;
-    let kvn = s.batch * s.cache_cap * s.kv_heads * s.head_dim;
-    need("attention q", q.len(), qn)?;
-    need("attention out", out.len(), qn)?;
-    need("attention k", k.len(), kvn)?;
-    need("attention v", v.len(), kvn)?;
+    let qn = super::ops::check_attention(&s, out, q, k, v)?;
     if qn == 0 {
         return Ok(());
     }

@@ -205,6 +205,30 @@ pub fn rope(
     Ok(())
 }
 
+/// The checks both attention launchers make: a consistent shape (positions within the cache,
+/// whole GQA groups) and buffers holding `q`, `out` `[B, T, H, D]` and the caches `[B, S, KV,
+/// D]`; returns the number of query values.
+pub(super) fn check_attention(
+    s: &AttnShape,
+    out: &CudaSlice<f32>,
+    q: &CudaSlice<f32>,
+    k: &CudaSlice<u16>,
+    v: &CudaSlice<u16>,
+) -> Result<usize> {
+    if s.pos0 + s.q_len > s.cache_cap || s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
+        return Err(Error::Backend(format!(
+            "cuda attention: inconsistent shape {s:?}"
+        )));
+    }
+    let qn = s.batch * s.q_len * s.heads * s.head_dim;
+    let kvn = s.batch * s.cache_cap * s.kv_heads * s.head_dim;
+    need("attention q", q.len(), qn)?;
+    need("attention out", out.len(), qn)?;
+    need("attention k", k.len(), kvn)?;
+    need("attention v", v.len(), kvn)?;
+    Ok(qn)
+}
+
 /// Causal GQA attention over bf16 caches (see [`AttnShape`]), one warp per query; `head_dim ≤
 /// 256`. The general path of [`super::decode_attention::attention`] (shapes its split kernel
 /// does not take). A non-null `pos_dev` replaces `s.pos0` on the device (a decode step).
@@ -217,21 +241,12 @@ pub fn attention(
     s: AttnShape,
     pos_dev: DevU32<'_>,
 ) -> Result<()> {
-    if s.pos0 + s.q_len > s.cache_cap
-        || s.kv_heads == 0
-        || s.heads % s.kv_heads != 0
-        || s.head_dim > 256
-    {
+    if s.head_dim > 256 {
         return Err(Error::Backend(format!(
             "cuda attention: unsupported shape {s:?} (head_dim ≤ 256)"
         )));
     }
-    let qn = s.batch * s.q_len * s.heads * s.head_dim;
-    let kvn = s.batch * s.cache_cap * s.kv_heads * s.head_dim;
-    need("attention q", q.len(), qn)?;
-    need("attention out", out.len(), qn)?;
-    need("attention k", k.len(), kvn)?;
-    need("attention v", v.len(), kvn)?;
+    check_attention(&s, out, q, k, v)?;
     let f = dev.function("attention", "attention_bf16kv")?;
     let warps = s.batch * s.q_len * s.heads;
     let a = [
